@@ -1,0 +1,70 @@
+// swift-tools-version:6.0
+//
+// Data flows one way: KubeObjects (decode) -> ServiceResolution -> RulePlanning -> RuleRendering /
+// NetlinkBackend -> NodeBackend -> the `hostnet-dnat` CLI. Only CNetfilter and NetlinkBackend touch C.
+import PackageDescription
+
+let package = Package(
+    name: "hostnet-dnat",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "hostnet-dnat", targets: ["hostnet-dnat"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/jpsim/Yams", from: "6.0.0"),
+        .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.0"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.0"),
+    ],
+    targets: [
+        // Pure value types: addresses, CIDRs, protocols.
+        .target(name: "NetAddress"),
+        // Kubernetes documents (JSON / YAML, Lists, multi-document) -> typed Services and EndpointSlices.
+        .target(name: "KubeObjects", dependencies: ["NetAddress", .product(name: "Yams", package: "Yams")]),
+        // Services + EndpointSlices -> mappings `externalIP:port/proto -> targets`, with skip reasons.
+        .target(name: "ServiceResolution", dependencies: ["KubeObjects"]),
+        // Mappings -> one deterministic RulePlan (conflicts, families, chain names).
+        .target(name: "RulePlanning", dependencies: ["ServiceResolution"]),
+        // RulePlan -> nft script, iptables-restore text, JSON. Pure.
+        .target(name: "RuleRendering", dependencies: ["RulePlanning"]),
+        // The only C: libnftnl + libmnl, with static inline shims for macros.
+        .systemLibrary(name: "CNetfilter", pkgConfig: "libnftnl",
+                       providers: [.apt(["libnftnl-dev", "libmnl-dev"])]),
+        // RulePlan -> one nftables netlink batch; read back; remove.
+        .target(name: "NetlinkBackend", dependencies: ["RulePlanning", "CNetfilter"]),
+        // Node-side work: namespaces, proxy-mode detection, iptables-restore, apply/diff/remove orchestration.
+        .target(name: "NodeBackend", dependencies: ["RulePlanning", "RuleRendering", "NetlinkBackend"]),
+        // Services and EndpointSlices live from the API server (in-cluster or kubeconfig).
+        .target(name: "KubernetesAPI", dependencies: [
+            "KubeObjects",
+            .product(name: "AsyncHTTPClient", package: "async-http-client"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "Yams", package: "Yams"),
+        ]),
+        .executableTarget(name: "hostnet-dnat", dependencies: [
+            "KubeObjects", "ServiceResolution", "RulePlanning", "RuleRendering", "NodeBackend", "KubernetesAPI",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+
+        .target(name: "TestSupport", path: "Tests/TestSupport"),
+        .testTarget(name: "NetAddressTests", dependencies: ["NetAddress"]),
+        .testTarget(name: "KubeObjectsTests", dependencies: ["KubeObjects"]),
+        .testTarget(name: "ServiceResolutionTests", dependencies: ["ServiceResolution"]),
+        .testTarget(name: "RulePlanningTests", dependencies: ["RulePlanning"]),
+        .testTarget(name: "RuleRenderingTests", dependencies: ["RuleRendering", "KubeObjects", "ServiceResolution", "TestSupport"],
+                    resources: [.copy("Golden")]),
+        .testTarget(name: "NetlinkBackendTests", dependencies: ["NetlinkBackend", "RuleRendering", "TestSupport"]),
+        .testTarget(name: "NodeBackendTests", dependencies: ["NodeBackend", "TestSupport"]),
+        .testTarget(name: "KubernetesAPITests", dependencies: [
+            "KubernetesAPI", "TestSupport",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+        ]),
+        .testTarget(name: "HostnetDNATTests", dependencies: ["TestSupport", "KubeObjects", "ServiceResolution", "RulePlanning", "RuleRendering"]),
+    ]
+)

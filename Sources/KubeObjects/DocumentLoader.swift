@@ -1,0 +1,82 @@
+import Yams
+
+/// Reads what `kubectl get … -o json|yaml` prints (and what the API server returns) into `ClusterObjects`.
+public enum DocumentLoader {
+    /// Decodes one file's bytes. JSON is recognised by its first character and parsed by the fast JSON
+    /// parser; anything else is read as (possibly multi-document) YAML.
+    public static func load(_ bytes: [UInt8], source: String) throws(InputError) -> ClusterObjects {
+        var result = ClusterObjects()
+        try load(bytes, source: source, into: &result)
+        return result
+    }
+
+    public static func load(_ bytes: [UInt8], source: String, into result: inout ClusterObjects) throws(InputError) {
+        var start = 0
+        if bytes.count >= 3 && bytes[0] == 0xEF && bytes[1] == 0xBB && bytes[2] == 0xBF { start = 3 }  // UTF-8 BOM
+        while start < bytes.count, [0x20, 0x09, 0x0A, 0x0D].contains(bytes[start]) { start += 1 }
+        if start == bytes.count { return }
+        if bytes[start] == UInt8(ascii: "{") || bytes[start] == UInt8(ascii: "[") {
+            let document: JSONValue
+            do {
+                document = try JSONParser.parse(Array(bytes[start...]))
+            } catch {
+                throw InputError(source: source, message: "malformed JSON at line \(error.line), column \(error.column): \(error.message)")
+            }
+            try ObjectDecoder.decode(document: document, source: source, into: &result)
+            return
+        }
+        guard let text = String(validating: bytes, as: UTF8.self) else {
+            throw InputError(source: source, message: "not UTF-8 text")
+        }
+        let documents: [JSONValue]
+        do {
+            documents = try Yams.compose_all(yaml: text).map { try jsonValue(from: $0) }
+        } catch let e as InputError {
+            throw InputError(source: source, message: e.message)
+        } catch let e as YamlError {
+            throw InputError(source: source, message: "malformed YAML: \(yamlMessage(e))")
+        } catch {
+            throw InputError(source: source, message: "malformed YAML: \(error)")
+        }
+        for doc in documents {
+            try ObjectDecoder.decode(document: doc, source: source, into: &result)
+        }
+    }
+
+    /// One line from Yams' multi-line error text (the snippet it appends is noise in a CLI message).
+    static func yamlMessage(_ e: YamlError) -> String {
+        let text = "\(e)"
+        return text.split(separator: "\n").first.map(String.init) ?? text
+    }
+
+    /// Converts a YAML node the way sigs.k8s.io/yaml does: scalars by their resolved tag, timestamps as
+    /// strings, mapping keys as strings.
+    static func jsonValue(from node: Node) throws -> JSONValue {
+        switch node {
+        case .scalar(let s):
+            switch Tag.Name(rawValue: node.tag.rawValue) {
+            case .null: return .null
+            case .bool: return node.bool.map(JSONValue.bool) ?? .string(s.string)
+            case .int:
+                if let i = node.int { return .int(i) }
+                return node.float.map(JSONValue.double) ?? .string(s.string)
+            case .float: return node.float.map(JSONValue.double) ?? .string(s.string)
+            default: return .string(s.string)
+            }
+        case .sequence(let seq):
+            return .array(try seq.map { try jsonValue(from: $0) })
+        case .mapping(let map):
+            var dict: [String: JSONValue] = [:]
+            for (k, v) in map {
+                guard case .scalar(let ks) = k else {
+                    throw InputError(source: "", message: "a mapping key is not a plain value (line \((k.mark?.line).map(String.init) ?? "?"))")
+                }
+                if ks.string == "<<" { continue }  // merge keys are not used by Kubernetes objects
+                dict[ks.string] = try jsonValue(from: v)
+            }
+            return .object(dict)
+        case .alias:
+            throw InputError(source: "", message: "YAML aliases are not supported in Kubernetes objects")
+        }
+    }
+}

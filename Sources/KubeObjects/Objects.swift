@@ -1,0 +1,124 @@
+import NetAddress
+
+/// `namespace/name`, the way kubectl and kube-proxy name an object in messages.
+public struct ObjectName: Sendable, Hashable, Comparable, CustomStringConvertible {
+    public let namespace: String
+    public let name: String
+    public init(namespace: String, name: String) { self.namespace = namespace; self.name = name }
+    public var description: String { "\(namespace)/\(name)" }
+    public static func < (a: ObjectName, b: ObjectName) -> Bool {
+        (a.namespace, a.name) < (b.namespace, b.name)
+    }
+}
+
+/// The parts of a `v1/Service` that decide where its external addresses should lead.
+public struct Service: Sendable, Equatable {
+    public var id: ObjectName
+    public var labels: [String: String]
+    /// `ClusterIP`, `NodePort`, `LoadBalancer` or `ExternalName`.
+    public var type: String
+    /// `spec.clusterIPs` (or `[spec.clusterIP]`), parsed; empty when headless or unset.
+    public var clusterIPs: [IPAddress]
+    /// True for `clusterIP: None`.
+    public var headless: Bool
+    public var ipFamilies: [IPFamily]
+    public var ports: [ServicePort]
+    public var externalIPs: [IPAddress]
+    public var loadBalancerIngress: [LoadBalancerIngress]
+    public var sessionAffinity: String?
+
+    public init(id: ObjectName, labels: [String: String] = [:], type: String = "ClusterIP",
+                clusterIPs: [IPAddress] = [], headless: Bool = false, ipFamilies: [IPFamily] = [],
+                ports: [ServicePort] = [], externalIPs: [IPAddress] = [],
+                loadBalancerIngress: [LoadBalancerIngress] = [], sessionAffinity: String? = nil) {
+        self.id = id; self.labels = labels; self.type = type; self.clusterIPs = clusterIPs
+        self.headless = headless; self.ipFamilies = ipFamilies; self.ports = ports
+        self.externalIPs = externalIPs; self.loadBalancerIngress = loadBalancerIngress
+        self.sessionAffinity = sessionAffinity
+    }
+}
+
+public struct ServicePort: Sendable, Equatable {
+    /// Empty for the single unnamed port a Service may have.
+    public var name: String
+    public var `protocol`: TransportProtocol
+    public var port: Int
+    /// `targetPort` as written: a number or a container port name.
+    public var targetPort: String?
+
+    public init(name: String = "", protocol: TransportProtocol = .tcp, port: Int, targetPort: String? = nil) {
+        self.name = name; self.protocol = `protocol`; self.port = port; self.targetPort = targetPort
+    }
+}
+
+public struct LoadBalancerIngress: Sendable, Equatable {
+    public var ip: IPAddress?
+    public var hostname: String?
+    /// `VIP`, `Proxy`, or nil (which means VIP).
+    public var ipMode: String?
+    public init(ip: IPAddress? = nil, hostname: String? = nil, ipMode: String? = nil) {
+        self.ip = ip; self.hostname = hostname; self.ipMode = ipMode
+    }
+}
+
+/// The parts of a `discovery.k8s.io/v1` EndpointSlice that say where a Service is really served.
+public struct EndpointSlice: Sendable, Equatable {
+    public var id: ObjectName
+    /// The `kubernetes.io/service-name` label; slices without it belong to no Service.
+    public var serviceName: String?
+    /// `IPv4`, `IPv6` or `FQDN` (FQDN slices are never used: they carry no address).
+    public var addressType: String
+    public var ports: [EndpointPort]
+    public var endpoints: [Endpoint]
+
+    public init(id: ObjectName, serviceName: String?, addressType: String, ports: [EndpointPort], endpoints: [Endpoint]) {
+        self.id = id; self.serviceName = serviceName; self.addressType = addressType
+        self.ports = ports; self.endpoints = endpoints
+    }
+
+    public var family: IPFamily? {
+        switch addressType {
+        case "IPv4": return .ipv4
+        case "IPv6": return .ipv6
+        default: return nil
+        }
+    }
+}
+
+public struct EndpointPort: Sendable, Equatable {
+    public var name: String
+    public var port: Int?
+    public var `protocol`: TransportProtocol
+    public init(name: String = "", port: Int?, protocol: TransportProtocol = .tcp) {
+        self.name = name; self.port = port; self.protocol = `protocol`
+    }
+}
+
+public struct Endpoint: Sendable, Equatable {
+    public var addresses: [IPAddress]
+    /// nil means ready, as the API documents.
+    public var ready: Bool?
+    public var serving: Bool?
+    public var terminating: Bool?
+    public init(addresses: [IPAddress], ready: Bool? = nil, serving: Bool? = nil, terminating: Bool? = nil) {
+        self.addresses = addresses; self.ready = ready; self.serving = serving; self.terminating = terminating
+    }
+    public var isReady: Bool { ready ?? true }
+    /// kube-proxy's fallback when nothing is ready: serving (nil means ready) and terminating.
+    public var isServingTerminating: Bool { (serving ?? isReady) && (terminating ?? false) }
+}
+
+/// Everything read from the sources, plus what was passed over.
+public struct ClusterObjects: Sendable, Equatable {
+    public var services: [Service] = []
+    public var endpointSlices: [EndpointSlice] = []
+    /// Objects of other kinds, counted by kind ("ConfigMap": 3).
+    public var ignoredKinds: [String: Int] = [:]
+    public init() {}
+
+    public mutating func merge(_ other: ClusterObjects) {
+        services += other.services
+        endpointSlices += other.endpointSlices
+        for (k, v) in other.ignoredKinds { ignoredKinds[k, default: 0] += v }
+    }
+}

@@ -1,0 +1,124 @@
+import KubeObjects
+import NetAddress
+import ServiceResolution
+
+/// Mappings → one `RulePlan`: detects conflicts, orders everything, names the chains. Pure.
+public struct Planner: Sendable {
+    public let settings: PlanSettings
+
+    public init(settings: PlanSettings = PlanSettings()) { self.settings = settings }
+
+    public static func validate(_ settings: PlanSettings) throws(PlanningError) {
+        func valid(_ s: String, max: Int) -> Bool {
+            guard let first = s.unicodeScalars.first, s.unicodeScalars.count <= max,
+                  first.properties.isASCIIHexDigit || (first.isASCII && first.properties.isAlphabetic) else { return false }
+            return s.unicodeScalars.allSatisfy { $0.isASCII && ($0.properties.isAlphabetic || ("0"..."9").contains($0) || $0 == "-" || $0 == "_") }
+        }
+        guard valid(settings.table, max: 64), settings.table.first!.isLetter else {
+            throw .invalidSetting("--table \"\(settings.table)\": use 1-64 letters, digits, '-' or '_', starting with a letter")
+        }
+        guard valid(settings.chain, max: 23), settings.chain.first!.isLetter else {
+            throw .invalidSetting("--chain \"\(settings.chain)\": use 1-23 letters, digits, '-' or '_', starting with a letter (iptables allows 28 characters and we add -MASQ)")
+        }
+        guard settings.priority >= Int(Int32.min), settings.priority <= Int(Int32.max) else {
+            throw .invalidSetting("--priority \(settings.priority) is out of range")
+        }
+    }
+
+    public func plan(_ resolution: Resolution, strategy: TargetStrategy) throws(PlanningError) -> RulePlan {
+        try Planner.validate(settings)
+        // Group by dispatch key; more than one distinct service on a key is a conflict.
+        struct Key: Hashable { let ip: IPAddress; let proto: TransportProtocol; let port: Int }
+        var byKey: [Key: [Mapping]] = [:]
+        for m in resolution.mappings {
+            byKey[Key(ip: m.externalIP, proto: m.protocol, port: m.port), default: []].append(m)
+        }
+        var conflicts: [Conflict] = []
+        var skipped = resolution.skipped
+        var kept: [Mapping] = []
+        kept.reserveCapacity(resolution.mappings.count)
+        for (key, group) in byKey {
+            if group.count == 1 { kept.append(group[0]); continue }
+            let names = Set(group.map { "\($0.service)" + ($0.portName.isEmpty ? "" : ":\($0.portName)") }).sorted()
+            let conflict = Conflict(externalIP: key.ip, protocol: key.proto, port: key.port,
+                                    services: names.count > 1 ? names : names + names)
+            conflicts.append(conflict)
+            for m in group {
+                skipped.append(SkippedItem(service: m.service, port: m.portName.isEmpty ? String(m.port) : m.portName,
+                                           address: m.externalIP.description,
+                                           reason: "conflict: \(conflict)"))
+            }
+        }
+        conflicts.sort()
+        if !conflicts.isEmpty && settings.onConflict == .fail {
+            throw .conflicts(conflicts)
+        }
+        kept.sort { a, b in
+            (a.externalIP, a.protocol, a.port) < (b.externalIP, b.protocol, b.port)
+        }
+
+        // One target chain per service port and family.
+        struct ChainKey: Hashable { let service: ObjectName; let port: String; let proto: TransportProtocol; let family: IPFamily }
+        var chainIndex: [ChainKey: Int] = [:]
+        var chains: [TargetChain] = []
+        var rulesUnordered: [(Mapping, Int)] = []
+        for m in kept {
+            let ck = ChainKey(service: m.service, port: m.portName, proto: m.protocol, family: m.family)
+            let index: Int
+            if let i = chainIndex[ck] {
+                index = i
+            } else {
+                index = chains.count
+                chainIndex[ck] = index
+                chains.append(makeChain(for: m))
+            }
+            rulesUnordered.append((m, index))
+        }
+        // Sort chains by name and remap the rules' indices.
+        let order = chains.indices.sorted { chains[$0].nftName < chains[$1].nftName }
+        var newIndex = [Int](repeating: 0, count: chains.count)
+        for (new, old) in order.enumerated() { newIndex[old] = new }
+        let sortedChains = order.map { chains[$0] }
+        let rules = rulesUnordered.map { PlannedRule(mapping: $0.0, targetIndex: newIndex[$0.1]) }
+
+        return RulePlan(settings: settings, strategy: strategy, rules: rules, targetChains: sortedChains,
+                        skipped: skipped.sorted(), conflicts: conflicts, warnings: resolution.warnings)
+    }
+
+    private func makeChain(for m: Mapping) -> TargetChain {
+        let portLabel = m.portName.isEmpty ? String(m.port) : m.portName
+        let familyDigit = m.family == .ipv4 ? "4" : "6"
+        let identity = "\(m.family.rawValue)|\(m.service.namespace)/\(m.service.name):\(m.portName)|\(m.protocol.rawValue)"
+        let hash = ServiceResolution.ChainHash.hash16(identity)
+        let readable = RuleText.identifier("\(m.service.namespace)/\(m.service.name)/\(m.protocol.lowercased)/\(portLabel)")
+        let iptHash = ServiceResolution.ChainHash.hash16(settings.chain + "|" + identity)
+        return TargetChain(
+            nftName: "svc\(familyDigit)-\(hash)-\(readable)",
+            iptablesName: "HNDNAT-\(iptHash)",
+            family: m.family,
+            protocol: m.protocol,
+            comment: RuleText.comment("\(m.service.namespace)/\(m.service.name):\(portLabel)"),
+            target: m.target)
+    }
+}
+
+/// Text that reaches a rule file. Kubernetes names are DNS labels, but input files are not validated by an
+/// API server, so anything outside a small safe alphabet is replaced: no quote, backslash, newline or
+/// other control character can ever reach nft or iptables-restore.
+public enum RuleText {
+    /// Safe in an nft comment (`comment "…"`) and in `-m comment --comment "…"`; at most 120 bytes.
+    public static func comment(_ s: String) -> String {
+        String(String.UnicodeScalarView(s.unicodeScalars.prefix(120).map { u -> Unicode.Scalar in
+            let safe = u.isASCII && (u.properties.isAlphabetic || ("0"..."9").contains(u) || "./:_-= ".unicodeScalars.contains(u))
+            return safe ? u : "_"
+        }))
+    }
+
+    /// Safe as part of an unquoted nft identifier: `[a-z0-9./_-]`, at most 128 bytes.
+    public static func identifier(_ s: String) -> String {
+        String(String.UnicodeScalarView(s.unicodeScalars.prefix(128).map { u -> Unicode.Scalar in
+            let safe = u.isASCII && (("a"..."z").contains(u) || ("0"..."9").contains(u) || "./_-".unicodeScalars.contains(u))
+            return safe ? u : "_"
+        }))
+    }
+}

@@ -1,0 +1,112 @@
+import KubeObjects
+import NetAddress
+import ServiceResolution
+
+/// Names and knobs shared by every backend. Defaults put our nat output chain at priority -99: after
+/// kube-proxy (-100), so we only catch what nothing else translated. -101 takes over instead.
+public struct PlanSettings: Sendable, Hashable {
+    /// nftables table name (`table inet <table>`).
+    public var table: String
+    /// iptables chain that OUTPUT jumps to; the masquerade chain is `<chain>-MASQ`.
+    public var chain: String
+    public var priority: Int
+    public var masquerade: Bool
+    public var onConflict: ConflictPolicy
+
+    public init(table: String = "hostnet-dnat", chain: String = "HOSTNET-DNAT", priority: Int = -99,
+                masquerade: Bool = true, onConflict: ConflictPolicy = .fail) {
+        self.table = table; self.chain = chain; self.priority = priority
+        self.masquerade = masquerade; self.onConflict = onConflict
+    }
+
+    public var masqueradeChain: String { "\(chain)-MASQ" }
+    /// iptables can only order relative to kube-proxy's jump: before it (insert) or after it (append).
+    public var runsBeforeKubeProxy: Bool { priority < -100 }
+}
+
+public enum ConflictPolicy: String, Sendable, Hashable, CaseIterable {
+    /// Stop with an error naming both services.
+    case fail
+    /// Map neither service for that address, and report both.
+    case skip
+}
+
+/// Two or more services claim the same external IP, protocol and port.
+public struct Conflict: Sendable, Hashable, Comparable, CustomStringConvertible {
+    public let externalIP: IPAddress
+    public let `protocol`: TransportProtocol
+    public let port: Int
+    public let services: [String]
+
+    public static func < (a: Conflict, b: Conflict) -> Bool {
+        (a.externalIP, a.protocol, a.port) < (b.externalIP, b.protocol, b.port)
+    }
+
+    public var description: String {
+        "\(externalIP.bracketed):\(port)/\(`protocol`.rawValue) is claimed by \(services.joined(separator: " and "))"
+    }
+}
+
+/// Where matched connections go: one per service port and family, shared by all of its external IPs.
+public struct TargetChain: Sendable, Hashable {
+    /// Regular nft chain in our table, e.g. `svc-K3XH2Q...-default/web/tcp/https`.
+    public let nftName: String
+    /// iptables chain (at most 28 characters), e.g. `HNDNAT-K3XH2Q...`.
+    public let iptablesName: String
+    public let family: IPFamily
+    public let `protocol`: TransportProtocol
+    /// `namespace/name:port`, already safe for a rule file.
+    public let comment: String
+    public let target: MappingTarget
+}
+
+/// One dispatch entry: `externalIP . protocol . port → goto <target chain>`.
+public struct PlannedRule: Sendable, Hashable {
+    public let mapping: Mapping
+    /// Index into `RulePlan.targetChains`.
+    public let targetIndex: Int
+}
+
+/// Everything a backend needs, in one deterministic value: the same input in any order gives an identical
+/// plan, so rendered files are byte-identical and applying twice changes nothing.
+public struct RulePlan: Sendable {
+    public let settings: PlanSettings
+    /// The strategy asked for (`auto` stays `auto`; each target chain says what it does).
+    public let strategy: TargetStrategy
+    /// Sorted by family, external IP, protocol number and port.
+    public let rules: [PlannedRule]
+    /// Sorted by nft name.
+    public let targetChains: [TargetChain]
+    public let skipped: [SkippedItem]
+    /// Conflicts resolved by `--on-conflict skip` (with `fail` the planner throws instead).
+    public let conflicts: [Conflict]
+    public let warnings: [String]
+
+    /// External addresses whose DNATed connections are masqueraded, per family, sorted.
+    public func externalAddresses(_ family: IPFamily) -> [IPAddress] {
+        var out: [IPAddress] = []
+        for r in rules where r.mapping.family == family {
+            if out.last != r.mapping.externalIP { out.append(r.mapping.externalIP) }
+        }
+        return out  // rules are sorted by address within a family, so adjacent duplicates suffice
+    }
+
+    public func rules(_ family: IPFamily) -> [PlannedRule] { rules.filter { $0.mapping.family == family } }
+    public func targetChains(_ family: IPFamily) -> [TargetChain] { targetChains.filter { $0.family == family } }
+}
+
+public enum PlanningError: Error, Sendable, Equatable, CustomStringConvertible {
+    case conflicts([Conflict])
+    case invalidSetting(String)
+
+    public var description: String {
+        switch self {
+        case .conflicts(let c):
+            let lines = c.prefix(20).map { "  \($0)" }.joined(separator: "\n")
+            let more = c.count > 20 ? "\n  … and \(c.count - 20) more" : ""
+            return "\(c.count) external address conflict(s); use --on-conflict skip to map neither side:\n\(lines)\(more)"
+        case .invalidSetting(let s):
+            return s
+        }
+    }
+}

@@ -1,0 +1,296 @@
+import KubeObjects
+import NetAddress
+
+/// Where a mapping's connections are sent. Netfilter applies one DNAT per connection, so "external IP →
+/// ClusterIP" only works where the ClusterIP is translated after nat OUTPUT (IPVS); hence a choice.
+public enum TargetStrategy: String, Sendable, CaseIterable, Codable {
+    /// Per service: endpoints when EndpointSlices for it are known, else the ClusterIP (with a warning).
+    case auto
+    /// DNAT straight to ready endpoints; works with every proxy; must be re-synced when endpoints change.
+    case endpoints
+    /// DNAT to the Service VIP; right only where the VIP is served after nat OUTPUT (IPVS mode).
+    case clusterIP = "cluster-ip"
+    /// Jump to kube-proxy's `KUBE-SVC-…` chain (iptables only); stays current by itself.
+    case kubeProxy = "kube-proxy"
+}
+
+/// Which field an external address came from.
+public enum ExternalSource: String, Sendable, Hashable, Codable {
+    case loadBalancer
+    case externalIP
+}
+
+/// An address and port a connection is translated to.
+public struct Destination: Sendable, Hashable, Comparable, CustomStringConvertible {
+    public let ip: IPAddress
+    public let port: Int
+    public init(ip: IPAddress, port: Int) { self.ip = ip; self.port = port }
+    public static func < (a: Destination, b: Destination) -> Bool { (a.ip, a.port) < (b.ip, b.port) }
+    public var description: String { "\(ip.bracketed):\(port)" }
+}
+
+/// What a mapping leads to.
+public enum MappingTarget: Sendable, Hashable {
+    /// One or more endpoints, spread evenly (sorted, deduplicated).
+    case endpoints([Destination])
+    case clusterIP(Destination)
+    /// A kube-proxy `KUBE-SVC-…` chain name.
+    case kubeProxyChain(String)
+
+    public var strategy: TargetStrategy {
+        switch self {
+        case .endpoints: return .endpoints
+        case .clusterIP: return .clusterIP
+        case .kubeProxyChain: return .kubeProxy
+        }
+    }
+
+    /// The destinations DNAT picks from; empty for a kube-proxy jump.
+    public var destinations: [Destination] {
+        switch self {
+        case .endpoints(let d): return d
+        case .clusterIP(let d): return [d]
+        case .kubeProxyChain: return []
+        }
+    }
+}
+
+/// `externalIP:port/protocol → target` for one service port.
+public struct Mapping: Sendable, Hashable {
+    public let service: ObjectName
+    public let portName: String
+    public let `protocol`: TransportProtocol
+    public let externalIP: IPAddress
+    public let port: Int
+    public let source: ExternalSource
+    public let target: MappingTarget
+
+    public init(service: ObjectName, portName: String, protocol: TransportProtocol, externalIP: IPAddress,
+                port: Int, source: ExternalSource, target: MappingTarget) {
+        self.service = service; self.portName = portName; self.protocol = `protocol`
+        self.externalIP = externalIP; self.port = port; self.source = source; self.target = target
+    }
+
+    public var family: IPFamily { externalIP.family }
+}
+
+/// Why something was not mapped. Every service that is not fully mapped gets at least one.
+public struct SkippedItem: Sendable, Hashable, Comparable {
+    public let service: ObjectName
+    /// The port name or number, when the reason is about one port.
+    public let port: String?
+    /// The external address, when the reason is about one address.
+    public let address: String?
+    public let reason: String
+
+    public init(service: ObjectName, port: String? = nil, address: String? = nil, reason: String) {
+        self.service = service; self.port = port; self.address = address; self.reason = reason
+    }
+
+    public static func < (a: SkippedItem, b: SkippedItem) -> Bool {
+        (a.service, a.port ?? "", a.address ?? "", a.reason) < (b.service, b.port ?? "", b.address ?? "", b.reason)
+    }
+}
+
+public struct ResolutionOptions: Sendable {
+    public var target: TargetStrategy
+    /// `spec.externalIPs` are honoured only inside these blocks (CVE-2020-8554); empty means never.
+    public var externalIPAllowlist: [CIDR]
+    /// Also map ingress IPs with `ipMode: Proxy`, which kube-proxy deliberately leaves alone.
+    public var includeProxyMode: Bool
+    /// Only these namespaces; empty means all.
+    public var namespaces: Set<String>
+    public var selector: LabelSelector?
+
+    public init(target: TargetStrategy = .auto, externalIPAllowlist: [CIDR] = [], includeProxyMode: Bool = false,
+                namespaces: Set<String> = [], selector: LabelSelector? = nil) {
+        self.target = target; self.externalIPAllowlist = externalIPAllowlist
+        self.includeProxyMode = includeProxyMode; self.namespaces = namespaces; self.selector = selector
+    }
+}
+
+public struct Resolution: Sendable {
+    public var mappings: [Mapping]
+    public var skipped: [SkippedItem]
+    /// Things a user should know even though nothing failed (for stderr).
+    public var warnings: [String]
+    /// Services that `auto` sent to their ClusterIP because no EndpointSlices were given.
+    public var autoFellBackToClusterIP: [ObjectName]
+}
+
+/// Services + EndpointSlices → mappings, with kube-proxy's semantics for which addresses are external,
+/// which endpoints are used and which family goes where.
+public struct ServiceResolver: Sendable {
+    public let options: ResolutionOptions
+
+    public init(options: ResolutionOptions) { self.options = options }
+
+    public func resolve(_ objects: ClusterObjects) -> Resolution {
+        var slicesByService: [ObjectName: [EndpointSlice]] = [:]
+        for slice in objects.endpointSlices {
+            guard let svc = slice.serviceName else { continue }
+            slicesByService[ObjectName(namespace: slice.id.namespace, name: svc), default: []].append(slice)
+        }
+        var result = Resolution(mappings: [], skipped: [], warnings: [], autoFellBackToClusterIP: [])
+        // Sort so that output never depends on input order.
+        let services = objects.services.sorted { $0.id < $1.id }
+        var seen = Set<ObjectName>()
+        for service in services {
+            if !seen.insert(service.id).inserted {
+                result.warnings.append("\(service.id) appears more than once in the input; the first copy is used")
+                continue
+            }
+            resolve(service, slices: slicesByService[service.id], into: &result)
+        }
+        if !result.autoFellBackToClusterIP.isEmpty {
+            let names = result.autoFellBackToClusterIP.prefix(5).map(\.description).joined(separator: ", ")
+            let more = result.autoFellBackToClusterIP.count > 5 ? " and \(result.autoFellBackToClusterIP.count - 5) more" : ""
+            result.warnings.append(
+                "target auto: no EndpointSlices in the input for \(names)\(more); their rules DNAT to the ClusterIP. "
+                + "Netfilter applies one DNAT per connection, so with kube-proxy in iptables or nftables mode that "
+                + "ClusterIP is never translated and connections time out. Include EndpointSlices "
+                + "(kubectl get services,endpointslices -A -o json) or choose --target explicitly.")
+        }
+        result.skipped.sort()
+        return result
+    }
+
+    private func skip(_ r: inout Resolution, _ s: Service, port: String? = nil, address: String? = nil, _ reason: String) {
+        r.skipped.append(SkippedItem(service: s.id, port: port, address: address, reason: reason))
+    }
+
+    private func resolve(_ service: Service, slices: [EndpointSlice]?, into result: inout Resolution) {
+        if !options.namespaces.isEmpty && !options.namespaces.contains(service.id.namespace) {
+            return skip(&result, service, "filtered out by --namespace")
+        }
+        if let selector = options.selector, !selector.matches(service.labels) {
+            return skip(&result, service, "filtered out by --selector \(selector)")
+        }
+        if service.type == "ExternalName" {
+            return skip(&result, service, "ExternalName service: kube-proxy programs nothing for it")
+        }
+        if service.headless {
+            return skip(&result, service, "headless service (clusterIP: None): no virtual IP to translate")
+        }
+
+        // External addresses, in a stable order, deduplicated.
+        var candidates: [(IPAddress, ExternalSource)] = []
+        var seenIPs = Set<IPAddress>()
+        for ingress in service.loadBalancerIngress {
+            guard let ip = ingress.ip else {
+                if let host = ingress.hostname {
+                    skip(&result, service, address: host, "load-balancer ingress has a hostname only, no IP to match")
+                }
+                continue
+            }
+            if ingress.ipMode == "Proxy" && !options.includeProxyMode {
+                skip(&result, service, address: ip.description,
+                     "ipMode Proxy: the load balancer must see this traffic (kube-proxy skips it too); --include-proxy-mode maps it anyway")
+                continue
+            }
+            if seenIPs.insert(ip).inserted { candidates.append((ip, .loadBalancer)) }
+        }
+        for ip in service.externalIPs {
+            if options.externalIPAllowlist.isEmpty {
+                skip(&result, service, address: ip.description,
+                     "spec.externalIPs are honoured only inside an allowlist (CVE-2020-8554); pass --external-ip-cidr")
+                continue
+            }
+            guard options.externalIPAllowlist.contains(where: { $0.contains(ip) }) else {
+                skip(&result, service, address: ip.description, "external IP is outside every --external-ip-cidr")
+                continue
+            }
+            if seenIPs.insert(ip).inserted { candidates.append((ip, .externalIP)) }
+        }
+        if candidates.isEmpty {
+            if !result.skipped.contains(where: { $0.service == service.id }) {
+                skip(&result, service, "no external IP: no load-balancer ingress IP and no spec.externalIPs")
+            }
+            return
+        }
+        if service.ports.isEmpty {
+            return skip(&result, service, "no ports")
+        }
+
+        // The service's families: spec.ipFamilies, else the ClusterIPs' families; unknown means no filter.
+        var families = service.ipFamilies
+        if families.isEmpty { families = service.clusterIPs.map(\.family) }
+        var usable: [(IPAddress, ExternalSource)] = []
+        for (ip, source) in candidates {
+            if !families.isEmpty && !families.contains(ip.family) {
+                let have = families.map(\.rawValue).joined(separator: ", ")
+                skip(&result, service, address: ip.description,
+                     "family mismatch: \(ip.family.rawValue) external IP, but the service is \(have) only")
+                continue
+            }
+            usable.append((ip, source))
+        }
+
+        let hasSlices = !(slices ?? []).isEmpty
+        var strategy = options.target
+        if strategy == .auto {
+            strategy = hasSlices ? .endpoints : .clusterIP
+            if !hasSlices { result.autoFellBackToClusterIP.append(service.id) }
+        }
+
+        for port in service.ports {
+            let portLabel = port.name.isEmpty ? String(port.port) : port.name
+            var targetByFamily: [IPFamily: MappingTarget?] = [:]
+            for (ip, source) in usable {
+                let family = ip.family
+                if targetByFamily[family] == nil {
+                    let target = self.target(for: port, family: family, strategy: strategy, service: service,
+                                             slices: slices ?? [], portLabel: portLabel, into: &result)
+                    targetByFamily[family] = .some(target)
+                }
+                guard let target = targetByFamily[family]! else { continue }
+                result.mappings.append(Mapping(service: service.id, portName: port.name, protocol: port.protocol,
+                                               externalIP: ip, port: port.port, source: source, target: target))
+            }
+        }
+    }
+
+    private func target(for port: ServicePort, family: IPFamily, strategy: TargetStrategy, service: Service,
+                        slices: [EndpointSlice], portLabel: String, into result: inout Resolution) -> MappingTarget? {
+        switch strategy {
+        case .kubeProxy:
+            return .kubeProxyChain(KubeProxyNames.serviceChain(
+                namespace: service.id.namespace, name: service.id.name, portName: port.name, protocol: port.protocol.rawValue))
+        case .clusterIP:
+            guard let vip = clusterIP(of: service, family: family) else {
+                skip(&result, service, port: portLabel, "no \(family.rawValue) ClusterIP to send \(family.rawValue) traffic to")
+                return nil
+            }
+            return .clusterIP(Destination(ip: vip, port: port.port))
+        case .endpoints, .auto:
+            var ready = Set<Destination>()
+            var fallback = Set<Destination>()
+            var sawSliceOfFamily = false
+            for slice in slices where slice.family == family {
+                sawSliceOfFamily = true
+                // Slices are matched to service ports by name; the number comes from each slice.
+                guard let number = slice.ports.first(where: { $0.name == port.name && $0.protocol == port.protocol })?.port else {
+                    continue
+                }
+                for endpoint in slice.endpoints {
+                    for address in endpoint.addresses {
+                        if endpoint.isReady { ready.insert(Destination(ip: address, port: number)) }
+                        else if endpoint.isServingTerminating { fallback.insert(Destination(ip: address, port: number)) }
+                    }
+                }
+            }
+            let chosen = ready.isEmpty ? fallback : ready
+            if chosen.isEmpty {
+                let why = sawSliceOfFamily ? "no ready endpoints" : "no \(family.rawValue) EndpointSlices"
+                skip(&result, service, port: portLabel, "\(why) for port \(portLabel) (\(family.rawValue))")
+                return nil
+            }
+            return .endpoints(chosen.sorted())
+        }
+    }
+
+    /// `spec.clusterIPs[i]` pairs with `spec.ipFamilies[i]`; the ClusterIP of a family is the one of that family.
+    private func clusterIP(of service: Service, family: IPFamily) -> IPAddress? {
+        service.clusterIPs.first { $0.family == family }
+    }
+}
