@@ -45,7 +45,7 @@ let package = Package(
             .product(name: "Yams", package: "Yams"),
         ]),
         .executableTarget(name: "hostnet-dnat", dependencies: [
-            "KubeObjects", "ServiceResolution", "RulePlanning", "RuleRendering", "NodeBackend", "KubernetesAPI",
+            "KubeObjects", "ServiceResolution", "RulePlanning", "RuleRendering",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 

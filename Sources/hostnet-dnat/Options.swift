@@ -1,0 +1,100 @@
+import ArgumentParser
+import KubeObjects
+import NetAddress
+import RulePlanning
+import ServiceResolution
+
+extension TargetStrategy: ExpressibleByArgument {}
+extension ConflictPolicy: ExpressibleByArgument {}
+
+/// Where Services and EndpointSlices come from.
+struct SourceOptions: ParsableArguments {
+    @Option(name: [.short, .customLong("filename")], parsing: .singleValue,
+            help: ArgumentHelp("A file of Services and EndpointSlices (JSON or YAML: a List, typed lists, single objects, multi-document YAML); '-' reads stdin. Repeatable. Without -f, objects are read from the Kubernetes API.", valueName: "file"))
+    var filenames: [String] = []
+
+    @Option(help: ArgumentHelp("kubeconfig file when reading from the API (default: $KUBECONFIG, then ~/.kube/config).", valueName: "path"))
+    var kubeconfig: String?
+
+    @Option(help: ArgumentHelp("kubeconfig context to use.", valueName: "name"))
+    var context: String?
+}
+
+/// Which services become which mappings.
+struct ResolutionFlags: ParsableArguments {
+    @Option(name: .customLong("namespace"), parsing: .singleValue,
+            help: ArgumentHelp("Only services in this namespace. Repeatable.", valueName: "ns"))
+    var namespaces: [String] = []
+
+    @Option(name: [.short, .customLong("selector")],
+            help: ArgumentHelp("Label selector for services: a=b, a!=b, a in (x,y), a notin (x), a, !a.", valueName: "selector"))
+    var selector: String?
+
+    @Option(help: ArgumentHelp("Where translated connections go: auto, endpoints, cluster-ip or kube-proxy.", valueName: "strategy"))
+    var target: TargetStrategy = .auto
+
+    @Option(name: .customLong("external-ip-cidr"), parsing: .singleValue,
+            help: ArgumentHelp("Honour spec.externalIPs inside this CIDR (CVE-2020-8554: any user who can create a Service can set them). Repeatable; without it externalIPs are skipped.", valueName: "cidr"))
+    var externalIPCIDRs: [String] = []
+
+    @Flag(help: "Also map load-balancer ingress IPs with ipMode: Proxy (kube-proxy leaves them to the load balancer).")
+    var includeProxyMode = false
+
+    @Option(help: ArgumentHelp("Two services on the same external IP, protocol and port: fail (exit 65) or skip both.", valueName: "fail|skip"))
+    var onConflict: ConflictPolicy = .fail
+
+    func resolutionOptions() throws(CLIError) -> ResolutionOptions {
+        var cidrs: [CIDR] = []
+        for text in externalIPCIDRs {
+            guard let c = CIDR(text) else {
+                throw CLIError(.usage, "--external-ip-cidr \"\(text)\" is not a CIDR such as 203.0.113.0/24 or 2001:db8::/64")
+            }
+            cidrs.append(c)
+        }
+        var labelSelector: LabelSelector? = nil
+        if let selector {
+            do { labelSelector = try LabelSelector(selector) } catch { throw CLIError(.usage, "-l/--selector: \(error.message)") }
+        }
+        return ResolutionOptions(target: target, externalIPAllowlist: cidrs, includeProxyMode: includeProxyMode,
+                                 namespaces: Set(namespaces), selector: labelSelector)
+    }
+}
+
+/// Names and knobs of the rules themselves.
+struct PlanFlags: ParsableArguments {
+    @Flag(help: "Do not masquerade translated connections (by default they are, so replies come back even when the node's source address is the external IP itself).")
+    var noMasquerade = false
+
+    @Option(help: ArgumentHelp("nftables table name (table inet <name>).", valueName: "name"))
+    var table = "hostnet-dnat"
+
+    @Option(help: ArgumentHelp("iptables chain that OUTPUT jumps to (<chain>-MASQ masquerades).", valueName: "name"))
+    var chain = "HOSTNET-DNAT"
+
+    @Option(help: ArgumentHelp("Priority of the nat output chain. -99 runs after kube-proxy (-100): only what nothing else translated. -101 takes over. For iptables: below -100 inserts the jump first in OUTPUT, otherwise appends it.", valueName: "n"))
+    var priority = -99
+
+    func settings(onConflict: ConflictPolicy) -> PlanSettings {
+        PlanSettings(table: table, chain: chain, priority: priority, masquerade: !noMasquerade, onConflict: onConflict)
+    }
+}
+
+/// sysexits(3) codes, so scripts can tell a typo from bad data from a missing permission.
+enum ExitStatus: Int32 {
+    case differs = 1
+    case usage = 64
+    case dataError = 65
+    case noInput = 66
+    case unavailable = 69
+    case software = 70
+    case cantCreate = 73
+    case noPermission = 77
+}
+
+struct CLIError: Error, CustomStringConvertible {
+    let status: Int32
+    let message: String
+    init(_ status: ExitStatus, _ message: String) { self.status = status.rawValue; self.message = message }
+    init(code: Int32, _ message: String) { self.status = code; self.message = message }
+    var description: String { message }
+}

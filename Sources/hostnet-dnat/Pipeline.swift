@@ -1,0 +1,78 @@
+import ArgumentParser
+import Foundation
+import KubeObjects
+import RulePlanning
+import ServiceResolution
+
+/// source → resolution → plan; the only place the CLI reads input.
+enum Pipeline {
+    static func loadObjects(_ source: SourceOptions, namespaces: [String], selector: String?) async throws(CLIError) -> ClusterObjects {
+        if source.filenames.isEmpty {
+            return try await APISource.load(source, namespaces: namespaces, selector: selector)
+        }
+        var objects = ClusterObjects()
+        var readStdin = false
+        for name in source.filenames {
+            let bytes: [UInt8]
+            if name == "-" {
+                if readStdin { throw CLIError(.usage, "-f - given more than once: standard input can be read only once") }
+                readStdin = true
+                bytes = Array(FileHandle.standardInput.readDataToEndOfFile())
+            } else {
+                guard let data = FileManager.default.contents(atPath: name) else {
+                    var isDir: ObjCBool = false
+                    if FileManager.default.fileExists(atPath: name, isDirectory: &isDir) {
+                        throw CLIError(.noInput, "\(name): cannot read \(isDir.boolValue ? "a directory" : "the file (permission denied?)")")
+                    }
+                    throw CLIError(.noInput, "\(name): no such file")
+                }
+                bytes = Array(data)
+            }
+            do {
+                try DocumentLoader.load(bytes, source: name == "-" ? "<stdin>" : name, into: &objects)
+            } catch {
+                throw CLIError(.dataError, error.description)
+            }
+        }
+        return objects
+    }
+
+    static func plan(objects: ClusterObjects, resolution options: ResolutionOptions, settings: PlanSettings,
+                     requested: TargetStrategy) throws(CLIError) -> RulePlan {
+        let resolution = ServiceResolver(options: options).resolve(objects)
+        do {
+            return try Planner(settings: settings).plan(resolution, strategy: requested)
+        } catch {
+            switch error {
+            case .conflicts: throw CLIError(.dataError, error.description)
+            case .invalidSetting: throw CLIError(.usage, error.description)
+            }
+        }
+    }
+}
+
+/// Messages for people go to stderr, so stdout stays the rendered file or JSON.
+enum Console {
+    static func error(_ message: String) {
+        FileHandle.standardError.write(Data("hostnet-dnat: error: \(message)\n".utf8))
+    }
+    static func warning(_ message: String) {
+        FileHandle.standardError.write(Data("hostnet-dnat: warning: \(message)\n".utf8))
+    }
+    static func note(_ message: String) {
+        FileHandle.standardError.write(Data("hostnet-dnat: \(message)\n".utf8))
+    }
+    static func out(_ text: String) {
+        FileHandle.standardOutput.write(Data(text.utf8))
+    }
+
+    /// Runs a command body, turning our errors into a message and a sysexits code (never a stack trace).
+    static func run(_ body: () async throws -> Void) async throws {
+        do {
+            try await body()
+        } catch let e as CLIError {
+            error(e.message)
+            throw ExitCode(e.status)
+        }
+    }
+}
