@@ -30,7 +30,12 @@ public enum DocumentLoader {
         }
         let documents: [JSONValue]
         do {
-            documents = try Yams.compose_all(yaml: text).map { try jsonValue(from: $0) }
+            // compose_all is lazy and keeps a parse error in the sequence instead of throwing it.
+            var sequence = try Yams.compose_all(yaml: text)
+            var nodes: [JSONValue] = []
+            while let node = sequence.next() { nodes.append(try jsonValue(from: node)) }
+            if let error = sequence.error { throw error }
+            documents = nodes
         } catch let e as InputError {
             throw InputError(source: source, message: e.message)
         } catch let e as YamlError {

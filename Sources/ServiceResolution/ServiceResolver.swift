@@ -116,6 +116,11 @@ public struct Resolution: Sendable {
     public var warnings: [String]
     /// Services that `auto` sent to their ClusterIP because no EndpointSlices were given.
     public var autoFellBackToClusterIP: [ObjectName]
+
+    public init(mappings: [Mapping], skipped: [SkippedItem] = [], warnings: [String] = [], autoFellBackToClusterIP: [ObjectName] = []) {
+        self.mappings = mappings; self.skipped = skipped; self.warnings = warnings
+        self.autoFellBackToClusterIP = autoFellBackToClusterIP
+    }
 }
 
 /// Services + EndpointSlices → mappings, with kube-proxy's semantics for which addresses are external,
