@@ -26,7 +26,7 @@ struct ResolutionFlags: ParsableArguments {
             help: ArgumentHelp("Only services in this namespace. Repeatable.", valueName: "ns"))
     var namespaces: [String] = []
 
-    @Option(name: [.short, .customLong("selector")],
+    @Option(name: [.customShort("l"), .customLong("selector")],
             help: ArgumentHelp("Label selector for services: a=b, a!=b, a in (x,y), a notin (x), a, !a.", valueName: "selector"))
     var selector: String?
 
