@@ -18,7 +18,7 @@ public enum DocumentLoader {
         if bytes[start] == UInt8(ascii: "{") || bytes[start] == UInt8(ascii: "[") {
             let document: JSONValue
             do {
-                document = try JSONParser.parse(Array(bytes[start...]))
+                document = try JSONParser.parse(bytes, from: start)
             } catch {
                 throw InputError(source: source, message: "malformed JSON at line \(error.line), column \(error.column): \(error.message)")
             }
@@ -71,13 +71,13 @@ public enum DocumentLoader {
         case .sequence(let seq):
             return .array(try seq.map { try jsonValue(from: $0) })
         case .mapping(let map):
-            var dict: [String: JSONValue] = [:]
+            var dict = JSONObject()
             for (k, v) in map {
                 guard case .scalar(let ks) = k else {
                     throw InputError(source: "", message: "a mapping key is not a plain value (line \((k.mark?.line).map(String.init) ?? "?"))")
                 }
                 if ks.string == "<<" { continue }  // merge keys are not used by Kubernetes objects
-                dict[ks.string] = try jsonValue(from: v)
+                dict.append(ks.string, try jsonValue(from: v))
             }
             return .object(dict)
         case .alias:

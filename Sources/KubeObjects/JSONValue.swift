@@ -7,11 +7,17 @@ public enum JSONValue: Sendable, Equatable {
     case double(Double)
     case string(String)
     case array([JSONValue])
-    case object([String: JSONValue])
+    case object(JSONObject)
 
     public subscript(key: String) -> JSONValue? {
         if case .object(let o) = self { return o[key] }
         return nil
+    }
+
+    public static func object(_ dict: [String: JSONValue]) -> JSONValue {
+        var o = JSONObject()
+        for k in dict.keys.sorted() { o.append(k, dict[k]!) }
+        return .object(o)
     }
 
     /// A short name for error messages ("a string", "an object").
@@ -27,6 +33,32 @@ public enum JSONValue: Sendable, Equatable {
     }
 }
 
+/// A JSON object's members in document order. Kubernetes objects have few keys per level, so a linear
+/// scan beats building a hash table for each of the hundreds of thousands of small objects in a dump.
+public struct JSONObject: Sendable, Equatable, Sequence {
+    public private(set) var keys: [String] = []
+    public private(set) var values: [JSONValue] = []
+
+    public init() {}
+
+    /// The last member with this key (JSON's usual rule for duplicates).
+    public subscript(key: String) -> JSONValue? {
+        var i = keys.count - 1
+        while i >= 0 {
+            if keys[i] == key { return values[i] }
+            i -= 1
+        }
+        return nil
+    }
+
+    public mutating func append(_ key: String, _ value: JSONValue) {
+        keys.append(key)
+        values.append(value)
+    }
+
+    public func makeIterator() -> Zip2Sequence<[String], [JSONValue]>.Iterator { zip(keys, values).makeIterator() }
+}
+
 /// A syntax error in a JSON document, with a 1-based line and column.
 public struct JSONSyntaxError: Error, Sendable, Equatable {
     public let line: Int
@@ -37,20 +69,29 @@ public struct JSONSyntaxError: Error, Sendable, Equatable {
 /// A small strict JSON parser over UTF-8 bytes. Hand-written because Foundation's parser gives no
 /// position on error and a second conversion pass; this one builds `JSONValue` directly.
 public struct JSONParser {
-    private let bytes: [UInt8]
+    private let bytes: UnsafeBufferPointer<UInt8>
     private var pos = 0
     private var depth = 0
 
-    public static func parse(_ bytes: [UInt8]) throws(JSONSyntaxError) -> JSONValue {
-        var p = JSONParser(bytes: bytes)
-        p.skipWhitespace()
-        let v = try p.parseValue()
-        p.skipWhitespace()
-        if p.pos != p.bytes.count { throw p.error("unexpected text after the end of the document") }
-        return v
+    /// Parses `bytes[start...]` in place (no copy of a file that may be hundreds of megabytes).
+    public static func parse(_ bytes: [UInt8], from start: Int = 0) throws(JSONSyntaxError) -> JSONValue {
+        let result: Result<JSONValue, JSONSyntaxError> = bytes.withUnsafeBufferPointer { buffer in
+            var p = JSONParser(bytes: buffer)
+            p.pos = start
+            do throws(JSONSyntaxError) {
+                p.skipWhitespace()
+                let v = try p.parseValue()
+                p.skipWhitespace()
+                if p.pos != p.bytes.count { throw p.error("unexpected text after the end of the document") }
+                return .success(v)
+            } catch {
+                return .failure(error)
+            }
+        }
+        return try result.get()
     }
 
-    private init(bytes: [UInt8]) { self.bytes = bytes }
+    private init(bytes: UnsafeBufferPointer<UInt8>) { self.bytes = bytes }
 
     private func error(_ message: String) -> JSONSyntaxError {
         var line = 1, col = 1
@@ -101,7 +142,7 @@ public struct JSONParser {
     private mutating func parseObject() throws(JSONSyntaxError) -> JSONValue {
         try enter(); defer { depth -= 1 }
         pos += 1
-        var dict: [String: JSONValue] = [:]
+        var dict = JSONObject()
         skipWhitespace()
         if pos < bytes.count && bytes[pos] == UInt8(ascii: "}") { pos += 1; return .object(dict) }
         while true {
@@ -112,7 +153,7 @@ public struct JSONParser {
             guard pos < bytes.count, bytes[pos] == UInt8(ascii: ":") else { throw error("expected ':' after a key") }
             pos += 1
             skipWhitespace()
-            dict[key] = try parseValue()
+            dict.append(key, try parseValue())
             skipWhitespace()
             guard pos < bytes.count else { throw error("unexpected end of the document inside an object") }
             if bytes[pos] == UInt8(ascii: ",") { pos += 1; continue }
@@ -155,7 +196,7 @@ public struct JSONParser {
             }
             break
         }
-        let text = String(decoding: bytes[start..<pos], as: UTF8.self)
+        let text = String(decoding: UnsafeBufferPointer(rebasing: bytes[start..<pos]), as: UTF8.self)
         if integral, let i = Int(text) { return .int(i) }
         guard let d = Double(text) else { throw error("invalid number '\(text)'") }
         return .double(d)
@@ -168,7 +209,7 @@ public struct JSONParser {
         while pos < bytes.count {
             let c = bytes[pos]
             if c == UInt8(ascii: "\"") {
-                let s = String(decoding: bytes[start..<pos], as: UTF8.self)
+                let s = String(decoding: UnsafeBufferPointer(rebasing: bytes[start..<pos]), as: UTF8.self)
                 pos += 1
                 return s
             }

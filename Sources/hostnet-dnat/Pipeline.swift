@@ -17,16 +17,18 @@ enum Pipeline {
             if name == "-" {
                 if readStdin { throw CLIError(.usage, "-f - given more than once: standard input can be read only once") }
                 readStdin = true
-                bytes = Array(FileHandle.standardInput.readDataToEndOfFile())
+                bytes = try readAll(fd: 0, name: "<stdin>")
             } else {
-                guard let data = FileManager.default.contents(atPath: name) else {
+                let fd = open(name, O_RDONLY | O_CLOEXEC)
+                guard fd >= 0 else {
                     var isDir: ObjCBool = false
                     if FileManager.default.fileExists(atPath: name, isDirectory: &isDir) {
                         throw CLIError(.noInput, "\(name): cannot read \(isDir.boolValue ? "a directory" : "the file (permission denied?)")")
                     }
                     throw CLIError(.noInput, "\(name): no such file")
                 }
-                bytes = Array(data)
+                defer { close(fd) }
+                bytes = try readAll(fd: fd, name: name)
             }
             do {
                 try DocumentLoader.load(bytes, source: name == "-" ? "<stdin>" : name, into: &objects)
@@ -35,6 +37,28 @@ enum Pipeline {
             }
         }
         return objects
+    }
+
+    /// Reads a whole file or pipe straight into one buffer (inputs can be hundreds of megabytes; no copies).
+    static func readAll(fd: Int32, name: String) throws(CLIError) -> [UInt8] {
+        var st = stat()
+        var capacity = 1 << 16
+        if fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG { capacity = Int(st.st_size) + 1 }
+        var buffer = [UInt8](repeating: 0, count: capacity)
+        var used = 0
+        while true {
+            if used == buffer.count { buffer.append(contentsOf: repeatElement(0, count: buffer.count)) }
+            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress! + used, $0.count - used) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                if errno == EISDIR { throw CLIError(.noInput, "\(name): is a directory") }
+                throw CLIError(.noInput, "\(name): cannot read (\(String(cString: strerror(errno))))")
+            }
+            if n == 0 { break }
+            used += n
+        }
+        buffer.removeSubrange(used...)
+        return buffer
     }
 
     static func plan(objects: ClusterObjects, resolution options: ResolutionOptions, settings: PlanSettings,
