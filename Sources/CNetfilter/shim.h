@@ -1,5 +1,14 @@
 #ifndef HOSTNET_DNAT_CNETFILTER_SHIM_H
 #define HOSTNET_DNAT_CNETFILTER_SHIM_H
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <sched.h>
+#include <errno.h>
+#include <sys/socket.h>
+/* glibc's netinet/in.h before any linux/ header, so that linux/libc-compat.h skips its own in_addr & co. */
+#include <netinet/in.h>
+#include <linux/netlink.h>
 #include <libmnl/libmnl.h>
 #include <libnftnl/table.h>
 #include <libnftnl/chain.h>
@@ -9,7 +18,38 @@
 #include <libnftnl/batch.h>
 #include <libnftnl/udata.h>
 #include <libnftnl/common.h>
+#include <libnftnl/gen.h>
 #include <linux/netfilter.h>
 #include <linux/netfilter/nf_tables.h>
 #include <linux/netfilter/nfnetlink.h>
+
+/* Macros and GNU-only declarations that Swift cannot import directly. */
+
+/* MNL_SOCKET_BUFFER_SIZE is a function-like expression (depends on the page size). */
+static inline size_t hnd_mnl_socket_buffer_size(void) { return MNL_SOCKET_BUFFER_SIZE; }
+
+/* setns(2) is declared only under _GNU_SOURCE, which the Swift Glibc module does not define. */
+static inline int hnd_setns_net(int fd) { return setns(fd, CLONE_NEWNET); }
+
+static inline int hnd_errno(void) { return errno; }
+
+/* NLMSG_* helpers. */
+static inline unsigned int hnd_nlmsg_hdrlen(void) { return NLMSG_HDRLEN; }
+static inline unsigned int hnd_nlmsg_align(unsigned int len) { return NLMSG_ALIGN(len); }
+
+/* Netlink socket options that may be missing from older libc headers. */
+static inline int hnd_netlink_ext_ack(void) {
+#ifdef NETLINK_EXT_ACK
+	return NETLINK_EXT_ACK;
+#else
+	return 11;
+#endif
+}
+static inline int hnd_netlink_cap_ack(void) {
+#ifdef NETLINK_CAP_ACK
+	return NETLINK_CAP_ACK;
+#else
+	return 10;
+#endif
+}
 #endif

@@ -1,0 +1,106 @@
+/// Why talking to nf_tables failed, with the operation that failed in words.
+public struct NetlinkError: Error, Sendable, Equatable, CustomStringConvertible {
+    public enum Kind: String, Sendable, Equatable {
+        /// No CAP_NET_ADMIN in that network namespace (EPERM / EACCES). The CLI exits 77.
+        case permissionDenied
+        /// nf_tables, or the nat / conntrack modules, cannot be used (EAFNOSUPPORT, EPROTONOSUPPORT, or
+        /// ENOENT while creating a nat chain or a nat / masquerade expression).
+        case unavailable
+        /// The kernel refused an operation of the batch; nothing was committed.
+        case rejected
+        /// The plan cannot be expressed as an nftables table (e.g. the kube-proxy target).
+        case unsupportedPlan
+        /// Opening or entering the network namespace failed.
+        case namespace
+        /// A socket call failed, or the kernel's answer could not be understood.
+        case io
+    }
+
+    public let kind: Kind
+    /// The failing operation in words, e.g. "adding element 203.0.113.10 . tcp . 443 : goto … to map dispatch4".
+    public let operation: String?
+    /// The errno the kernel (or a system call) returned, 0 when there is none.
+    public let errno: Int32
+    /// strerror text plus the kernel's extended ack message when it sent one.
+    public let message: String
+    /// Further failing operations of the same batch (the kernel reports every error of a batch).
+    public let otherFailures: [String]
+
+    public init(kind: Kind, operation: String?, errno: Int32, message: String, otherFailures: [String] = []) {
+        self.kind = kind; self.operation = operation; self.errno = errno; self.message = message
+        self.otherFailures = otherFailures
+    }
+
+    public var isPermissionDenied: Bool { kind == .permissionDenied }
+    public var isUnavailable: Bool { kind == .unavailable }
+
+    public static let unavailableHint = "nf_tables or nat modules unavailable (nf_tables, nft_nat, nft_chain_nat, nf_conntrack)"
+
+    public var description: String {
+        var s: String
+        switch kind {
+        case .unsupportedPlan:
+            s = message
+        case .unavailable:
+            s = NetlinkError.unavailableHint
+            if let op = operation { s += ": \(op)" }
+            s += ": \(message)"
+        case .permissionDenied:
+            s = "permission denied (CAP_NET_ADMIN is needed in the target network namespace)"
+            if let op = operation { s += " while \(op)" }
+            s += ": \(message)"
+        default:
+            if let op = operation { s = "nftables rejected \(op): \(message)" } else { s = message }
+        }
+        if !otherFailures.isEmpty {
+            s += "\n" + otherFailures.prefix(10).map { "  also: \($0)" }.joined(separator: "\n")
+            if otherFailures.count > 10 { s += "\n  … and \(otherFailures.count - 10) more" }
+        }
+        return s
+    }
+
+    /// Names for the errno values this backend meets.
+    static func errnoName(_ e: Int32) -> String {
+        switch e {
+        case 1: return "EPERM"
+        case 2: return "ENOENT"
+        case 5: return "EIO"
+        case 7: return "E2BIG"
+        case 9: return "EBADF"
+        case 11: return "EAGAIN"
+        case 12: return "ENOMEM"
+        case 13: return "EACCES"
+        case 16: return "EBUSY"
+        case 17: return "EEXIST"
+        case 22: return "EINVAL"
+        case 28: return "ENOSPC"
+        case 34: return "ERANGE"
+        case 90: return "EMSGSIZE"
+        case 93: return "EPROTONOSUPPORT"
+        case 95: return "EOPNOTSUPP"
+        case 97: return "EAFNOSUPPORT"
+        case 105: return "ENOBUFS"
+        case 110: return "ETIMEDOUT"
+        default: return "errno \(e)"
+        }
+    }
+
+    /// Classifies a kernel error for an operation.
+    static func kind(errno e: Int32, operation: NftOperation?) -> Kind {
+        switch e {
+        case 1, 13: return .permissionDenied
+        case 97, 93: return .unavailable
+        case 2:
+            // ENOENT for a nat chain type or a nat/masq expression means the modules are missing.
+            guard let op = operation else { return .rejected }
+            switch op.kind {
+            case .newChain(let c) where c.base?.type == "nat": return .unavailable
+            case .newRule(let r) where r.expressions.contains(where: { $0.name == "nat" || $0.name == "masq" || $0.name == "ct" }):
+                return .unavailable
+            default: return .rejected
+            }
+        default:
+            return .rejected
+        }
+    }
+}

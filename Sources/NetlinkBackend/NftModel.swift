@@ -1,0 +1,315 @@
+import NetAddress
+
+// Pure Swift description of the nf_tables objects this backend writes and reads. Only
+// `NftNetlink.swift` turns these into netlink messages (through libnftnl) and back.
+// Numbers are the kernel's (`linux/netfilter/nf_tables.h`), spelled out so that this file needs no C.
+
+/// An nf_tables address family (`NFPROTO_*`).
+public enum NftFamily: UInt8, Sendable, Hashable, CaseIterable, CustomStringConvertible {
+    case inet = 1
+    case ip = 2
+    case arp = 3
+    case netdev = 5
+    case bridge = 7
+    case ip6 = 10
+
+    public var description: String {
+        switch self {
+        case .inet: return "inet"
+        case .ip: return "ip"
+        case .arp: return "arp"
+        case .netdev: return "netdev"
+        case .bridge: return "bridge"
+        case .ip6: return "ip6"
+        }
+    }
+
+    /// `ip`, `ip6`, `inet`, … as nft spells them.
+    public init?(name: String) {
+        guard let f = NftFamily.allCases.first(where: { $0.description == name }) else { return nil }
+        self = f
+    }
+}
+
+/// Kernel constants used by the ruleset (values from `nf_tables.h`, `netfilter.h`, nft's datatypes).
+enum Nft {
+    // Registers.
+    static let regVerdict: UInt32 = 0
+    static let reg1: UInt32 = 1
+    static let reg2: UInt32 = 2
+    static let reg32_01: UInt32 = 9
+    static let reg32_02: UInt32 = 10
+    static let reg32_05: UInt32 = 13
+
+    // enum nft_meta_keys
+    static let metaNFProto: UInt32 = 15
+    static let metaL4Proto: UInt32 = 16
+
+    // enum nft_ct_keys / nft_ct direction
+    static let ctStatus: UInt32 = 2
+    static let ctDstIP: UInt32 = 20
+    static let ctDstIP6: UInt32 = 22
+    static let ctDirOriginal: UInt8 = 0
+    /// IPS_DST_NAT
+    static let ctStatusDNAT: UInt32 = 0x20
+
+    // enum nft_payload_bases
+    static let payloadNetworkHeader: UInt32 = 1
+    static let payloadTransportHeader: UInt32 = 2
+
+    // enum nft_cmp_ops
+    static let cmpEq: UInt32 = 0
+    static let cmpNeq: UInt32 = 1
+
+    // enum nft_ng_types
+    static let numgenRandom: UInt32 = 1
+
+    // enum nft_nat_types
+    static let natDNAT: UInt32 = 1
+    /// NF_NAT_RANGE_MAP_IPS, NF_NAT_RANGE_PROTO_SPECIFIED
+    static let natRangeMapIPs: UInt32 = 1
+    static let natRangeProtoSpecified: UInt32 = 2
+
+    // enum nft_set_flags
+    static let setAnonymous: UInt32 = 0x1
+    static let setConstant: UInt32 = 0x2
+    static let setMap: UInt32 = 0x8
+
+    // nft datatypes (nftables src/datatype.h); concatenations shift earlier types left by 6 bits each.
+    static let typeInteger: UInt32 = 4
+    static let typeIPv4Addr: UInt32 = 7
+    static let typeIPv6Addr: UInt32 = 8
+    static let typeInetProto: UInt32 = 12
+    static let typeInetService: UInt32 = 13
+    /// NFT_DATA_VERDICT
+    static let dataVerdict: UInt32 = 0xffff_ff00
+
+    // Verdict codes.
+    static let verdictAccept: Int32 = 1   // NF_ACCEPT (chain policy)
+    static let verdictGoto: Int32 = -4    // NFT_GOTO
+    static let verdictJump: Int32 = -3    // NFT_JUMP
+
+    // Hooks (enum nf_inet_hooks).
+    static let hookOutput: UInt32 = 3
+    static let hookPostrouting: UInt32 = 4
+
+    // nfproto values compared against `meta nfproto` and used by `nat` expressions.
+    static let nfprotoIPv4: UInt8 = 2
+    static let nfprotoIPv6: UInt8 = 10
+
+    static func concat(_ types: [UInt32]) -> UInt32 { types.reduce(0) { $0 << 6 | $1 } }
+
+    /// A 32-bit value in host byte order (what the kernel keeps in registers for `ct status`, numgen, …).
+    static func hostOrder(_ v: UInt32) -> [UInt8] {
+        let le = [UInt8(v & 0xff), UInt8(v >> 8 & 0xff), UInt8(v >> 16 & 0xff), UInt8(v >> 24)]
+        return UInt32(1).littleEndian == 1 ? le : le.reversed()
+    }
+
+    static func hostOrderValue(_ b: some Collection<UInt8>) -> UInt32? {
+        guard b.count == 4 else { return nil }
+        let bytes = UInt32(1).littleEndian == 1 ? Array(b) : Array(b.reversed())
+        return UInt32(bytes[0]) | UInt32(bytes[1]) << 8 | UInt32(bytes[2]) << 16 | UInt32(bytes[3]) << 24
+    }
+
+    static func bigEndian16(_ v: Int) -> [UInt8] { [UInt8(v >> 8 & 0xff), UInt8(v & 0xff)] }
+}
+
+/// One expression of a rule, in the kernel's terms (what `nft --debug=netlink` prints).
+enum NftExpr: Hashable, Sendable, CustomStringConvertible {
+    case meta(key: UInt32, dreg: UInt32)
+    case cmp(op: UInt32, sreg: UInt32, data: [UInt8])
+    case payload(base: UInt32, offset: UInt32, len: UInt32, dreg: UInt32)
+    /// `dreg` nil: a plain set lookup; 0: verdict map; other: data map.
+    case lookup(set: String, setID: UInt32?, sreg: UInt32, dreg: UInt32?, flags: UInt32?)
+    case ct(key: UInt32, dreg: UInt32, direction: UInt8?)
+    case bitwise(sreg: UInt32, dreg: UInt32, len: UInt32, mask: [UInt8], xor: [UInt8])
+    case numgen(dreg: UInt32, modulus: UInt32, type: UInt32, offset: UInt32)
+    case immediate(dreg: UInt32, data: [UInt8])
+    case nat(type: UInt32, family: UInt32, addrMin: UInt32?, addrMax: UInt32?, protoMin: UInt32?, protoMax: UInt32?, flags: UInt32?)
+    case masq
+    /// Anything else read back from the kernel: its name only.
+    case other(String)
+
+    var name: String {
+        switch self {
+        case .meta: return "meta"
+        case .cmp: return "cmp"
+        case .payload: return "payload"
+        case .lookup: return "lookup"
+        case .ct: return "ct"
+        case .bitwise: return "bitwise"
+        case .numgen: return "numgen"
+        case .immediate: return "immediate"
+        case .nat: return "nat"
+        case .masq: return "masq"
+        case .other(let n): return n
+        }
+    }
+
+    /// The same expression with the fields the kernel fills in or renames on its own cleared, so that a
+    /// rule read back compares equal to the rule that was sent: set ids and lookup flags are not dumped the
+    /// same way, anonymous set names are assigned by the kernel, and `nat` gains max registers and flags.
+    var normalized: NftExpr {
+        switch self {
+        case let .lookup(set, _, sreg, dreg, _):
+            return .lookup(set: set.hasPrefix("__") ? "__anonymous" : set, setID: nil, sreg: sreg, dreg: dreg, flags: nil)
+        case let .nat(type, family, addrMin, _, protoMin, _, _):
+            return .nat(type: type, family: family, addrMin: addrMin, addrMax: nil, protoMin: protoMin, protoMax: nil, flags: nil)
+        default:
+            return self
+        }
+    }
+
+    var description: String {
+        func hex(_ b: [UInt8]) -> String { "0x" + b.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined() }
+        switch self {
+        case let .meta(key, dreg): return "meta load \(key) => reg \(dreg)"
+        case let .cmp(op, sreg, data): return "cmp \(op == Nft.cmpEq ? "eq" : op == Nft.cmpNeq ? "neq" : "op\(op)") reg \(sreg) \(hex(data))"
+        case let .payload(base, offset, len, dreg): return "payload load \(len)b @ base \(base) + \(offset) => reg \(dreg)"
+        case let .lookup(set, _, sreg, dreg, _): return "lookup reg \(sreg) set \(set)" + (dreg.map { " dreg \($0)" } ?? "")
+        case let .ct(key, dreg, dir): return "ct load \(key) => reg \(dreg)" + (dir.map { " dir \($0)" } ?? "")
+        case let .bitwise(sreg, dreg, _, mask, xor): return "bitwise reg \(dreg) = (reg \(sreg) & \(hex(mask))) ^ \(hex(xor))"
+        case let .numgen(dreg, mod, type, offset): return "numgen reg \(dreg) = \(type == Nft.numgenRandom ? "random" : "type\(type)") mod \(mod) offset \(offset)"
+        case let .immediate(dreg, data): return "immediate reg \(dreg) \(hex(data))"
+        case let .nat(type, family, amin, _, pmin, _, _):
+            return "nat \(type == Nft.natDNAT ? "dnat" : "type\(type)") family \(family)" + (amin.map { " addr_min reg \($0)" } ?? "") + (pmin.map { " proto_min reg \($0)" } ?? "")
+        case .masq: return "masq"
+        case .other(let n): return n
+        }
+    }
+}
+
+struct NftTable: Hashable, Sendable {
+    var family: NftFamily
+    var name: String
+    var flags: UInt32 = 0
+}
+
+struct NftBaseHook: Hashable, Sendable {
+    var type: String
+    var hook: UInt32
+    var priority: Int32
+    var policy: Int32 = Nft.verdictAccept
+}
+
+struct NftChain: Hashable, Sendable {
+    var family: NftFamily
+    var table: String
+    var name: String
+    var base: NftBaseHook?
+}
+
+struct NftSet: Hashable, Sendable {
+    var family: NftFamily
+    var table: String
+    var name: String
+    /// Batch-unique id so that rules and elements in the same batch can refer to the set before it has a
+    /// kernel-assigned name (anonymous sets) or handle.
+    var id: UInt32?
+    var flags: UInt32
+    var keyType: UInt32
+    var keyLength: UInt32
+    var dataType: UInt32?
+    var dataLength: UInt32?
+    /// NFTA_SET_DESC_SIZE (constant anonymous sets announce their size).
+    var size: UInt32?
+    var userdata: [UInt8]
+
+    var isAnonymous: Bool { flags & Nft.setAnonymous != 0 }
+    var isMap: Bool { flags & Nft.setMap != 0 }
+}
+
+struct NftVerdict: Hashable, Sendable {
+    var code: Int32
+    var chain: String?
+}
+
+struct NftElement: Hashable, Sendable {
+    var key: [UInt8]
+    var data: [UInt8]? = nil
+    var verdict: NftVerdict? = nil
+}
+
+struct NftRule: Hashable, Sendable {
+    var family: NftFamily
+    var table: String
+    var chain: String
+    var expressions: [NftExpr]
+    var userdata: [UInt8]?
+    var handle: UInt64? = nil
+
+    /// The `comment` nft stores in the rule's userdata (TLV type NFTNL_UDATA_RULE_COMMENT, NUL-terminated).
+    var comment: String? {
+        guard let u = userdata else { return nil }
+        return Userdata.string(in: u, type: 0)
+    }
+}
+
+/// nftnl_udata TLVs: a type byte, a length byte, then the value; u32 values in host byte order.
+enum Userdata {
+    static func u32(_ type: UInt8, _ value: UInt32) -> [UInt8] { [type, 4] + Nft.hostOrder(value) }
+
+    static func string(_ type: UInt8, _ s: String) -> [UInt8] {
+        let bytes = Array(s.utf8) + [0]
+        precondition(bytes.count <= 255, "userdata string too long")
+        return [type, UInt8(bytes.count)] + bytes
+    }
+
+    static func entries(_ u: [UInt8]) -> [(type: UInt8, value: ArraySlice<UInt8>)] {
+        var out: [(UInt8, ArraySlice<UInt8>)] = []
+        var i = 0
+        while i + 2 <= u.count {
+            let t = u[i], l = Int(u[i + 1])
+            guard i + 2 + l <= u.count else { break }
+            out.append((t, u[(i + 2)..<(i + 2 + l)]))
+            i += 2 + l
+        }
+        return out
+    }
+
+    static func string(in u: [UInt8], type: UInt8) -> String? {
+        guard let e = entries(u).first(where: { $0.type == type }) else { return nil }
+        var v = Array(e.value)
+        if v.last == 0 { v.removeLast() }
+        return String(decoding: v, as: UTF8.self)
+    }
+
+    /// Comment userdata exactly as nft writes it.
+    static func ruleComment(_ comment: String) -> [UInt8] { string(0, comment) }
+
+    // Set userdata exactly as nft 1.0.6 writes it for the declarations in docs/ruleset.md, so that
+    // `nft list` prints our sets the same way it prints sets that nft created.
+    // KEYBYTEORDER = 0, DATABYTEORDER = 1, KEY_TYPEOF = 3 (nested: TYPEOF_EXPR = 0, TYPEOF_DATA = 1),
+    // DATA_INTERVAL = 6; byte orders: 0 invalid (concatenations), 1 host, 2 big endian.
+
+    /// `type ipv4_addr . inet_proto . inet_service : verdict`
+    static var concatVerdictMap: [UInt8] {
+        u32(0, 0) + u32(1, 0) + [3, 8] + u32(0, 13 /* EXPR_CONCAT */) + [1, 0] + u32(6, 0)
+    }
+
+    /// `type ipv4_addr` / `type ipv6_addr`
+    static var addressSet: [UInt8] { u32(0, 2) }
+
+    /// The anonymous `numgen … map { 0 : addr . port, … }`.
+    static var numgenMap: [UInt8] { u32(0, 1) + u32(1, 0) + u32(6, 0) }
+}
+
+/// One message of a batch, with what it does in words, for error messages.
+struct NftOperation: Sendable {
+    enum Kind: Sendable {
+        case newTable(NftTable)
+        case deleteTable(NftTable)
+        case newChain(NftChain)
+        case newSet(NftSet)
+        /// `set` carries the target set's family, table, name and id; its other fields are ignored.
+        case newElements(NftSet, [NftElement])
+        case newRule(NftRule)
+    }
+
+    var kind: Kind
+    var description: String
+    /// For `newElements`: one description per element (same order).
+    var elementDescriptions: [String] = []
+    /// For `newRule`: one description per expression (same order).
+    var expressionDescriptions: [String] = []
+}

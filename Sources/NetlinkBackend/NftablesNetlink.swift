@@ -1,0 +1,156 @@
+import Foundation
+import NetAddress
+import RulePlanning
+
+/// What one `apply` sent.
+public struct ApplyReport: Sendable, Equatable {
+    public var table: String
+    public var mappings: Int
+    public var targetChains: Int
+    /// Elements over all maps and sets (dispatch, masquerade, numgen maps).
+    public var elements: Int
+    /// Netlink messages in the batch, including BATCH_BEGIN and BATCH_END.
+    public var messages: Int
+    public var bytes: Int
+    public var seconds: Double
+}
+
+/// The nftables backend over netlink (libnftnl + libmnl framing, no `nft` binary): installs a `RulePlan` as
+/// one atomic batch, reads a table back, removes it, and answers small questions about other tables.
+/// Everything happens in `namespace` (nil: the caller's own network namespace).
+public struct NftablesNetlink: Sendable {
+    public let namespace: NetworkNamespace?
+
+    public init(namespace: NetworkNamespace? = nil) { self.namespace = namespace }
+
+    // MARK: apply / remove
+
+    /// Replaces `table inet <plan.settings.table>` with the plan in ONE batch: create table (so the delete
+    /// cannot fail), delete table, then the whole table as docs/ruleset.md describes it. The kernel commits
+    /// all of it or nothing: on error the previous ruleset is untouched and the error names the operation.
+    public func apply(_ plan: RulePlan) throws(NetlinkError) -> ApplyReport {
+        let start = Date()
+        let ops = try RulesetProgram.operations(plan)
+        var elements = 0
+        for op in ops { if case .newElements(_, let e) = op.kind { elements += e.count } }
+        let batch = NetlinkBatch(ops)
+        let session = try NetlinkSession.open(in: namespace)
+        let result = try batch.commit(on: session.socket)
+        return ApplyReport(table: plan.settings.table, mappings: plan.rules.count, targetChains: plan.targetChains.count,
+                           elements: elements, messages: result.messages, bytes: result.bytes,
+                           seconds: Date().timeIntervalSince(start))
+    }
+
+    /// The operations `apply` would send, one description per netlink message (for --dry-run / debugging).
+    public static func describe(_ plan: RulePlan) throws(NetlinkError) -> [String] {
+        try RulesetProgram.operations(plan).map(\.description)
+    }
+
+    /// Deletes `table inet <table>`. False when there was no such table.
+    @discardableResult
+    public func remove(table: String) throws(NetlinkError) -> Bool {
+        let t = NftTable(family: .inet, name: table)
+        let batch = NetlinkBatch([NftOperation(kind: .deleteTable(t), description: "deleting table inet \(table)")])
+        let session = try NetlinkSession.open(in: namespace)
+        do {
+            _ = try batch.commit(on: session.socket)
+            return true
+        } catch where error.errno == 2 /* ENOENT */ && error.kind == .rejected {
+            return false
+        }
+    }
+
+    // MARK: read back
+
+    /// The plan's ruleset as `read(table:)` would decode it once applied.
+    public static func expected(_ plan: RulePlan) -> InstalledRuleset { RulesetDecoder.expected(plan) }
+
+    /// Reads `table inet <table>` over netlink and decodes it; nil when the table does not exist. The dumps
+    /// are repeated if the ruleset changes while they run, so the result is one consistent generation.
+    public func read(table: String) throws(NetlinkError) -> InstalledRuleset? {
+        try dumpTable(family: .inet, name: table).map(RulesetDecoder.decode)
+    }
+
+    func dumpTable(family: NftFamily, name: String) throws(NetlinkError) -> DumpedTable? {
+        var session = try NetlinkSession.open(in: namespace)
+        var lastError: NetlinkError?
+        for _ in 0..<8 {
+            do {
+                let before = try session.generation()
+                guard let dumped = try dumpOnce(&session, family: family, name: name) else { return nil }
+                if try session.generation() == before { return dumped }
+            } catch is NetlinkSession.DumpInterrupted {
+                continue
+            } catch let e as NetlinkError {
+                lastError = e
+                if e.kind != .io { throw e }
+            } catch {
+                throw NetlinkError(kind: .io, operation: "reading table \(family) \(name)", errno: 5, message: "\(error)")
+            }
+        }
+        throw lastError ?? NetlinkError(kind: .io, operation: "reading table \(family) \(name)", errno: 11,
+                                        message: "the ruleset kept changing while it was read")
+    }
+
+    private func dumpOnce(_ s: inout NetlinkSession, family: NftFamily, name: String) throws -> DumpedTable? {
+        func failure(_ what: String, _ e: Int32) -> NetlinkError {
+            NetlinkError(kind: NetlinkError.kind(errno: e, operation: nil), operation: what, errno: e, message: NetlinkSocket.describe(e))
+        }
+        let table: NftTable
+        switch try s.request(NftMessageType.getTable, family: family, dump: false, table: name) {
+        case .error(2): return nil
+        case .error(let e): throw failure("reading table \(family) \(name)", e)
+        case .messages(let m):
+            guard let (b, h) = m.first, let t = NftDecoder.table(b, h) else { throw failure("reading table \(family) \(name)", 5) }
+            table = t
+        }
+        func dump<T>(_ type: UInt16, _ what: String, set: String? = nil, _ decode: ([UInt8], NetlinkHeader) -> T?) throws -> [T] {
+            switch try s.request(type, family: family, dump: true, table: name, set: set) {
+            case .error(2): return []  // the table vanished meanwhile; the generation check retries
+            case .error(let e): throw failure(what, e)
+            case .messages(let m): return m.compactMap { decode($0.0, $0.1) }
+            }
+        }
+        let chains = try dump(NftMessageType.getChain, "listing chains of \(family) \(name)", NftDecoder.chain)
+            .filter { $0.table == name && $0.family == family }
+        let sets = try dump(NftMessageType.getSet, "listing sets of \(family) \(name)", NftDecoder.set)
+            .filter { $0.table == name && $0.family == family }
+        var elements: [String: [NftElement]] = [:]
+        for set in sets {
+            let parts = try dump(NftMessageType.getSetElem, "listing elements of \(family) \(name) \(set.name)", set: set.name, NftDecoder.elements)
+            elements[set.name] = parts.flatMap { $0.1 }
+        }
+        let rules = try dump(NftMessageType.getRule, "listing rules of \(family) \(name)", NftDecoder.rule)
+            .filter { $0.table == name && $0.family == family }
+        return DumpedTable(table: table, chains: chains, sets: sets, elements: elements, rules: rules)
+    }
+
+    // MARK: proxy detection helpers
+
+    /// Whether `table <family> <name>` exists (e.g. `ip kube-proxy`, `inet kube-proxy`).
+    public func tableExists(family: NftFamily, name: String) throws(NetlinkError) -> Bool {
+        try exists(NftMessageType.getTable, family: family, table: name, chain: nil, what: "looking up table \(family) \(name)")
+    }
+
+    /// Whether chain `<chain>` exists in `table <family> <table>` (e.g. `ip nat KUBE-SERVICES` made by iptables-nft).
+    public func chainExists(family: NftFamily, table: String, chain: String) throws(NetlinkError) -> Bool {
+        try exists(NftMessageType.getChain, family: family, table: table, chain: chain,
+                   what: "looking up chain \(family) \(table) \(chain)")
+    }
+
+    private func exists(_ type: UInt16, family: NftFamily, table: String, chain: String?, what: String) throws(NetlinkError) -> Bool {
+        var s = try NetlinkSession.open(in: namespace)
+        do {
+            switch try s.request(type, family: family, dump: false, table: table, chain: chain) {
+            case .messages(let m): return !m.isEmpty
+            case .error(2): return false
+            case .error(let e):
+                throw NetlinkError(kind: NetlinkError.kind(errno: e, operation: nil), operation: what, errno: e, message: NetlinkSocket.describe(e))
+            }
+        } catch let e as NetlinkError {
+            throw e
+        } catch {
+            throw NetlinkError(kind: .io, operation: what, errno: 5, message: "\(error)")
+        }
+    }
+}
