@@ -41,6 +41,7 @@ let package = Package(
             .product(name: "AsyncHTTPClient", package: "async-http-client"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "Yams", package: "Yams"),
         ]),
@@ -59,11 +60,12 @@ let package = Package(
         .testTarget(name: "NetlinkBackendTests", dependencies: ["NetlinkBackend", "RuleRendering", "TestSupport"]),
         .testTarget(name: "NodeBackendTests", dependencies: ["NodeBackend", "TestSupport"]),
         .testTarget(name: "KubernetesAPITests", dependencies: [
-            "KubernetesAPI", "TestSupport",
+            "KubernetesAPI", "TestSupport", "KubeObjects",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "Yams", package: "Yams"),
         ]),
         .testTarget(name: "HostnetDNATTests", dependencies: ["TestSupport", "KubeObjects", "ServiceResolution", "RulePlanning", "RuleRendering"]),
     ]

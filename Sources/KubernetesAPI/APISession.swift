@@ -1,0 +1,304 @@
+import AsyncHTTPClient
+import Foundation
+import KubeObjects
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOSSL
+
+/// One HTTPS client bound to one API server and one identity, for the duration of a `load`.
+/// Used from a single task; not shared.
+final class APISession {
+    let connection: ClusterConnection
+    let timeout: Duration
+    let environment: [String: String]
+    private var client: HTTPClient
+    private var execCredential: ExecPlugin.Credential?
+    /// Secrets that must never appear in a message.
+    private var secrets: [String] = []
+
+    private init(connection: ClusterConnection, timeout: Duration, environment: [String: String],
+                 client: HTTPClient, execCredential: ExecPlugin.Credential?) {
+        self.connection = connection
+        self.timeout = timeout
+        self.environment = environment
+        self.client = client
+        self.execCredential = execCredential
+        rememberSecrets()
+    }
+
+    static func open(_ connection: ClusterConnection, timeout: Duration,
+                     environment: [String: String]) async throws(KubernetesAPIError) -> APISession {
+        var cred: ExecPlugin.Credential? = nil
+        if let exec = connection.auth.exec {
+            cred = try await ExecPlugin.run(exec, cluster: connection.clusterInfoForExec, environment: environment,
+                                            timeout: max(timeout, .seconds(10)))
+        }
+        let client = try makeClient(connection, execCredential: cred, timeout: timeout)
+        return APISession(connection: connection, timeout: timeout, environment: environment, client: client,
+                          execCredential: cred)
+    }
+
+    func close() async {
+        try? await client.shutdown()
+    }
+
+    private func rememberSecrets() {
+        var s: [String] = []
+        if let t = connection.auth.token { s.append(t) }
+        if let p = connection.auth.password { s.append(p) }
+        if let t = execCredential?.token { s.append(t) }
+        secrets = s
+    }
+
+    private func redact(_ e: KubernetesAPIError) -> KubernetesAPIError {
+        var all = secrets
+        if let t = try? currentFileToken() { all.append(t) }
+        return e.redacting(all)
+    }
+
+    // MARK: TLS and the client
+
+    static func makeClient(_ connection: ClusterConnection, execCredential: ExecPlugin.Credential?,
+                           timeout: Duration) throws(KubernetesAPIError) -> HTTPClient {
+        var config = HTTPClient.Configuration()
+        config.tlsConfiguration = try tlsConfiguration(connection, execCredential: execCredential)
+        // The bearer token must never follow a redirect to another host; the API server does not redirect.
+        config.redirectConfiguration = .disallow
+        let amount = TimeAmount.nanoseconds(Int64(timeout.components.seconds) * 1_000_000_000
+                                            + Int64(timeout.components.attoseconds / 1_000_000_000))
+        config.timeout = .init(connect: amount, read: amount)
+        // Fail at once when the server refuses; the pool would otherwise retry until the deadline.
+        config.connectionPool.retryConnectionEstablishment = false
+        if let sni = sniOverride(connection) {
+            config.dnsOverride = [sni: connection.server.host]
+        }
+        return HTTPClient(eventLoopGroup: MultiThreadedEventLoopGroup.singleton, configuration: config)
+    }
+
+    /// `tls-server-name`: the URL carries that name (SNI and certificate check), the connection goes to the
+    /// real host through AsyncHTTPClient's DNS override.
+    static func sniOverride(_ connection: ClusterConnection) -> String? {
+        guard let name = connection.tlsServerName, name != connection.server.host,
+              connection.server.scheme == "https", !name.contains(":"),
+              name.contains(where: { $0.isLetter }) else { return nil }
+        return name
+    }
+
+    static func tlsConfiguration(_ connection: ClusterConnection,
+                                 execCredential: ExecPlugin.Credential?) throws(KubernetesAPIError) -> TLSConfiguration {
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.minimumTLSVersion = .tlsv12
+        // After a timeout a hung server does not answer close_notify either; don't wait 5 s for it.
+        tls.shutdownTimeout = .seconds(1)
+        switch connection.trust {
+        case .systemRoots:
+            tls.trustRoots = .default
+            tls.certificateVerification = .fullVerification
+        case .certificateAuthority(let ca):
+            let certs: [NIOSSLCertificate]
+            do {
+                certs = try NIOSSLCertificate.fromPEMBytes(ca.bytes)
+            } catch {
+                throw KubernetesAPIError(.configuration, "certificate authority \(ca.origin): not PEM certificates (\(error))")
+            }
+            guard !certs.isEmpty else {
+                throw KubernetesAPIError(.configuration, "certificate authority \(ca.origin): holds no PEM certificate")
+            }
+            tls.trustRoots = .certificates(certs)
+            tls.certificateVerification = .fullVerification
+        case .insecureSkipVerify:
+            tls.certificateVerification = .none
+        }
+        let certMaterial = execCredential?.clientCertificate ?? connection.auth.clientCertificate
+        let keyMaterial = execCredential?.clientKey ?? connection.auth.clientKey
+        if let certMaterial, let keyMaterial {
+            let chain: [NIOSSLCertificate]
+            do {
+                chain = try NIOSSLCertificate.fromPEMBytes(certMaterial.bytes)
+            } catch {
+                throw KubernetesAPIError(.configuration, "client certificate \(certMaterial.origin): not a PEM certificate (\(error))")
+            }
+            guard !chain.isEmpty else {
+                throw KubernetesAPIError(.configuration, "client certificate \(certMaterial.origin): holds no PEM certificate")
+            }
+            let key: NIOSSLPrivateKey
+            do {
+                key = try NIOSSLPrivateKey(bytes: keyMaterial.bytes, format: .pem)
+            } catch {
+                // Never echo the key; the error type carries no key bytes.
+                throw KubernetesAPIError(.configuration, "client key \(keyMaterial.origin): not a PEM private key")
+            }
+            tls.certificateChain = chain.map { .certificate($0) }
+            tls.privateKey = .privateKey(key)
+        }
+        return tls
+    }
+
+    // MARK: credentials per request
+
+    private func currentFileToken() throws(KubernetesAPIError) -> String? {
+        guard let path = connection.auth.tokenFile else { return nil }
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw KubernetesAPIError(.configuration, "token file \(path) (\(connection.auth.identity)) cannot be read")
+        }
+        let token = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        return token.isEmpty ? nil : token
+    }
+
+    /// The Authorization header: exec plugin token, else the token file (read again now), else the token,
+    /// else basic auth.
+    private func authorization() throws(KubernetesAPIError) -> String? {
+        if let t = execCredential?.token { return "Bearer \(t)" }
+        if let t = try currentFileToken() { return "Bearer \(t)" }
+        if let t = connection.auth.token { return "Bearer \(t)" }
+        if let u = connection.auth.username {
+            let raw = "\(u):\(connection.auth.password ?? "")"
+            return "Basic \(Data(raw.utf8).base64EncodedString())"
+        }
+        return nil
+    }
+
+    // MARK: GET
+
+    struct Response {
+        var status: Int
+        var body: [UInt8]
+        var retryAfter: Int?
+    }
+
+    /// The URL as shown in messages (the server's real address, not a tls-server-name).
+    func displayURL(_ pathAndQuery: String) -> String {
+        connection.server.display + pathAndQuery
+    }
+
+    func get(_ pathAndQuery: String) async throws(KubernetesAPIError) -> Response {
+        var refreshedExec = false
+        var attempts = 0
+        while true {
+            attempts += 1
+            let response = try await getOnce(pathAndQuery)
+            if response.status == 401, !refreshedExec, let exec = connection.auth.exec {
+                // client-go runs the plugin again once when the server rejects its credential.
+                refreshedExec = true
+                execCredential = try await ExecPlugin.run(exec, cluster: connection.clusterInfoForExec,
+                                                          environment: environment, timeout: max(timeout, .seconds(10)))
+                rememberSecrets()
+                let old = client
+                client = try Self.makeClient(connection, execCredential: execCredential, timeout: timeout)
+                try? await old.shutdown()
+                continue
+            }
+            if (response.status == 429 || response.status == 503), attempts < 4, let wait = response.retryAfter {
+                try? await Task.sleep(for: .seconds(min(max(wait, 1), 10)))
+                continue
+            }
+            return response
+        }
+    }
+
+    private func getOnce(_ pathAndQuery: String) async throws(KubernetesAPIError) -> Response {
+        let server = connection.server
+        let host = Self.sniOverride(connection) ?? server.hostForURL
+        var request = HTTPClientRequest(url: "\(server.scheme)://\(host):\(server.port)\(server.basePath)\(pathAndQuery)")
+        request.method = .GET
+        request.headers.add(name: "Accept", value: "application/json")
+        request.headers.add(name: "User-Agent", value: "hostnet-dnat")
+        if let auth = try authorization() { request.headers.add(name: "Authorization", value: auth) }
+        if let u = connection.auth.impersonateUser { request.headers.add(name: "Impersonate-User", value: u) }
+        if let u = connection.auth.impersonateUID { request.headers.add(name: "Impersonate-Uid", value: u) }
+        for g in connection.auth.impersonateGroups { request.headers.add(name: "Impersonate-Group", value: g) }
+
+        let client = self.client
+        let timeout = self.timeout
+        let req = request
+        do {
+            return try await withTimeout(timeout) {
+                let response = try await client.execute(req, timeout: .nanoseconds(Int64(timeout.components.seconds) * 1_000_000_000 + Int64(timeout.components.attoseconds / 1_000_000_000)))
+                let body = try await response.body.collect(upTo: 1 << 30)
+                let retryAfter = response.headers.first(name: "Retry-After").flatMap { Int($0.trimmingCharacters(in: .whitespaces)) }
+                return Response(status: Int(response.status.code), body: Array(body.readableBytesView), retryAfter: retryAfter)
+            }
+        } catch {
+            throw redact(TransportErrors.describe(error, url: displayURL(pathAndQuery), connection: connection, timeout: timeout))
+        }
+    }
+
+    /// Turns a non-2xx answer into the error the user sees.
+    func failure(_ response: Response, verb: String, resource: Resource, namespace: String?,
+                 pathAndQuery: String) -> KubernetesAPIError {
+        let status = StatusObject(response.body)
+        let url = displayURL(pathAndQuery)
+        let scope = namespace.map { "in namespace \"\($0)\"" } ?? "in all namespaces"
+        let serverSaid = status?.message.map { ": \($0)" } ?? ""
+        let grant = resource.group.isEmpty
+            ? "grant \(verb) on \(resource.plural)"
+            : "grant \(verb) on \(resource.plural) in API group \(resource.group)"
+        var e: KubernetesAPIError
+        switch response.status {
+        case 401:
+            e = KubernetesAPIError(.unauthorized,
+                "unauthorized: the API server at \(connection.server.display) rejected the credentials of \(connection.auth.identity) (\(connection.origin))\(serverSaid). Check that the token or certificate is current",
+                httpStatus: 401)
+        case 403:
+            e = KubernetesAPIError(.unauthorized,
+                "forbidden: \(connection.auth.identity) cannot \(verb) \(resource.plural) \(scope) (GET \(url))\(serverSaid); \(grant) (see examples/deploy/rbac.yaml)",
+                httpStatus: 403)
+        case 404:
+            e = KubernetesAPIError(.unavailable,
+                "GET \(url): 404 not found\(serverSaid)" + (resource.group.isEmpty ? "" : "; the server does not serve \(resource.group)/\(resource.version) \(resource.plural) (Kubernetes 1.21 or later is needed)"),
+                httpStatus: 404)
+        case 400:
+            e = KubernetesAPIError(.configuration, "GET \(url): the API server rejected the request\(serverSaid)", httpStatus: 400)
+        default:
+            let reason = status?.reason.map { " \($0)" } ?? ""
+            e = KubernetesAPIError(.unavailable, "GET \(url): HTTP \(response.status)\(reason)\(serverSaid)", httpStatus: response.status)
+        }
+        return redact(e)
+    }
+
+    func badData(_ message: String) -> KubernetesAPIError {
+        redact(KubernetesAPIError(.badData, message))
+    }
+}
+
+/// A `kind: Status` reply (errors, 410 Gone).
+struct StatusObject {
+    var message: String?
+    var reason: String?
+    var code: Int?
+
+    init?(_ body: [UInt8]) {
+        guard let doc = try? JSONParser.parse(body), case .string("Status")? = doc["kind"] else { return nil }
+        if case .string(let m)? = doc["message"], !m.isEmpty { message = InputErrorText.printable(m) }
+        if case .string(let r)? = doc["reason"], !r.isEmpty { reason = r }
+        if case .int(let c)? = doc["code"] { code = c }
+    }
+}
+
+enum InputErrorText {
+    /// One line, no control characters, at most 500 characters.
+    static func printable(_ s: String) -> String {
+        var out = ""
+        for u in s.unicodeScalars.prefix(500) {
+            if u.value < 0x20 || u.value == 0x7F { out += " " } else { out.unicodeScalars.append(u) }
+        }
+        return out
+    }
+}
+
+struct TimeoutError: Error {}
+
+/// Runs `operation`, cancelling it after `limit`.
+func withTimeout<T: Sendable>(_ limit: Duration, _ operation: @escaping @Sendable () async throws -> T) async throws -> T {
+    try await withThrowingTaskGroup(of: T.self) { group in
+        group.addTask { try await operation() }
+        group.addTask {
+            try await Task.sleep(for: limit)
+            throw TimeoutError()
+        }
+        defer { group.cancelAll() }
+        guard let first = try await group.next() else { throw TimeoutError() }
+        return first
+    }
+}

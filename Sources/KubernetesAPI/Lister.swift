@@ -1,0 +1,126 @@
+import KubeObjects
+
+/// A listable resource.
+struct Resource: Sendable {
+    var plural: String
+    var group: String
+    var version: String
+    var listKind: String
+
+    static let services = Resource(plural: "services", group: "", version: "v1", listKind: "ServiceList")
+    static let endpointSlices = Resource(plural: "endpointslices", group: "discovery.k8s.io", version: "v1",
+                                         listKind: "EndpointSliceList")
+
+    func path(namespace: String?) -> String {
+        let root = group.isEmpty ? "/api/\(version)" : "/apis/\(group)/\(version)"
+        if let namespace { return "\(root)/namespaces/\(namespace)/\(plural)" }
+        return "\(root)/\(plural)"
+    }
+}
+
+/// Paged lists: `limit` + `continue`; an expired continue token (410) restarts the list; a second expiry
+/// falls back to one unpaged list, as client-go's pager does.
+struct Lister {
+    let session: APISession
+    let pageSize: Int
+
+    func listAll(_ options: KubernetesSourceOptions) async throws(KubernetesAPIError) -> ClusterObjects {
+        let scopes: [String?] = options.namespaces.isEmpty ? [nil] : dedup(options.namespaces).map { Optional($0) }
+        var result = ClusterObjects()
+        for ns in scopes {
+            result.merge(try await list(.services, namespace: ns, labelSelector: options.labelSelector))
+        }
+        var slices = ClusterObjects()
+        for ns in scopes {
+            slices.merge(try await list(.endpointSlices, namespace: ns, labelSelector: nil))
+        }
+        if options.labelSelector != nil {
+            // Only the slices of the Services the selector chose.
+            let wanted = Set(result.services.map { $0.id })
+            slices.endpointSlices.removeAll { slice in
+                guard let name = slice.serviceName else { return true }
+                return !wanted.contains(ObjectName(namespace: slice.id.namespace, name: name))
+            }
+        }
+        result.merge(slices)
+        return result
+    }
+
+    private func dedup(_ items: [String]) -> [String] {
+        var seen = Set<String>()
+        return items.filter { seen.insert($0).inserted }
+    }
+
+    func list(_ resource: Resource, namespace: String?, labelSelector: String?) async throws(KubernetesAPIError) -> ClusterObjects {
+        let base = resource.path(namespace: namespace)
+        var expiries = 0
+        restart: while true {
+            var result = ClusterObjects()
+            var continueToken: String? = nil
+            let paged = expiries < 2
+            while true {
+                var query: [(String, String)] = []
+                if let labelSelector { query.append(("labelSelector", labelSelector)) }
+                if paged { query.append(("limit", String(pageSize))) }
+                if let continueToken { query.append(("continue", continueToken)) }
+                let pathAndQuery = base + (query.isEmpty ? "" : "?" + query.map { "\($0.0)=\(percentEncode($0.1))" }.joined(separator: "&"))
+                let response = try await session.get(pathAndQuery)
+                if response.status == 410, continueToken != nil {
+                    expiries += 1
+                    continue restart
+                }
+                guard (200..<300).contains(response.status) else {
+                    throw session.failure(response, verb: "list", resource: resource, namespace: namespace,
+                                          pathAndQuery: pathAndQuery)
+                }
+                let next = try decodePage(response.body, resource: resource, source: session.displayURL(base),
+                                          into: &result)
+                guard let next, paged else { return result }
+                continueToken = next
+            }
+        }
+    }
+
+    /// Decodes one page with KubeObjects (the same code path as `DocumentLoader` for JSON) and returns
+    /// `metadata.continue` when there is a next page.
+    func decodePage(_ body: [UInt8], resource: Resource, source: String,
+                    into result: inout ClusterObjects) throws(KubernetesAPIError) -> String? {
+        let document: JSONValue
+        do {
+            document = try JSONParser.parse(body)
+        } catch {
+            throw session.badData("\(source): the API server's answer is not JSON (line \(error.line), column \(error.column): \(error.message))")
+        }
+        guard case .string(let kind)? = document["kind"], kind == resource.listKind || kind == "List" else {
+            var got = "no kind"
+            if case .string(let k)? = document["kind"] { got = "kind \(InputErrorText.printable(k))" }
+            throw session.badData("\(source): expected a \(resource.listKind), got \(got)")
+        }
+        var page = ClusterObjects()
+        do {
+            try ObjectDecoder.decode(document: document, source: source, into: &page)
+        } catch {
+            throw session.badData(error.description)
+        }
+        result.merge(page)
+        if case .string(let c)? = document["metadata"]?["continue"], !c.isEmpty { return c }
+        return nil
+    }
+}
+
+/// RFC 3986 unreserved characters pass; everything else is %-encoded (continue tokens are base64 with
+/// `=`, `+`, `/`; label selectors have `=`, `!`, `,`, spaces and parentheses).
+func percentEncode(_ s: String) -> String {
+    var out = ""
+    for b in s.utf8 {
+        switch b {
+        case UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "a")...UInt8(ascii: "z"),
+             UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "~"):
+            out.unicodeScalars.append(Unicode.Scalar(b))
+        default:
+            let hex = String(b, radix: 16, uppercase: true)
+            out += "%" + (hex.count == 1 ? "0" + hex : hex)
+        }
+    }
+    return out
+}
