@@ -16,13 +16,30 @@ public enum DocumentLoader {
         while start < bytes.count, [0x20, 0x09, 0x0A, 0x0D].contains(bytes[start]) { start += 1 }
         if start == bytes.count { return }
         if bytes[start] == UInt8(ascii: "{") || bytes[start] == UInt8(ascii: "[") {
-            let document: JSONValue
-            do {
-                document = try JSONParser.parse(bytes, from: start)
+            // Items that name their kind are decoded while the List is parsed and never kept; items of typed
+            // lists (no kind of their own) wait until the list's kind is known.
+            var decodeError: InputError? = nil
+            var index = 0
+            var decoded = result
+            let document: JSONValue?
+            do throws(JSONSyntaxError) {
+                document = try JSONParser.parse(bytes, from: start) { item in
+                    defer { index += 1 }
+                    guard case .string? = item["kind"] else { return .keep }
+                    do throws(InputError) {
+                        try ObjectDecoder.decodeItem(item, defaultKind: nil, source: source, locator: "items[\(index)]", into: &decoded)
+                        return .consumed
+                    } catch {
+                        decodeError = error
+                        return .stop
+                    }
+                }
             } catch {
                 throw InputError(source: source, message: "malformed JSON at line \(error.line), column \(error.column): \(error.message)")
             }
-            try ObjectDecoder.decode(document: document, source: source, into: &result)
+            if let decodeError { throw decodeError }
+            result = decoded
+            try ObjectDecoder.decode(document: document!, source: source, into: &result)
             return
         }
         guard let text = String(validating: bytes, as: UTF8.self) else {

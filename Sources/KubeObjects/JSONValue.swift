@@ -72,23 +72,47 @@ public struct JSONParser {
     private let bytes: UnsafeBufferPointer<UInt8>
     private var pos = 0
     private var depth = 0
+    private var itemSink: ((JSONValue) -> ItemDisposition)? = nil
+    private var stopped = false
+
+    /// What `parse(_:from:topLevelItems:)` does with each element of the top-level `items` list.
+    public enum ItemDisposition {
+        /// The caller used it; it is not kept in the tree.
+        case consumed
+        /// Keep it in the returned document.
+        case keep
+        /// Stop parsing (the caller hit an error of its own).
+        case stop
+    }
 
     /// Parses `bytes[start...]` in place (no copy of a file that may be hundreds of megabytes).
     public static func parse(_ bytes: [UInt8], from start: Int = 0) throws(JSONSyntaxError) -> JSONValue {
-        let result: Result<JSONValue, JSONSyntaxError> = bytes.withUnsafeBufferPointer { buffer in
-            var p = JSONParser(bytes: buffer)
-            p.pos = start
-            do throws(JSONSyntaxError) {
-                p.skipWhitespace()
-                let v = try p.parseValue()
-                p.skipWhitespace()
-                if p.pos != p.bytes.count { throw p.error("unexpected text after the end of the document") }
-                return .success(v)
-            } catch {
-                return .failure(error)
+        try parse(bytes, from: start, topLevelItems: nil)!
+    }
+
+    /// Like `parse`, but hands each element of a top-level object's `items` list to `sink` as soon as it is
+    /// parsed, so a 100,000-object List never exists as one tree. Returns nil when `sink` said `.stop`.
+    public static func parse(_ bytes: [UInt8], from start: Int = 0,
+                             topLevelItems sink: ((JSONValue) -> ItemDisposition)?) throws(JSONSyntaxError) -> JSONValue? {
+        let run = { (sink: ((JSONValue) -> ItemDisposition)?) -> Result<JSONValue?, JSONSyntaxError> in
+            bytes.withUnsafeBufferPointer { buffer in
+                var p = JSONParser(bytes: buffer)
+                p.pos = start
+                p.itemSink = sink
+                do throws(JSONSyntaxError) {
+                    p.skipWhitespace()
+                    let v = try p.parseValue()
+                    if p.stopped { return .success(nil) }
+                    p.skipWhitespace()
+                    if p.pos != p.bytes.count { throw p.error("unexpected text after the end of the document") }
+                    return .success(v)
+                } catch {
+                    return p.stopped ? .success(nil) : .failure(error)
+                }
             }
         }
-        return try result.get()
+        guard let sink else { return try run(nil).get() }
+        return try withoutActuallyEscaping(sink) { escapable in run(escapable) }.get()
     }
 
     private init(bytes: UnsafeBufferPointer<UInt8>) { self.bytes = bytes }
@@ -153,12 +177,38 @@ public struct JSONParser {
             guard pos < bytes.count, bytes[pos] == UInt8(ascii: ":") else { throw error("expected ':' after a key") }
             pos += 1
             skipWhitespace()
-            dict.append(key, try parseValue())
+            if depth == 1, itemSink != nil, key == "items", pos < bytes.count, bytes[pos] == UInt8(ascii: "[") {
+                dict.append(key, try parseStreamedItems())
+            } else {
+                dict.append(key, try parseValue())
+            }
             skipWhitespace()
             guard pos < bytes.count else { throw error("unexpected end of the document inside an object") }
             if bytes[pos] == UInt8(ascii: ",") { pos += 1; continue }
             if bytes[pos] == UInt8(ascii: "}") { pos += 1; return .object(dict) }
             throw error("expected ',' or '}'")
+        }
+    }
+
+    private mutating func parseStreamedItems() throws(JSONSyntaxError) -> JSONValue {
+        try enter(); defer { depth -= 1 }
+        pos += 1
+        var kept: [JSONValue] = []
+        skipWhitespace()
+        if pos < bytes.count && bytes[pos] == UInt8(ascii: "]") { pos += 1; return .array(kept) }
+        while true {
+            skipWhitespace()
+            let item = try parseValue()
+            switch itemSink!(item) {
+            case .consumed: break
+            case .keep: kept.append(item)
+            case .stop: stopped = true; throw error("stopped")
+            }
+            skipWhitespace()
+            guard pos < bytes.count else { throw error("unexpected end of the document inside a list") }
+            if bytes[pos] == UInt8(ascii: ",") { pos += 1; continue }
+            if bytes[pos] == UInt8(ascii: "]") { pos += 1; return .array(kept) }
+            throw error("expected ',' or ']'")
         }
     }
 
