@@ -81,26 +81,40 @@ struct Lister {
         }
     }
 
-    /// Decodes one page with KubeObjects (the same code path as `DocumentLoader` for JSON) and returns
-    /// `metadata.continue` when there is a next page.
+    /// Decodes one page with KubeObjects' decoders (the ones `DocumentLoader` uses) while it is parsed: each
+    /// item is turned into a Service or EndpointSlice as soon as it is read and never kept as a tree.
+    /// Returns `metadata.continue` when there is a next page.
     func decodePage(_ body: [UInt8], resource: Resource, source: String,
                     into result: inout ClusterObjects) throws(KubernetesAPIError) -> String? {
-        let document: JSONValue
+        var page = ClusterObjects()
+        var index = 0
+        var itemError: InputError? = nil
+        let parsed: JSONValue?
         do {
-            document = try JSONParser.parse(body)
+            parsed = try JSONParser.parse(body, topLevelItems: { item in
+                defer { index += 1 }
+                do throws(InputError) {
+                    let locator = "\(resource.listKind) items[\(index)]"
+                    if resource.listKind == "ServiceList" {
+                        page.services.append(try ObjectDecoder.decodeService(item, source: source, locator: locator))
+                    } else {
+                        page.endpointSlices.append(try ObjectDecoder.decodeEndpointSlice(item, source: source, locator: locator))
+                    }
+                    return .consumed
+                } catch {
+                    itemError = error
+                    return .stop
+                }
+            })
         } catch {
             throw session.badData("\(source): the API server's answer is not JSON (line \(error.line), column \(error.column): \(error.message))")
         }
-        guard case .string(let kind)? = document["kind"], kind == resource.listKind || kind == "List" else {
+        if let itemError { throw session.badData(itemError.description) }
+        guard let document = parsed else { throw session.badData("\(source): unreadable answer") }
+        guard case .string(let kind)? = document["kind"], kind == resource.listKind else {
             var got = "no kind"
             if case .string(let k)? = document["kind"] { got = "kind \(InputErrorText.printable(k))" }
             throw session.badData("\(source): expected a \(resource.listKind), got \(got)")
-        }
-        var page = ClusterObjects()
-        do {
-            try ObjectDecoder.decode(document: document, source: source, into: &page)
-        } catch {
-            throw session.badData(error.description)
         }
         result.merge(page)
         if case .string(let c)? = document["metadata"]?["continue"], !c.isEmpty { return c }

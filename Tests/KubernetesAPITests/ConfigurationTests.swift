@@ -101,6 +101,29 @@ struct ConfigurationTests {
         #expect(objects.services.count == 5)
     }
 
+    @Test("exec plugin whose token the server rejects is run once more, as client-go does")
+    func execPluginRerunOn401() async throws {
+        let server = try await TestAPIServer.start(handler: serving(.standard, token: "fresh-token-2"))
+        defer { Task { await server.stop() } }
+        let ws = try Workspace()
+        // First run: a stale cached token; second run: a fresh one.
+        try ws.write("plugin.sh", """
+            #!/bin/sh
+            n=$(cat "\(ws.path)/runs" 2>/dev/null || echo 0); n=$((n+1)); echo $n > "\(ws.path)/runs"
+            if [ $n -eq 1 ]; then t=stale-token-1; else t=fresh-token-2; fi
+            echo "{\\"kind\\":\\"ExecCredential\\",\\"apiVersion\\":\\"client.authentication.k8s.io/v1\\",\\"status\\":{\\"token\\":\\"$t\\"}}"
+
+            """, executable: true)
+        let config = try ws.write("config", kubeconfig(server: server.url,
+            clusterFields: "certificate-authority: \(pki.caCert)",
+            userFields: "exec:\n  apiVersion: client.authentication.k8s.io/v1\n  command: ./plugin.sh\n  interactiveMode: Never"))
+        let objects = try await KubernetesSource.load(.init(kubeconfig: config), environment: ws.environment())
+        #expect(objects.services.count == 5)
+        #expect(try String(contentsOfFile: "\(ws.path)/runs", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines) == "2")
+        #expect(server.requests.first?.authorization == "Bearer stale-token-1")
+        #expect(server.requests.dropFirst().allSatisfy { $0.authorization == "Bearer fresh-token-2" })
+    }
+
     @Test("in-cluster: found from the environment and the mounted service account; the token is re-read when it rotates")
     func inClusterWithRotation() async throws {
         let ws = try Workspace()

@@ -290,6 +290,44 @@ struct LiveAPITests {
         #expect(error.description.contains("\(server.url)/api/v1/services: the API server's answer is not JSON"))
     }
 
+    @Test("a 200 with the wrong kind: exit 65")
+    func wrongKind() async throws {
+        let server = try await TestAPIServer.start { _ in .json(200, #"{"kind":"PodList","apiVersion":"v1","metadata":{},"items":[]}"#) }
+        defer { Task { await server.stop() } }
+        let ws = try Workspace()
+        let config = try ws.write("config", kubeconfig(server: server.url,
+            clusterFields: "certificate-authority: \(pki.caCert)", userFields: "token: \(testToken)"))
+        let error = try #require(await loadError(.init(kubeconfig: config), ws.environment()))
+        #expect(error.exitCode == 65)
+        #expect(error.description.hasSuffix("expected a ServiceList, got kind PodList"))
+    }
+
+    @Test("429 with Retry-After is retried; a 500 Status is exit 69 with the server's message")
+    func retryAndServerError() async throws {
+        let cluster = FakeCluster.standard
+        let throttled = Box(false)
+        let server = try await TestAPIServer.start { r in
+            if r.path.contains("endpointslices") {
+                return .json(500, status(500, "InternalError", "Internal error occurred: etcdserver: request timed out"))
+            }
+            if !throttled.get() {
+                throttled.set(true)
+                return .jsonHeaders(429, status(429, "TooManyRequests", "Too many requests, please try again later."),
+                                    ["Retry-After": "1"])
+            }
+            return cluster.reply(r)!
+        }
+        defer { Task { await server.stop() } }
+        let ws = try Workspace()
+        let config = try ws.write("config", kubeconfig(server: server.url,
+            clusterFields: "certificate-authority: \(pki.caCert)", userFields: "token: \(testToken)"))
+        let error = try #require(await loadError(.init(kubeconfig: config), ws.environment()))
+        #expect(error.exitCode == 69)
+        #expect(error.description.contains("HTTP 500 InternalError: Internal error occurred: etcdserver: request timed out"))
+        // The 429 was retried after its Retry-After, then the three pages of services were read.
+        #expect(server.paths.filter { $0.hasPrefix("/api/v1/services") }.count == 4)
+    }
+
     @Test("an invalid object in a page: exit 65 naming the URL, the object and the field")
     func invalidObject() async throws {
         var cluster = FakeCluster.standard

@@ -19,6 +19,8 @@ struct RecordedRequest: Sendable {
 enum Reply: Sendable {
     case json(Int, String)
     case raw(Int, contentType: String, String)
+    /// JSON with extra response headers (Retry-After).
+    case jsonHeaders(Int, String, [String: String])
     /// Read the request and never answer.
     case hang
 }
@@ -130,12 +132,15 @@ private final class RequestHandler: ChannelInboundHandler {
             state.record(request)
             let reply = state.handler(request)
             let status: Int, contentType: String, body: String
+            var extra: [String: String] = [:]
             switch reply {
             case .hang: return
             case .json(let s, let b): (status, contentType, body) = (s, "application/json", b)
             case .raw(let s, let ct, let b): (status, contentType, body) = (s, ct, b)
+            case .jsonHeaders(let s, let b, let h): (status, contentType, body, extra) = (s, "application/json", b, h)
             }
             var h = HTTPHeaders()
+            for (n, v) in extra { h.add(name: n, value: v) }
             h.add(name: "Content-Type", value: contentType)
             h.add(name: "Content-Length", value: String(body.utf8.count))
             let responseHead = HTTPResponseHead(version: head.version, status: HTTPResponseStatus(statusCode: status), headers: h)
