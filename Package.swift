@@ -34,7 +34,7 @@ let package = Package(
         // RulePlan -> one nftables netlink batch; read back; remove.
         .target(name: "NetlinkBackend", dependencies: ["RulePlanning", "CNetfilter"]),
         // Node-side work: namespaces, proxy-mode detection, iptables-restore, apply/diff/remove orchestration.
-        .target(name: "NodeBackend", dependencies: ["RulePlanning", "RuleRendering", "NetlinkBackend"]),
+        .target(name: "NodeBackend", dependencies: ["NetAddress", "ServiceResolution", "RulePlanning", "RuleRendering", "NetlinkBackend"]),
         // Services and EndpointSlices live from the API server (in-cluster or kubeconfig).
         .target(name: "KubernetesAPI", dependencies: [
             "KubeObjects",
@@ -46,7 +46,7 @@ let package = Package(
             .product(name: "Yams", package: "Yams"),
         ]),
         .executableTarget(name: "hostnet-dnat", dependencies: [
-            "KubeObjects", "ServiceResolution", "RulePlanning", "RuleRendering",
+            "KubeObjects", "ServiceResolution", "RulePlanning", "RuleRendering", "NetlinkBackend", "NodeBackend", "KubernetesAPI",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
@@ -55,10 +55,10 @@ let package = Package(
         .testTarget(name: "KubeObjectsTests", dependencies: ["KubeObjects"]),
         .testTarget(name: "ServiceResolutionTests", dependencies: ["ServiceResolution"]),
         .testTarget(name: "RulePlanningTests", dependencies: ["RulePlanning"]),
-        .testTarget(name: "RuleRenderingTests", dependencies: ["RuleRendering", "KubeObjects", "ServiceResolution", "TestSupport"],
-                    resources: [.copy("Golden")]),
+        .testTarget(name: "RuleRenderingTests", dependencies: ["RuleRendering", "KubeObjects", "ServiceResolution"]),
         .testTarget(name: "NetlinkBackendTests", dependencies: ["NetlinkBackend", "RuleRendering", "TestSupport"]),
-        .testTarget(name: "NodeBackendTests", dependencies: ["NodeBackend", "TestSupport"]),
+        .testTarget(name: "NodeBackendTests", dependencies: ["NodeBackend", "NetlinkBackend", "TestSupport", "KubeObjects", "NetAddress",
+                                                             "ServiceResolution", "RulePlanning", "RuleRendering"]),
         .testTarget(name: "KubernetesAPITests", dependencies: [
             "KubernetesAPI", "TestSupport", "KubeObjects",
             .product(name: "NIOCore", package: "swift-nio"),
@@ -67,6 +67,6 @@ let package = Package(
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "Yams", package: "Yams"),
         ]),
-        .testTarget(name: "HostnetDNATTests", dependencies: ["TestSupport", "KubeObjects", "ServiceResolution", "RulePlanning", "RuleRendering"]),
+        .testTarget(name: "HostnetDNATTests", dependencies: ["hostnet-dnat", "TestSupport"]),
     ]
 )

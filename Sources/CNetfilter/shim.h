@@ -1,8 +1,7 @@
 #ifndef HOSTNET_DNAT_CNETFILTER_SHIM_H
 #define HOSTNET_DNAT_CNETFILTER_SHIM_H
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE
-#endif
+/* No _GNU_SOURCE here: it changes glibc's struct definitions (fd_set's member names), and this module
+ * must agree with every other C module a client imports (CYaml, NIO's). */
 #include <sched.h>
 #include <errno.h>
 #include <sys/socket.h>
@@ -28,8 +27,10 @@
 /* MNL_SOCKET_BUFFER_SIZE is a function-like expression (depends on the page size). */
 static inline size_t hnd_mnl_socket_buffer_size(void) { return MNL_SOCKET_BUFFER_SIZE; }
 
-/* setns(2) is declared only under _GNU_SOURCE, which the Swift Glibc module does not define. */
-static inline int hnd_setns_net(int fd) { return setns(fd, CLONE_NEWNET); }
+/* setns(2) and CLONE_NEWNET are declared only under _GNU_SOURCE (see above): declare them here. */
+extern int setns(int fd, int nstype);
+#define HND_CLONE_NEWNET 0x40000000
+static inline int hnd_setns_net(int fd) { return setns(fd, HND_CLONE_NEWNET); }
 
 static inline int hnd_errno(void) { return errno; }
 

@@ -1,0 +1,217 @@
+import ArgumentParser
+import Foundation
+import KubeObjects
+import NetlinkBackend
+import NodeBackend
+import RulePlanning
+import RuleRendering
+import ServiceResolution
+
+extension Backend: ExpressibleByArgument {}
+extension IptablesVariant: ExpressibleByArgument {}
+
+enum OutputFormat: String, ExpressibleByArgument, CaseIterable { case text, json }
+
+/// Where on the node rules go.
+struct NodeFlags: ParsableArguments {
+    @Option(help: ArgumentHelp("Act in this network namespace: a name under /run/netns or a path such as /proc/PID/ns/net.", valueName: "name|path"))
+    var netns: String?
+
+    @Option(help: ArgumentHelp("nftables (over netlink, atomic) or iptables (iptables-restore, into kube-proxy's variant).", valueName: "backend"))
+    var backend: Backend = .nftables
+
+    @Option(help: ArgumentHelp("With --backend iptables: legacy or nft (default: the variant that holds kube-proxy's chains).", valueName: "variant"))
+    var iptables: IptablesVariant?
+
+    @Option(help: ArgumentHelp("text, or json for scripts (quiet on stderr).", valueName: "format"))
+    var output: OutputFormat = .text
+
+    func applier() throws(CLIError) -> NodeApplier {
+        NodeApplier(context: NodeContext(netns: try namespace()), backend: backend, iptablesVariant: iptables)
+    }
+
+    func namespace() throws(CLIError) -> NetworkNamespace? {
+        guard let netns else { return nil }
+        let ns: NetworkNamespace
+        do { ns = try NetworkNamespace.parse(netns) } catch { throw CLIError(.usage, "--netns: \(error.description)") }
+        guard FileManager.default.fileExists(atPath: ns.path) else {
+            throw CLIError(.usage, "--netns \(netns): no such network namespace (\(ns.path) does not exist)")
+        }
+        return ns
+    }
+}
+
+extension NodeError {
+    var cliError: CLIError { CLIError(code: exitCode, description) }
+}
+
+/// Loads the input, decides what `auto` means on this node, and plans.
+struct NodePlanning {
+    let plan: RulePlan
+    let strategy: TargetStrategy
+    let reason: String?
+
+    static func make(source: SourceOptions, resolution: ResolutionFlags, planFlags: PlanFlags, node: NodeFlags) async throws(CLIError) -> NodePlanning {
+        var options = try resolution.resolutionOptions()
+        let context = NodeContext(netns: try node.namespace())
+        let objects = try await Pipeline.loadObjects(source, namespaces: resolution.namespaces, selector: resolution.selector)
+        var reason: String? = nil
+        if options.target == .auto {
+            let detection: ProxyDetection
+            do { detection = try ProxyDetection.detect(in: context) } catch { throw error.cliError }
+            let (picked, why) = detection.strategy(backend: node.backend, haveEndpointSlices: !objects.endpointSlices.isEmpty)
+            options.target = picked
+            reason = why
+        }
+        if options.target == .kubeProxy && node.backend == .nftables {
+            throw CLIError(.usage, "--target kube-proxy jumps into kube-proxy's iptables chains, which an nftables table cannot reach; use --backend iptables, or --target endpoints")
+        }
+        let plan = try Pipeline.plan(objects: objects, resolution: options,
+                                     settings: planFlags.settings(onConflict: resolution.onConflict), requested: options.target)
+        return NodePlanning(plan: plan, strategy: options.target, reason: reason)
+    }
+
+    func announce(_ output: OutputFormat) {
+        guard output == .text else { return }
+        if let reason { Console.note("target auto: picked \(strategy.rawValue): \(reason)") }
+        for w in plan.warnings { Console.warning(w) }
+    }
+}
+
+struct Apply: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Install the rules in the kernel, atomically (needs CAP_NET_ADMIN).",
+        discussion: """
+        The whole ruleset is replaced in one transaction: the kernel holds either the previous rules or the \
+        new ones, never a mix, and applying the same input twice changes nothing. No other table or chain \
+        (kube-proxy's, Docker's) is touched. With --target auto (the default) the node is inspected: \
+        kube-ipvs0 means IPVS (cluster-ip); kube-proxy's iptables chains mean kube-proxy (iptables backend) \
+        or endpoints (nftables backend); table ip kube-proxy means endpoints.
+
+        Examples:
+          hostnet-dnat apply -f cluster.json
+          hostnet-dnat apply -f cluster.json --backend iptables
+          hostnet-dnat apply -f cluster.json --dry-run
+          hostnet-dnat apply                     # in a pod: reads the API with its service account
+          hostnet-dnat apply -f cluster.json --netns /proc/1234/ns/net --output json
+        """)
+
+    @OptionGroup(title: "Input") var source: SourceOptions
+    @OptionGroup(title: "Selection") var resolution: ResolutionFlags
+    @OptionGroup(title: "Rules") var planFlags: PlanFlags
+    @OptionGroup(title: "Node") var node: NodeFlags
+
+    @Flag(help: "Show what would change; touch nothing.")
+    var dryRun = false
+
+    func run() async throws {
+        try await Console.run {
+            let planning = try await NodePlanning.make(source: source, resolution: resolution, planFlags: planFlags, node: node)
+            planning.announce(node.output)
+            let result: ApplyResult
+            do { result = try node.applier().apply(planning.plan, dryRun: dryRun) } catch let e as NodeError { throw e.cliError }
+            switch node.output {
+            case .json:
+                let w = JSONWriter()
+                w.object {
+                    w.key("changed"); w.bool(result.changed)
+                    w.key("dryRun"); w.bool(dryRun)
+                    w.key("target"); w.string(planning.strategy.rawValue)
+                    if let r = planning.reason { w.key("targetReason"); w.string(r) }
+                    w.key("mappings"); w.number(planning.plan.rules.count)
+                    w.key("skipped"); w.number(planning.plan.skipped.count)
+                    w.key("differences"); w.array(result.differences) { w.string($0) }
+                    w.key("summary"); w.string(result.summary)
+                }
+                Console.out(w.output + "\n")
+            case .text:
+                if dryRun { for d in result.differences { Console.out(d + "\n") } }
+                Console.note((dryRun ? "dry run: " : "") + result.summary)
+            }
+        }
+    }
+}
+
+struct Diff: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Compare the rules the input asks for with what the kernel holds; exit 0 when equal, 1 when they differ.",
+        discussion: """
+        Examples:
+          hostnet-dnat diff -f cluster.json
+          hostnet-dnat diff -f cluster.json --backend iptables --output json
+        """)
+
+    @OptionGroup(title: "Input") var source: SourceOptions
+    @OptionGroup(title: "Selection") var resolution: ResolutionFlags
+    @OptionGroup(title: "Rules") var planFlags: PlanFlags
+    @OptionGroup(title: "Node") var node: NodeFlags
+
+    func run() async throws {
+        try await Console.run {
+            let planning = try await NodePlanning.make(source: source, resolution: resolution, planFlags: planFlags, node: node)
+            planning.announce(node.output)
+            let differences: [String]
+            do { differences = try node.applier().diff(planning.plan) } catch let e as NodeError { throw e.cliError }
+            switch node.output {
+            case .json:
+                let w = JSONWriter()
+                w.object {
+                    w.key("same"); w.bool(differences.isEmpty)
+                    w.key("differences"); w.array(differences) { w.string($0) }
+                }
+                Console.out(w.output + "\n")
+            case .text:
+                for d in differences { Console.out(d + "\n") }
+                Console.note(differences.isEmpty ? "the kernel matches the input" : "\(differences.count) difference(s)")
+            }
+            if !differences.isEmpty { throw ExitCode(ExitStatus.differs.rawValue) }
+        }
+    }
+}
+
+struct Status: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show what the kernel holds now, read back over netlink (or iptables-save for --backend iptables).",
+        discussion: """
+        Examples:
+          hostnet-dnat status
+          hostnet-dnat status --output json | jq '.mappings | length'
+          hostnet-dnat status --backend iptables --netns node1
+        """)
+
+    @OptionGroup(title: "Rules") var planFlags: PlanFlags
+    @OptionGroup(title: "Node") var node: NodeFlags
+
+    func run() async throws {
+        try await Console.run {
+            let status: NodeStatus
+            do { status = try node.applier().status(planFlags.settings(onConflict: .fail)) } catch let e as NodeError { throw e.cliError }
+            Console.out(node.output == .json ? status.json : status.text)
+        }
+    }
+}
+
+struct Remove: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Take out our table (nftables) or our chains and jumps (iptables); nothing else.",
+        discussion: """
+        Examples:
+          hostnet-dnat remove
+          hostnet-dnat remove --backend iptables
+        """)
+
+    @OptionGroup(title: "Rules") var planFlags: PlanFlags
+    @OptionGroup(title: "Node") var node: NodeFlags
+
+    func run() async throws {
+        try await Console.run {
+            let removed: Bool
+            do { removed = try node.applier().remove(planFlags.settings(onConflict: .fail)) } catch let e as NodeError { throw e.cliError }
+            if node.output == .json {
+                Console.out("{\n  \"removed\": \(removed)\n}\n")
+            } else {
+                Console.note(removed ? "removed" : "nothing of ours was installed")
+            }
+        }
+    }
+}
