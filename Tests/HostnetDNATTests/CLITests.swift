@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// Runs the built `hostnet-dnat` binary as a user would, and checks output, stderr and exit status.
 struct CLI {
@@ -18,28 +19,12 @@ struct CLI {
 
     struct Result { let status: Int32; let stdout: String; let stderr: String }
 
-    static func run(_ args: [String], stdin: String? = nil, cwd: URL? = nil) throws -> Result {
-        let p = Process()
-        p.executableURL = binary
-        p.arguments = args
-        p.currentDirectoryURL = cwd ?? root
-        let out = Pipe(), err = Pipe(), input = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        p.standardInput = input
-        try p.run()
-        if let stdin { input.fileHandleForWriting.write(Data(stdin.utf8)) }
-        try input.fileHandleForWriting.close()
-        // Read both pipes concurrently so a large output cannot block the child.
-        nonisolated(unsafe) var errData = Data()
-        let group = DispatchGroup()
-        group.enter()
-        DispatchQueue.global().async { errData = err.fileHandleForReading.readDataToEndOfFile(); group.leave() }
-        let outData = out.fileHandleForReading.readDataToEndOfFile()
-        group.wait()
-        p.waitUntilExit()
-        return Result(status: p.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
-                      stderr: String(decoding: errData, as: UTF8.self))
+    /// Runs the binary from the package root (relative paths like examples/… resolve), as a user would.
+    static func run(_ args: [String], stdin: String? = nil, prefix: [String] = []) throws -> Result {
+        FileManager.default.changeCurrentDirectoryPath(root.path)
+        let command = prefix + [binary.path] + args
+        let r = try Tools.run(command[0], Array(command.dropFirst()), input: stdin, timeout: 300)
+        return Result(status: r.status, stdout: r.stdout, stderr: r.stderr)
     }
 
     static func golden(_ name: String) throws -> String {
