@@ -220,7 +220,7 @@ final class APISession {
                 return Response(status: Int(response.status.code), body: Array(body.readableBytesView), retryAfter: retryAfter)
             }
         } catch {
-            throw redact(TransportErrors.describe(error, url: displayURL(pathAndQuery), connection: connection, timeout: timeout))
+            throw redact(TransportErrors.describe(error, pathAndQuery: pathAndQuery, connection: connection, timeout: timeout))
         }
     }
 

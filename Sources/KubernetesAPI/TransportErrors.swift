@@ -5,11 +5,11 @@ import NIOSSL
 
 /// Turns what AsyncHTTPClient, NIO and BoringSSL throw into one sentence that names the server and the cause.
 enum TransportErrors {
-    static func describe(_ error: any Error, url: String, connection: ClusterConnection,
+    static func describe(_ error: any Error, pathAndQuery: String, connection: ClusterConnection,
                          timeout: Duration) -> KubernetesAPIError {
         let server = connection.server.display
         let cause = self.cause(error, connection: connection, timeout: timeout)
-        return KubernetesAPIError(.unavailable, "cannot read from the API server at \(server) (GET \(url)): \(cause)")
+        return KubernetesAPIError(.unavailable, "cannot read from the API server at \(server) (GET \(pathAndQuery)): \(cause)")
     }
 
     static func cause(_ error: any Error, connection: ClusterConnection, timeout: Duration) -> String {
