@@ -1,0 +1,154 @@
+import NetAddress
+import NetlinkBackend
+import RulePlanning
+import ServiceResolution
+
+/// Installs, compares, shows and removes a plan in a node's kernel, with one backend.
+public struct NodeApplier: Sendable {
+    public let context: NodeContext
+    public let backend: Backend
+    /// The variant asked for; nil means "the one kube-proxy uses" (decided on first use, like kube-proxy's
+    /// iptables-wrapper does).
+    public let iptablesVariant: IptablesVariant?
+
+    public init(context: NodeContext, backend: Backend, iptablesVariant: IptablesVariant? = nil) {
+        self.context = context; self.backend = backend; self.iptablesVariant = iptablesVariant
+    }
+
+    /// The variant the iptables backend writes to, and why.
+    public func resolvedIptablesVariant() throws(NodeError) -> (IptablesVariant, reason: String) {
+        if let v = iptablesVariant { return (v, "forced with --iptables \(v.rawValue)") }
+        return try IptablesVariant.detect(in: context)
+    }
+
+    private func iptables() throws(NodeError) -> IptablesBackend {
+        let (v, reason) = try resolvedIptablesVariant()
+        return IptablesBackend(context: context, variant: v, variantReason: reason)
+    }
+
+    private var nftables: NftablesBackend { NftablesBackend(context: context) }
+
+    /// Makes the kernel hold exactly `plan` (our table, or our chains and jumps). With `dryRun` it only
+    /// computes the differences and touches nothing. Applying the same plan twice changes nothing the
+    /// second time.
+    public func apply(_ plan: RulePlan, dryRun: Bool) throws(NodeError) -> ApplyResult {
+        switch backend {
+        case .nftables: return try nftables.apply(plan, dryRun: dryRun)
+        case .iptables: return try iptables().apply(plan, dryRun: dryRun)
+        }
+    }
+
+    /// Differences between the kernel and `plan`, one line each; empty when the kernel matches the plan.
+    public func diff(_ plan: RulePlan) throws(NodeError) -> [String] {
+        switch backend {
+        case .nftables: return try nftables.diff(plan)
+        case .iptables: return try iptables().diff(plan)
+        }
+    }
+
+    /// What the kernel holds now: netlink read-back for nftables, `iptables-save` for iptables.
+    public func status(_ settings: PlanSettings) throws(NodeError) -> NodeStatus {
+        switch backend {
+        case .nftables: return try nftables.status(settings)
+        case .iptables: return try iptables().status(settings)
+        }
+    }
+
+    /// Takes out our table (nftables) or our chains and their jumps (iptables), nothing else. Returns
+    /// whether anything was there.
+    public func remove(_ settings: PlanSettings) throws(NodeError) -> Bool {
+        switch backend {
+        case .nftables: return try nftables.remove(settings)
+        case .iptables: return try iptables().remove(settings)
+        }
+    }
+}
+
+/// The nftables backend: everything goes through `NftablesNetlink` (one atomic batch, no nft process).
+struct NftablesBackend: Sendable {
+    let context: NodeContext
+    var netlink: NftablesNetlink { NftablesNetlink(namespace: context.netns) }
+
+    private func refuseKubeProxyTarget(_ plan: RulePlan) throws(NodeError) {
+        let jumps = plan.targetChains.filter { if case .kubeProxyChain = $0.target { return true } else { return false } }
+        guard !jumps.isEmpty else { return }
+        throw .refused("--target kube-proxy jumps into kube-proxy's iptables KUBE-SVC-… chains, which an nftables table cannot "
+                       + "reach (\(jumps.count) target chain(s), e.g. \(jumps[0].comment)); use --backend iptables, or --target endpoints")
+    }
+
+    private func read(_ table: String, action: String) throws(NodeError) -> InstalledRuleset? {
+        do { return try netlink.read(table: table) } catch { throw NodeError(netlink: error, action: action) }
+    }
+
+    func differences(_ plan: RulePlan) throws(NodeError) -> [String] {
+        let installed = try read(plan.settings.table, action: "reading table inet \(plan.settings.table) in \(context.place)")
+        return InstalledRuleset.differences(installed: installed, expected: NftablesNetlink.expected(plan))
+    }
+
+    func apply(_ plan: RulePlan, dryRun: Bool) throws(NodeError) -> ApplyResult {
+        try refuseKubeProxyTarget(plan)
+        try Capabilities.require(for: "applying table inet \(plan.settings.table)", context: context)
+        let before = try differences(plan)
+        var note = ""
+        if !dryRun && !before.isEmpty {
+            let report: ApplyReport
+            do { report = try netlink.apply(plan) } catch {
+                throw NodeError(netlink: error, action: "applying table inet \(plan.settings.table) in \(context.place)")
+            }
+            note = "; one batch of \(report.messages) netlink message(s), \(report.bytes) bytes, "
+                + "\(Int((report.seconds * 1000).rounded())) ms"
+            let after = try differences(plan)
+            if !after.isEmpty {
+                throw .refused("table inet \(plan.settings.table) was applied, but the kernel now holds something else:\n  "
+                               + after.joined(separator: "\n  "))
+            }
+        }
+        let state = before.isEmpty ? "already up to date" : "\(dryRun ? "would change" : "changed") \(before.count) thing(s)"
+        let summary = "nftables table inet \(plan.settings.table) in \(context.place): \(plan.rules.count) mapping(s), "
+            + "\(plan.targetChains.count) target chain(s), output priority \(plan.settings.priority); \(state)\(note)"
+        return ApplyResult(changed: !before.isEmpty, differences: before, summary: summary)
+    }
+
+    func diff(_ plan: RulePlan) throws(NodeError) -> [String] {
+        try refuseKubeProxyTarget(plan)
+        try Capabilities.require(for: "reading table inet \(plan.settings.table)", context: context)
+        return try differences(plan)
+    }
+
+    func status(_ s: PlanSettings) throws(NodeError) -> NodeStatus {
+        try Capabilities.require(for: "reading table inet \(s.table)", context: context)
+        var status = NodeStatus(backend: .nftables, netns: context.netns?.path)
+        guard let installed = try read(s.table, action: "reading table inet \(s.table) in \(context.place)") else {
+            status.notes.append("no table inet \(s.table)")
+            return status
+        }
+        status.installed = true
+        if let p = installed.outputPriority {
+            status.hooks.append("table inet \(s.table) chain output: type nat hook output priority \(p)")
+        } else {
+            status.notes.append("table inet \(s.table) has no output chain: nothing is translated")
+        }
+        if let p = installed.masqueradePriority {
+            status.hooks.append("table inet \(s.table) chain postrouting: type nat hook postrouting priority \(p) (masquerade)")
+        }
+        status.mappings = installed.mappings.map { m in
+            StatusMapping(family: m.externalIP.family, externalIP: m.externalIP.description, protocol: m.protocol.lowercased,
+                          port: m.port, target: m.chain, destinations: m.destinations.map(\.description), comment: m.comment)
+        }
+        status.notes += installed.anomalies
+        var text = "table inet \(installed.table)\n"
+        for m in installed.mappings { text += "  \(m)\n" }
+        if !installed.masqueradeAddresses.isEmpty {
+            text += "  masquerade \(installed.masqueradeAddresses.map(\.description).joined(separator: ", "))\n"
+        }
+        status.ruleset = text
+        return status
+    }
+
+    func remove(_ s: PlanSettings) throws(NodeError) -> Bool {
+        try Capabilities.require(for: "removing table inet \(s.table)", context: context)
+        do { return try netlink.remove(table: s.table) } catch {
+            throw NodeError(netlink: error, action: "removing table inet \(s.table) in \(context.place)")
+        }
+    }
+}

@@ -1,0 +1,189 @@
+import Foundation
+import KubeObjects
+import NetAddress
+import NetlinkBackend
+import NodeBackend
+import RulePlanning
+import ServiceResolution
+import TestSupport
+
+/// Addresses of the node/pod test topology (documentation ranges; the ClusterIP is in 198.18.0.0/15,
+/// which is never assigned to an interface, only matched by kube-proxy-style rules).
+enum Net {
+    static let external4 = "203.0.113.10"
+    static let external6 = "2001:db8:100::10"
+    static let clusterIP4 = "198.18.0.10"
+    static let endpoints4 = ["198.51.100.5", "198.51.100.6"]
+    static let endpoints6 = ["2001:db8:200::5", "2001:db8:200::6"]
+    /// Endpoint ports the echo servers listen on.
+    static let tcpTarget = 8080
+    static let udpTarget = 5353
+    /// Service ports.
+    static let tcpPort = 80
+    static let udpPort = 53
+}
+
+enum NodeFixtures {
+    static func ip(_ s: String) -> IPAddress { IPAddress(s)! }
+
+    /// `default/web`: a LoadBalancer service with a TCP port (`http`) and a UDP port (`dns`), ClusterIP
+    /// 198.18.0.10, two endpoints per family in the pod namespace.
+    static func objects(families: [IPFamily] = [.ipv4, .ipv6], slices: Bool = true, tcpPortName: String = "http",
+                        endpoints4: [String] = Net.endpoints4) -> ClusterObjects {
+        var objects = ClusterObjects()
+        var ingress: [LoadBalancerIngress] = []
+        if families.contains(.ipv4) { ingress.append(LoadBalancerIngress(ip: ip(Net.external4))) }
+        if families.contains(.ipv6) { ingress.append(LoadBalancerIngress(ip: ip(Net.external6))) }
+        let ports = [(tcpPortName, TransportProtocol.tcp, Net.tcpPort, Net.tcpTarget), ("dns", .udp, Net.udpPort, Net.udpTarget)]
+        objects.services.append(Service(
+            id: ObjectName(namespace: "default", name: "web"), type: "LoadBalancer",
+            clusterIPs: families.contains(.ipv4) ? [ip(Net.clusterIP4)] : [], ipFamilies: families,
+            ports: ports.map { ServicePort(name: $0.0, protocol: $0.1, port: $0.2, targetPort: String($0.3)) },
+            loadBalancerIngress: ingress))
+        if slices {
+            for (family, eps) in [(IPFamily.ipv4, endpoints4), (.ipv6, Net.endpoints6)] where families.contains(family) {
+                objects.endpointSlices.append(EndpointSlice(
+                    id: ObjectName(namespace: "default", name: "web-\(family.rawValue.lowercased())"),
+                    serviceName: "web", addressType: family.rawValue,
+                    ports: ports.map { EndpointPort(name: $0.0, port: $0.3, protocol: $0.1) },
+                    endpoints: eps.map { Endpoint(addresses: [ip($0)]) }))
+            }
+        }
+        return objects
+    }
+
+    static func plan(strategy: TargetStrategy = .endpoints, settings: PlanSettings = PlanSettings(),
+                     families: [IPFamily] = [.ipv4, .ipv6], slices: Bool = true, tcpPortName: String = "http",
+                     endpoints4: [String] = Net.endpoints4) throws -> RulePlan {
+        let objects = objects(families: families, slices: slices, tcpPortName: tcpPortName, endpoints4: endpoints4)
+        let resolution = ServiceResolver(options: ResolutionOptions(target: strategy)).resolve(objects)
+        return try Planner(settings: settings).plan(resolution, strategy: strategy)
+    }
+
+    static func context(_ ns: TestNamespace) -> NodeContext {
+        NodeContext(netns: NetworkNamespace(path: ns.path))
+    }
+
+    /// kube-proxy's chain for `default/web:http` over TCP, computed like kube-proxy does.
+    static var webServiceChain: String {
+        KubeProxyNames.serviceChain(namespace: "default", name: "web", portName: "http", protocol: "TCP")
+    }
+
+    /// What kube-proxy in iptables mode (and kubelet) install for `default/web:http`, in the style of a
+    /// real node: KUBE-SERVICES jumped from nat OUTPUT and PREROUTING, a KUBE-SVC chain spreading over two
+    /// KUBE-SEP chains with `statistic`, hairpin masquerade marks, and kubelet's marker chains in mangle.
+    static func kubeProxyRuleset() -> String {
+        let svc = webServiceChain
+        let seps = ["KUBE-SEP-NODETESTAAAAAAAAA", "KUBE-SEP-NODETESTBBBBBBBBB"]
+        var s = """
+        *mangle
+        :KUBE-IPTABLES-HINT - [0:0]
+        :KUBE-KUBELET-CANARY - [0:0]
+        COMMIT
+        *nat
+        :KUBE-SERVICES - [0:0]
+        :KUBE-POSTROUTING - [0:0]
+        :KUBE-MARK-MASQ - [0:0]
+        :KUBE-NODEPORTS - [0:0]
+        :\(svc) - [0:0]
+        :\(seps[0]) - [0:0]
+        :\(seps[1]) - [0:0]
+        -I OUTPUT 1 -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+        -I PREROUTING 1 -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+        -I POSTROUTING 1 -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING
+        -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+        -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+        -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+        -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+        -A KUBE-SERVICES -d \(Net.clusterIP4)/32 -p tcp -m comment --comment "default/web:http cluster IP" -m tcp --dport \(Net.tcpPort) -j \(svc)
+        -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+        -A \(svc) -m comment --comment "default/web:http -> \(Net.endpoints4[0]):\(Net.tcpTarget)" -m statistic --mode random --probability 0.50000000000 -j \(seps[0])
+        -A \(svc) -m comment --comment "default/web:http -> \(Net.endpoints4[1]):\(Net.tcpTarget)" -j \(seps[1])
+
+        """
+        for (i, sep) in seps.enumerated() {
+            s += "-A \(sep) -s \(Net.endpoints4[i])/32 -m comment --comment \"default/web:http\" -j KUBE-MARK-MASQ\n"
+            s += "-A \(sep) -p tcp -m comment --comment \"default/web:http\" -m tcp -j DNAT --to-destination \(Net.endpoints4[i]):\(Net.tcpTarget)\n"
+        }
+        return s + "COMMIT\n"
+    }
+
+    // MARK: reading a namespace's iptables
+
+    static func save(_ ns: TestNamespace, _ variant: IptablesVariant, _ family: IPFamily = .ipv4) throws -> String {
+        let tool = "\(family == .ipv4 ? "iptables" : "ip6tables")-\(variant.rawValue)-save"
+        let out = try ns.runChecked([tool]).stdout
+        return out.split(separator: "\n").filter { !$0.hasPrefix("#") }.joined(separator: "\n")
+    }
+
+    /// Every line that belongs to kube-proxy or kubelet.
+    static func kubeLines(_ save: String) -> [String] {
+        save.split(separator: "\n").map(String.init).filter { $0.contains("KUBE-") }
+    }
+
+    /// Every line that mentions one of our chains.
+    static func ourLines(_ save: String, chain: String = "HOSTNET-DNAT") -> [String] {
+        save.split(separator: "\n").map(String.init).filter { $0.contains(chain) || $0.contains("HNDNAT-") }
+    }
+
+    static func restore(_ ns: TestNamespace, _ variant: IptablesVariant, _ family: IPFamily = .ipv4, _ text: String) throws {
+        let tool = "\(family == .ipv4 ? "iptables" : "ip6tables")-\(variant.rawValue)-restore"
+        try ns.runChecked([tool, "--noflush"], input: text)
+    }
+}
+
+/// Which iptables variants can load nat rules in a namespace here (both, on this project's machines).
+enum Variants {
+    private static let probed: Result<[IptablesVariant], TestSupportError> = {
+        do {
+            return .success(try withNamespace("iptprobe") { ns in
+                var ok: [IptablesVariant] = []
+                for v in IptablesVariant.allCases {
+                    let works = ["iptables", "ip6tables"].allSatisfy { prefix in
+                        (try? ns.run(["\(prefix)-\(v.rawValue)-restore", "--noflush"],
+                                     input: "*nat\n:HNDPROBE - [0:0]\n-A HNDPROBE -p tcp -m statistic --mode random --probability 0.5 -j DNAT --to-destination 192.0.2.9:1\nCOMMIT\n"))?.succeeded == true
+                    }
+                    if works { ok.append(v) } else { print("iptables variant \(v.rawValue) cannot load nat rules here") }
+                }
+                return ok
+            })
+        } catch {
+            return .failure(TestSupportError("probing iptables variants: \(error)"))
+        }
+    }()
+
+    /// Whether tests for `variant` can run; false (after printing why) when the variant is missing here.
+    /// Under CI=true, no working variant at all is a failure.
+    static func available(_ variant: IptablesVariant, function: String = #function) throws -> Bool {
+        let list = try probed.get()
+        if list.isEmpty && ProcessInfo.processInfo.environment["CI"]?.lowercased() == "true" {
+            throw TestSupportError("\(function): no iptables variant can load nat rules in a namespace under CI=true")
+        }
+        if !list.contains(variant) { print("skipping \(function) for \(variant.rawValue): variant unavailable") }
+        return list.contains(variant)
+    }
+}
+
+/// A "node" namespace joined by a veth to a "pod" namespace that holds both endpoints of each family,
+/// with a TCP echo server on 8080 and a UDP echo server on 5353 at every endpoint address.
+func withNodeAndPod<T>(_ label: String, _ body: (_ node: TestNamespace, _ pod: TestNamespace) throws -> T) throws -> T {
+    try withNamespaces(2, label: label) { ns in
+        let (node, pod) = (ns[0], ns[1])
+        try connect(node, pod)
+        try addAddresses(pod, Net.endpoints4.map { "\($0)/32" } + Net.endpoints6.map { "\($0)/128" })
+        var specs: [(namespace: TestNamespace, transport: TestTransport, address: String, port: Int, name: String)] = []
+        for (i, address) in (Net.endpoints4 + Net.endpoints6).enumerated() {
+            let name = i % 2 == 0 ? "ep-a" : "ep-b"
+            specs.append((pod, .tcp, address, Net.tcpTarget, name))
+            specs.append((pod, .udp, address, Net.udpTarget, name))
+        }
+        return try withEchoServers(specs) { _ in try body(node, pod) }
+    }
+}
+
+/// The servers that answered `count` fresh connections to `host:port`, and how many exchanges failed.
+func answers(from node: TestNamespace, _ transport: TestTransport, _ host: String, _ port: Int,
+             count: Int = 16, timeout: Double = 2) throws -> (servers: Set<String>, failures: Int) {
+    let replies = try exchange(from: node, transport, host: host, port: port, count: count, timeout: timeout)
+    return (Set(replies.compactMap(\.server)), replies.filter { !$0.succeeded }.count)
+}
