@@ -20,6 +20,29 @@ public enum JSONValue: Sendable, Equatable {
         return .object(o)
     }
 
+    /// `s` as a JSON string literal, quotes included: the one JSON string escaper every writer here uses.
+    public static func quoted(_ s: String) -> String {
+        var out = "\""
+        out.reserveCapacity(s.utf8.count + 2)
+        for u in s.unicodeScalars {
+            switch u {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            default:
+                if u.value < 0x20 || u.value == 0x7F {
+                    let hex = String(u.value, radix: 16)
+                    out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
+                } else {
+                    out.unicodeScalars.append(u)
+                }
+            }
+        }
+        return out + "\""
+    }
+
     /// A short name for error messages ("a string", "an object").
     public var kindDescription: String {
         switch self {

@@ -103,10 +103,11 @@ struct FieldReader {
 }
 
 extension InputError {
-    /// Makes user text safe to echo in a one-line message.
-    static func printable(_ s: String) -> String {
+    /// Makes text from input (or from a server) safe to echo in a one-line message: control characters are
+    /// shown escaped, and at most `limit` characters are kept.
+    public static func printable(_ s: String, limit: Int = 200) -> String {
         var out = ""
-        for u in s.unicodeScalars.prefix(200) {
+        for u in s.unicodeScalars.prefix(limit) {
             if u.value < 0x20 || u.value == 0x7F { out += "\\u{\(String(u.value, radix: 16))}" } else { out.unicodeScalars.append(u) }
         }
         return out

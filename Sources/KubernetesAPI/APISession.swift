@@ -277,14 +277,8 @@ struct StatusObject {
 }
 
 enum InputErrorText {
-    /// One line, no control characters, at most 500 characters.
-    static func printable(_ s: String) -> String {
-        var out = ""
-        for u in s.unicodeScalars.prefix(500) {
-            if u.value < 0x20 || u.value == 0x7F { out += " " } else { out.unicodeScalars.append(u) }
-        }
-        return out
-    }
+    /// One line, no control characters, at most 500 characters (server messages can be long).
+    static func printable(_ s: String) -> String { InputError.printable(s, limit: 500) }
 }
 
 struct TimeoutError: Error {}

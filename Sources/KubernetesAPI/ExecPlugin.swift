@@ -207,26 +207,7 @@ func seconds(_ d: Duration) -> String {
 
 /// Just enough JSON writing for KUBERNETES_EXEC_INFO.
 enum JSONText {
-    static func quote(_ s: String) -> String {
-        var out = "\""
-        for u in s.unicodeScalars {
-            switch u {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            default:
-                if u.value < 0x20 {
-                    let hex = String(u.value, radix: 16)
-                    out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-                } else {
-                    out.unicodeScalars.append(u)
-                }
-            }
-        }
-        return out + "\""
-    }
+    static func quote(_ s: String) -> String { JSONValue.quoted(s) }
 
     static func object(_ members: [(String, String)]) -> String {
         "{" + members.map { "\(quote($0.0)):\($0.1)" }.joined(separator: ",") + "}"
