@@ -11,6 +11,14 @@ struct HostnetDNAT: AsyncParsableCommand {
         hostnet-dnat reads Services and EndpointSlices, plans a DNAT in the node's nat OUTPUT path for every \
         external IP:port, and prints the rules for review or applies them atomically.
 
+        Examples:
+          kubectl get services,endpointslices -A -o json > cluster.json
+          hostnet-dnat render -f cluster.json --format nft      # review the rules
+          hostnet-dnat apply -f cluster.json                    # install them (CAP_NET_ADMIN)
+          hostnet-dnat diff -f cluster.json && echo up to date
+          hostnet-dnat status --output json
+          hostnet-dnat remove
+
         Exit status: 0 ok; 1 differences (diff) or the kernel refused; 64 usage; 65 bad input data; \
         66 input file missing; 69 a service or module is unavailable; 77 no permission.
         """,
