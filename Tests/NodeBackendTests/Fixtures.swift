@@ -69,13 +69,21 @@ enum NodeFixtures {
         KubeProxyNames.serviceChain(namespace: "default", name: "web", portName: "http", protocol: "TCP")
     }
 
-    /// What kube-proxy in iptables mode (and kubelet) install for `default/web:http`, in the style of a
-    /// real node: KUBE-SERVICES jumped from nat OUTPUT and PREROUTING, a KUBE-SVC chain spreading over two
-    /// KUBE-SEP chains with `statistic`, hairpin masquerade marks, and kubelet's marker chains in mangle.
+    /// kube-proxy's chain for `default/web:dns` over UDP.
+    static var dnsServiceChain: String {
+        KubeProxyNames.serviceChain(namespace: "default", name: "web", portName: "dns", protocol: "UDP")
+    }
+
+    /// What kube-proxy in iptables mode (and kubelet) install for `default/web` (http over TCP, dns over
+    /// UDP), in the style of a real node: KUBE-SERVICES jumped from nat OUTPUT and PREROUTING, KUBE-SVC
+    /// chains spreading over two KUBE-SEP chains with `statistic`, hairpin masquerade marks, and kubelet's
+    /// marker chains in mangle.
     static func kubeProxyRuleset() -> String {
-        let svc = webServiceChain
-        let seps = ["KUBE-SEP-NODETESTAAAAAAAAA", "KUBE-SEP-NODETESTBBBBBBBBB"]
-        var s = """
+        let ports: [(svc: String, name: String, proto: String, port: Int, target: Int, sep: String)] = [
+            (webServiceChain, "http", "tcp", Net.tcpPort, Net.tcpTarget, "KUBE-SEP-NODETESTHTTP"),
+            (dnsServiceChain, "dns", "udp", Net.udpPort, Net.udpTarget, "KUBE-SEP-NODETESTDNS"),
+        ]
+        var declarations = """
         *mangle
         :KUBE-IPTABLES-HINT - [0:0]
         :KUBE-KUBELET-CANARY - [0:0]
@@ -85,9 +93,9 @@ enum NodeFixtures {
         :KUBE-POSTROUTING - [0:0]
         :KUBE-MARK-MASQ - [0:0]
         :KUBE-NODEPORTS - [0:0]
-        :\(svc) - [0:0]
-        :\(seps[0]) - [0:0]
-        :\(seps[1]) - [0:0]
+
+        """
+        var rules = """
         -I OUTPUT 1 -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
         -I PREROUTING 1 -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
         -I POSTROUTING 1 -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING
@@ -95,17 +103,22 @@ enum NodeFixtures {
         -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
         -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
         -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
-        -A KUBE-SERVICES -d \(Net.clusterIP4)/32 -p tcp -m comment --comment "default/web:http cluster IP" -m tcp --dport \(Net.tcpPort) -j \(svc)
-        -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
-        -A \(svc) -m comment --comment "default/web:http -> \(Net.endpoints4[0]):\(Net.tcpTarget)" -m statistic --mode random --probability 0.50000000000 -j \(seps[0])
-        -A \(svc) -m comment --comment "default/web:http -> \(Net.endpoints4[1]):\(Net.tcpTarget)" -j \(seps[1])
 
         """
-        for (i, sep) in seps.enumerated() {
-            s += "-A \(sep) -s \(Net.endpoints4[i])/32 -m comment --comment \"default/web:http\" -j KUBE-MARK-MASQ\n"
-            s += "-A \(sep) -p tcp -m comment --comment \"default/web:http\" -m tcp -j DNAT --to-destination \(Net.endpoints4[i]):\(Net.tcpTarget)\n"
+        for p in ports {
+            let seps = ["\(p.sep)A", "\(p.sep)B"]
+            declarations += ":\(p.svc) - [0:0]\n:\(seps[0]) - [0:0]\n:\(seps[1]) - [0:0]\n"
+            let c = "default/web:\(p.name)"
+            rules += "-A KUBE-SERVICES -d \(Net.clusterIP4)/32 -p \(p.proto) -m comment --comment \"\(c) cluster IP\" -m \(p.proto) --dport \(p.port) -j \(p.svc)\n"
+            rules += "-A \(p.svc) -m comment --comment \"\(c) -> \(Net.endpoints4[0]):\(p.target)\" -m statistic --mode random --probability 0.50000000000 -j \(seps[0])\n"
+            rules += "-A \(p.svc) -m comment --comment \"\(c) -> \(Net.endpoints4[1]):\(p.target)\" -j \(seps[1])\n"
+            for (i, sep) in seps.enumerated() {
+                rules += "-A \(sep) -s \(Net.endpoints4[i])/32 -m comment --comment \"\(c)\" -j KUBE-MARK-MASQ\n"
+                rules += "-A \(sep) -p \(p.proto) -m comment --comment \"\(c)\" -m \(p.proto) -j DNAT --to-destination \(Net.endpoints4[i]):\(p.target)\n"
+            }
         }
-        return s + "COMMIT\n"
+        rules += "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n"
+        return declarations + rules + "COMMIT\n"
     }
 
     // MARK: reading a namespace's iptables
@@ -116,9 +129,9 @@ enum NodeFixtures {
         return out.split(separator: "\n").filter { !$0.hasPrefix("#") }.joined(separator: "\n")
     }
 
-    /// Every line that belongs to kube-proxy or kubelet.
+    /// Every line that belongs to kube-proxy or kubelet (our own rules that jump to KUBE-SVC chains excluded).
     static func kubeLines(_ save: String) -> [String] {
-        save.split(separator: "\n").map(String.init).filter { $0.contains("KUBE-") }
+        save.split(separator: "\n").map(String.init).filter { $0.contains("KUBE-") && !$0.hasPrefix("-A HOSTNET-DNAT") }
     }
 
     /// Every line that mentions one of our chains.
@@ -139,9 +152,9 @@ enum Variants {
             return .success(try withNamespace("iptprobe") { ns in
                 var ok: [IptablesVariant] = []
                 for v in IptablesVariant.allCases {
-                    let works = ["iptables", "ip6tables"].allSatisfy { prefix in
+                    let works = [("iptables", "192.0.2.9:1"), ("ip6tables", "[2001:db8::9]:1")].allSatisfy { prefix, to in
                         (try? ns.run(["\(prefix)-\(v.rawValue)-restore", "--noflush"],
-                                     input: "*nat\n:HNDPROBE - [0:0]\n-A HNDPROBE -p tcp -m statistic --mode random --probability 0.5 -j DNAT --to-destination 192.0.2.9:1\nCOMMIT\n"))?.succeeded == true
+                                     input: "*nat\n:HNDPROBE - [0:0]\n-A HNDPROBE -p tcp -m statistic --mode random --probability 0.5 -j DNAT --to-destination \(to)\nCOMMIT\n"))?.succeeded == true
                     }
                     if works { ok.append(v) } else { print("iptables variant \(v.rawValue) cannot load nat rules here") }
                 }

@@ -1,0 +1,179 @@
+import Foundation
+import NetAddress
+import NetlinkBackend
+import NodeBackend
+import RulePlanning
+import ServiceResolution
+import Testing
+import TestSupport
+
+/// Every test here builds its own network namespaces (deleted afterwards, even on failure) and never
+/// touches the host's ruleset. Serialized: real traffic with timeouts on a shared 2-core machine.
+@Suite(.serialized) struct NodeKernelTests {
+    static let iptablesTools = ["iptables-nft-restore", "iptables-legacy-restore", "nsenter", "python3"]
+
+    // MARK: iptables backend
+
+    @Test(arguments: IptablesVariant.allCases)
+    func iptablesApplyIsIdempotentReplacesStaleChainsAndRemovesOnlyOurs(variant: IptablesVariant) throws {
+        guard try requireKernelTests(tools: Self.iptablesTools), try Variants.available(variant) else { return }
+        try withNamespace("ipt-idem") { node in
+            // Someone else's chain and jump, which must survive everything.
+            let foreign = "*nat\n:OTHER-CHAIN - [0:0]\n-A OTHER-CHAIN -d 192.0.2.99/32 -j RETURN\n-A OUTPUT -j OTHER-CHAIN\nCOMMIT\n"
+            try NodeFixtures.restore(node, variant, .ipv4, foreign)
+            let foreignBefore = try NodeFixtures.save(node, variant).split(separator: "\n").filter { $0.contains("OTHER-CHAIN") }
+
+            let applier = NodeApplier(context: NodeFixtures.context(node), backend: .iptables, iptablesVariant: variant)
+            let plan = try NodeFixtures.plan()
+            let first = try applier.apply(plan, dryRun: false)
+            #expect(first.changed)
+            #expect(first.summary.contains(variant.displayName))
+            let afterFirst4 = try NodeFixtures.save(node, variant, .ipv4)
+            let afterFirst6 = try NodeFixtures.save(node, variant, .ipv6)
+            let second = try applier.apply(plan, dryRun: false)
+            #expect(!second.changed, "second apply changed: \(second.differences)")
+            #expect(try NodeFixtures.save(node, variant, .ipv4) == afterFirst4)
+            #expect(try NodeFixtures.save(node, variant, .ipv6) == afterFirst6)
+            for save in [afterFirst4, afterFirst6] {
+                let lines = save.split(separator: "\n")
+                #expect(lines.filter { $0 == "-A OUTPUT -j HOSTNET-DNAT" }.count == 1)
+                #expect(lines.filter { $0 == "-A POSTROUTING -j HOSTNET-DNAT-MASQ" }.count == 1)
+                // Target chains for TCP and UDP, one per service port.
+                #expect(lines.filter { $0.hasPrefix(":HNDNAT-") }.count == 2)
+            }
+            #expect(try applier.diff(plan).isEmpty)
+
+            // A changed plan (the TCP port is renamed, so its target chain gets another name).
+            let oldChains = Set(NodeFixtures.ourLines(afterFirst4).filter { $0.hasPrefix(":HNDNAT-") })
+            let changed = try NodeFixtures.plan(tcpPortName: "web")
+            let diff = try applier.diff(changed)
+            #expect(!diff.isEmpty)
+            #expect(diff.contains { $0.contains("remove chain HNDNAT-") })
+            let third = try applier.apply(changed, dryRun: false)
+            #expect(third.changed)
+            let afterChange = try NodeFixtures.save(node, variant)
+            let newChains = Set(NodeFixtures.ourLines(afterChange).filter { $0.hasPrefix(":HNDNAT-") })
+            #expect(newChains.count == 2)
+            #expect(oldChains.intersection(newChains).count == 1, "the UDP chain stays, the TCP chain is replaced")
+            #expect(afterChange.split(separator: "\n").filter { $0 == "-A OUTPUT -j HOSTNET-DNAT" }.count == 1)
+            #expect(try applier.diff(changed).isEmpty)
+
+            // A duplicated jump (e.g. someone loaded the rendered file by hand) is repaired to exactly one.
+            try NodeFixtures.restore(node, variant, .ipv4, "*nat\n-A OUTPUT -j HOSTNET-DNAT\nCOMMIT\n")
+            #expect(try applier.diff(changed).contains { $0.contains("2 times") })
+            #expect(try applier.apply(changed, dryRun: false).changed)
+            #expect(try NodeFixtures.save(node, variant).split(separator: "\n").filter { $0 == "-A OUTPUT -j HOSTNET-DNAT" }.count == 1)
+
+            let status = try applier.status(changed.settings)
+            #expect(status.installed)
+            #expect(status.iptablesVariant == variant)
+            #expect(status.mappings.count == changed.rules.count)
+            #expect(status.mappings.contains { $0.externalIP == Net.external4 && $0.port == Net.tcpPort && $0.destinations.count == 2 })
+
+            #expect(try applier.remove(changed.settings))
+            for family in IPFamily.allCases {
+                let save = try NodeFixtures.save(node, variant, family)
+                #expect(NodeFixtures.ourLines(save).isEmpty, "left behind in \(family): \(NodeFixtures.ourLines(save))")
+            }
+            #expect(try NodeFixtures.save(node, variant).split(separator: "\n").filter { $0.contains("OTHER-CHAIN") } == foreignBefore)
+            #expect(try applier.remove(changed.settings) == false)
+            #expect(try !applier.status(changed.settings).installed)
+        }
+    }
+
+    @Test(arguments: IptablesVariant.allCases)
+    func iptablesTrafficReachesBothEndpointsOverTCPAndUDPForBothFamiliesAndStopsAfterRemove(variant: IptablesVariant) throws {
+        guard try requireKernelTests(tools: Self.iptablesTools), try Variants.available(variant) else { return }
+        try withNodeAndPod("ipt-traffic") { node, _ in
+            let applier = NodeApplier(context: NodeFixtures.context(node), backend: .iptables, iptablesVariant: variant)
+            let plan = try NodeFixtures.plan()
+            // Before: nothing translates the external IPs.
+            #expect(try answers(from: node, .tcp, Net.external4, Net.tcpPort, count: 1, timeout: 1).failures == 1)
+
+            _ = try applier.apply(plan, dryRun: false)
+            for host in [Net.external4, Net.external6] {
+                for (transport, port) in [(TestTransport.tcp, Net.tcpPort), (.udp, Net.udpPort)] {
+                    let r = try answers(from: node, transport, host, port, count: 16)
+                    #expect(r.failures == 0, "\(variant) \(host) \(transport)")
+                    #expect(r.servers == ["ep-a", "ep-b"], "\(variant) \(host) \(transport): spread over both endpoints")
+                }
+            }
+            #expect(try applier.remove(plan.settings))
+            for host in [Net.external4, Net.external6] {
+                for (transport, port) in [(TestTransport.tcp, Net.tcpPort), (.udp, Net.udpPort)] {
+                    let r = try answers(from: node, transport, host, port, count: 2, timeout: 1)
+                    #expect(r.failures == 2, "\(variant) \(host) \(transport) still answered after remove")
+                }
+            }
+        }
+    }
+
+    @Test(arguments: IptablesVariant.allCases)
+    func dryRunTouchesNothingAndDiffTracksChanges(variant: IptablesVariant) throws {
+        guard try requireKernelTests(tools: Self.iptablesTools), try Variants.available(variant) else { return }
+        try withNamespace("ipt-dry") { node in
+            let applier = NodeApplier(context: NodeFixtures.context(node), backend: .iptables, iptablesVariant: variant)
+            let plan = try NodeFixtures.plan()
+            let before = try (IPFamily.allCases.map { try NodeFixtures.save(node, variant, $0) })
+            let dry = try applier.apply(plan, dryRun: true)
+            #expect(dry.changed && !dry.differences.isEmpty)
+            #expect(dry.summary.contains("would change"))
+            // Not even the nat table was created (iptables-legacy creates tables when they are named).
+            #expect(try (IPFamily.allCases.map { try NodeFixtures.save(node, variant, $0) }) == before)
+            #expect(try applier.diff(plan) == dry.differences)
+
+            _ = try applier.apply(plan, dryRun: false)
+            #expect(try applier.diff(plan).isEmpty)
+            let applied = try NodeFixtures.save(node, variant)
+            let changed = try NodeFixtures.plan(endpoints4: [Net.endpoints4[0]])
+            let diff = try applier.diff(changed)
+            #expect(!diff.isEmpty)
+            #expect(try applier.apply(changed, dryRun: true).differences == diff)
+            #expect(try NodeFixtures.save(node, variant) == applied, "dry-run changed the rules")
+            #expect(try applier.remove(plan.settings))
+        }
+    }
+
+    @Test(arguments: IptablesVariant.allCases)
+    func priorityBelowMinus100InsertsBeforeKubeProxy(variant: IptablesVariant) throws {
+        guard try requireKernelTests(tools: Self.iptablesTools), try Variants.available(variant) else { return }
+        try withNamespace("ipt-prio") { node in
+            try NodeFixtures.restore(node, variant, .ipv4, NodeFixtures.kubeProxyRuleset())
+            let applier = NodeApplier(context: NodeFixtures.context(node), backend: .iptables, iptablesVariant: variant)
+            let before = try NodeFixtures.plan(settings: PlanSettings(priority: -101), families: [.ipv4])
+            _ = try applier.apply(before, dryRun: false)
+            var output = try NodeFixtures.save(node, variant).split(separator: "\n").filter { $0.hasPrefix("-A OUTPUT ") }
+            #expect(output.first == "-A OUTPUT -j HOSTNET-DNAT")
+            // Back to after kube-proxy: the jump moves, still exactly once.
+            let after = try NodeFixtures.plan(families: [.ipv4])
+            #expect(try applier.diff(after).contains { $0.contains("move jump") })
+            _ = try applier.apply(after, dryRun: false)
+            output = try NodeFixtures.save(node, variant).split(separator: "\n").filter { $0.hasPrefix("-A OUTPUT ") }
+            #expect(output.count == 2 && output.last == "-A OUTPUT -j HOSTNET-DNAT" && output.first!.contains("KUBE-SERVICES"))
+        }
+    }
+
+    @Test(arguments: IptablesVariant.allCases)
+    func kubeProxyTargetWithoutKubeProxyChainIsAClearError(variant: IptablesVariant) throws {
+        guard try requireKernelTests(tools: Self.iptablesTools), try Variants.available(variant) else { return }
+        try withNamespace("ipt-nokp") { node in
+            let applier = NodeApplier(context: NodeFixtures.context(node), backend: .iptables, iptablesVariant: variant)
+            let plan = try NodeFixtures.plan(strategy: .kubeProxy, families: [.ipv4])
+            let error = #expect(throws: NodeError.self) { try applier.apply(plan, dryRun: false) }
+            #expect(error?.exitCode == 1)
+            #expect(error?.description.contains(NodeFixtures.webServiceChain) == true, "\(error?.description ?? "")")
+            #expect(error?.description.contains("does not exist") == true)
+            #expect(NodeFixtures.ourLines(try NodeFixtures.save(node, variant)).isEmpty)
+        }
+    }
+
+    @Test func missingNamespaceAndMissingPermissionAreReported() throws {
+        guard try requireKernelTests(tools: Self.iptablesTools) else { return }
+        let nowhere = NodeContext(netns: NetworkNamespace(path: "/run/netns/hnd-does-not-exist-\(getpid())"))
+        let e = #expect(throws: NodeError.self) {
+            try NodeApplier(context: nowhere, backend: .iptables, iptablesVariant: .nft).status(PlanSettings())
+        }
+        #expect(e?.description.contains("hnd-does-not-exist") == true, "\(e?.description ?? "")")
+
+    }
+}
