@@ -157,13 +157,17 @@ struct IptablesBackend: Sendable {
         return out
     }
 
+    /// Rules only in the kernel (`-`) and only in the plan (`+`), as multisets: linear for big chains.
     private func lineDiff(prefix: String, have: [String], want: [String]) -> [String] {
-        var remaining = want
+        var count: [String: Int] = [:]
+        for w in want { count[w, default: 0] += 1 }
         var removed: [String] = []
         for h in have {
-            if let i = remaining.firstIndex(of: h) { remaining.remove(at: i) } else { removed.append(h) }
+            if let c = count[h], c > 0 { count[h] = c - 1 } else { removed.append(h) }
         }
-        var out = removed.map { "\(prefix): - \($0)" } + remaining.map { "\(prefix): + \($0)" }
+        var added: [String] = []
+        for w in want where (count[w] ?? 0) > 0 { added.append(w); count[w]! -= 1 }
+        var out = removed.map { "\(prefix): - \($0)" } + added.map { "\(prefix): + \($0)" }
         if out.isEmpty { out.append("\(prefix): same rules in a different order") }
         return out
     }

@@ -121,6 +121,8 @@ enum RuleNormalizer {
             var token = t
             if previous == "--probability", let p = Double(t) {
                 token = formatProbability(p)
+            } else if !looksLikeAddress(t) {
+                // Most tokens are flags and names: skip the address parser.
             } else if let slash = t.lastIndex(of: "/") {
                 let suffix = t[t.index(after: slash)...]
                 let address = t[..<slash]
@@ -134,6 +136,13 @@ enum RuleNormalizer {
             previous = t
         }
         return out.joined(separator: " ")
+    }
+
+    /// Starts like an address (hex digit or ':') and has '.' or ':' in it.
+    private static func looksLikeAddress(_ t: String) -> Bool {
+        guard let f = t.utf8.first else { return false }
+        let hex = (f >= 0x30 && f <= 0x39) || (f >= 0x61 && f <= 0x66) || (f >= 0x41 && f <= 0x46) || f == 0x3a
+        return hex && t.utf8.contains { $0 == 0x2e || $0 == 0x3a }
     }
 
     static func normalize(_ rule: SavedRuleset.Rule) -> String { normalize(rule.tokens) }

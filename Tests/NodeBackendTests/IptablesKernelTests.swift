@@ -1,4 +1,5 @@
 import Foundation
+import KubeObjects
 import NetAddress
 import NetlinkBackend
 import NodeBackend
@@ -175,5 +176,99 @@ import TestSupport
         }
         #expect(e?.description.contains("hnd-does-not-exist") == true, "\(e?.description ?? "")")
 
+    }
+}
+
+extension NodeKernelTests {
+    @Test(arguments: IptablesVariant.allCases)
+    func turningMasqueradeOffRemovesItsChainAndJump(variant: IptablesVariant) throws {
+        guard try requireKernelTests(tools: Self.iptablesTools), try Variants.available(variant) else { return }
+        try withNamespace("ipt-masq") { node in
+            let applier = NodeApplier(context: NodeFixtures.context(node), backend: .iptables, iptablesVariant: variant)
+            _ = try applier.apply(try NodeFixtures.plan(), dryRun: false)
+            #expect(try NodeFixtures.save(node, variant).contains("-A POSTROUTING -j HOSTNET-DNAT-MASQ"))
+            let off = try NodeFixtures.plan(settings: PlanSettings(masquerade: false))
+            #expect(try applier.diff(off).contains { $0.contains("HOSTNET-DNAT-MASQ") })
+            _ = try applier.apply(off, dryRun: false)
+            for family in IPFamily.allCases {
+                let save = try NodeFixtures.save(node, variant, family)
+                #expect(!save.contains("HOSTNET-DNAT-MASQ"), "\(family)")
+                #expect(save.contains("-A OUTPUT -j HOSTNET-DNAT"))
+            }
+            #expect(try applier.diff(off).isEmpty)
+            // An IPv4-only plan takes our IPv6 chains out entirely.
+            _ = try applier.apply(try NodeFixtures.plan(settings: PlanSettings(masquerade: false), families: [.ipv4]), dryRun: false)
+            #expect(NodeFixtures.ourLines(try NodeFixtures.save(node, variant, .ipv6)).isEmpty)
+            #expect(!NodeFixtures.ourLines(try NodeFixtures.save(node, variant, .ipv4)).isEmpty)
+            #expect(try applier.remove(off.settings))
+        }
+    }
+
+    /// Two applies at once (different plans, from two threads): both finish, and the kernel then holds
+    /// exactly one of the two plans, never a mix.
+    @Test(arguments: IptablesVariant.allCases)
+    func concurrentAppliesEndInOnePlan(variant: IptablesVariant) throws {
+        guard try requireKernelTests(tools: Self.iptablesTools), try Variants.available(variant) else { return }
+        try withNamespace("ipt-race") { node in
+            let applier = NodeApplier(context: NodeFixtures.context(node), backend: .iptables, iptablesVariant: variant)
+            let plans = [try NodeFixtures.plan(), try NodeFixtures.plan(tcpPortName: "web", endpoints4: [Net.endpoints4[0]])]
+            for round in 0..<3 {
+                final class Errors: @unchecked Sendable { var list: [String] = []; let lock = NSLock() }
+                let errors = Errors()
+                DispatchQueue.concurrentPerform(iterations: 2) { i in
+                    do { _ = try applier.apply(plans[(i + round) % 2], dryRun: false) } catch {
+                        errors.lock.lock(); errors.list.append("\(error)"); errors.lock.unlock()
+                    }
+                }
+                #expect(errors.list.isEmpty, "\(errors.list)")
+                let matches = try plans.filter { try applier.diff($0).isEmpty }.count
+                #expect(matches == 1, "round \(round): the kernel holds \(matches) of the two plans")
+                let save = try NodeFixtures.save(node, variant)
+                #expect(save.split(separator: "\n").filter { $0 == "-A OUTPUT -j HOSTNET-DNAT" }.count == 1)
+            }
+            #expect(try applier.remove(plans[0].settings))
+        }
+    }
+}
+
+extension NodeKernelTests {
+    /// Many mappings: one restore per family, apply twice = once, remove; prints timings. Size from
+    /// HNDNAT_NODE_SCALE (default 2000 service ports, i.e. 2000 target chains and 4000 DNAT rules).
+    @Test(arguments: IptablesVariant.allCases)
+    func largePlanAppliesReappliesAndRemoves(variant: IptablesVariant) throws {
+        guard try requireKernelTests(tools: Self.iptablesTools), try Variants.available(variant) else { return }
+        let n = Int(ProcessInfo.processInfo.environment["HNDNAT_NODE_SCALE"] ?? "") ?? 2000
+        var objects = ClusterObjects()
+        for i in 0..<n {
+            let id = ObjectName(namespace: "scale", name: "svc\(i)")
+            objects.services.append(Service(id: id, type: "LoadBalancer",
+                                            ports: [ServicePort(name: "p", protocol: .tcp, port: 1000 + i / 250)],
+                                            loadBalancerIngress: [LoadBalancerIngress(ip: IPAddress("203.0.113.\(i % 250 + 1)"))]))
+            objects.endpointSlices.append(EndpointSlice(
+                id: ObjectName(namespace: "scale", name: "svc\(i)-1"), serviceName: "svc\(i)", addressType: "IPv4",
+                ports: [EndpointPort(name: "p", port: 8080)],
+                endpoints: [Endpoint(addresses: [IPAddress("198.51.100.\(i % 200 + 1)")!]),
+                            Endpoint(addresses: [IPAddress("198.51.100.\((i + 1) % 200 + 1)")!])]))
+        }
+        let resolution = ServiceResolver(options: ResolutionOptions(target: .endpoints)).resolve(objects)
+        let plan = try Planner().plan(resolution, strategy: .endpoints)
+        #expect(plan.rules.count == n)
+        try withNamespace("ipt-scale") { node in
+            let applier = NodeApplier(context: NodeFixtures.context(node), backend: .iptables, iptablesVariant: variant)
+            func timed<T>(_ body: () throws -> T) rethrows -> (T, Double) {
+                let start = Date(); let r = try body(); return (r, Date().timeIntervalSince(start))
+            }
+            let (first, t1) = try timed { try applier.apply(plan, dryRun: false) }
+            #expect(first.changed)
+            let (second, t2) = try timed { try applier.apply(plan, dryRun: false) }
+            #expect(!second.changed)
+            let (diff, t3) = try timed { try applier.diff(plan) }
+            #expect(diff.isEmpty)
+            let (removed, t4) = try timed { try applier.remove(plan.settings) }
+            #expect(removed)
+            #expect(NodeFixtures.ourLines(try NodeFixtures.save(node, variant)).isEmpty)
+            func ms(_ t: Double) -> String { "\(Int((t * 1000).rounded())) ms" }
+            print("iptables-\(variant.rawValue), \(n) mappings: apply \(ms(t1)), re-apply (no change) \(ms(t2)), diff \(ms(t3)), remove \(ms(t4))")
+        }
     }
 }
