@@ -126,6 +126,7 @@ struct NetlinkBatch {
 struct NetlinkSession {
     let socket: NetlinkSocket
     private var nextSequence = UInt32.random(in: 1..<0x4000_0000)
+    private var encoder = NftEncoder()
 
     init(socket: NetlinkSocket) { self.socket = socket }
 
@@ -142,9 +143,8 @@ struct NetlinkSession {
                           set: String? = nil) throws -> Reply {
         let seq = nextSequence
         nextSequence &+= 1
-        var enc = NftEncoder()
         var bytes: [UInt8] = []
-        enc.request(type: type, family: family?.rawValue ?? 0, flags: dump ? NftMessageType.flagDump : 0, seq: seq,
+        encoder.request(type: type, family: family?.rawValue ?? 0, flags: dump ? NftMessageType.flagDump : 0, seq: seq,
                     table: table, chain: chain, set: set, into: &bytes)
         try socket.send(bytes, what: "sending a netlink request")
         var out: [([UInt8], NetlinkHeader)] = []

@@ -28,6 +28,7 @@ public struct NftablesNetlink: Sendable {
     /// Replaces `table inet <plan.settings.table>` with the plan in ONE batch: create table (so the delete
     /// cannot fail), delete table, then the whole table as docs/ruleset.md describes it. The kernel commits
     /// all of it or nothing: on error the previous ruleset is untouched and the error names the operation.
+    @discardableResult
     public func apply(_ plan: RulePlan) throws(NetlinkError) -> ApplyReport {
         let start = Date()
         let ops = try RulesetProgram.operations(plan)

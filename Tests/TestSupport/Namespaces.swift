@@ -17,11 +17,21 @@ public struct TestNamespace: Sendable, Hashable, CustomStringConvertible {
     public var path: String { "/run/netns/\(name)" }
     public var description: String { name }
 
-    /// `ip netns exec <name> <command…>`.
-    public func run(_ command: [String], input: String? = nil, timeout: Double = 60) throws -> ProcessResult {
+    /// The command line that runs `command` inside the namespace: `nsenter --net=<path> -- …`, which execs the
+    /// command itself (so signals reach it), or `ip netns exec <name> …` when nsenter is missing.
+    public func wrap(_ command: [String]) throws -> (String, [String]) {
         guard let first = command.first else { throw TestSupportError("empty command") }
         let exe = try Tools.require(first)
-        return try Tools.run("ip", ["netns", "exec", name, exe] + command.dropFirst(), input: input, timeout: timeout)
+        if Tools.locate("nsenter") != nil {
+            return ("nsenter", ["--net=\(path)", "--", exe] + command.dropFirst())
+        }
+        return ("ip", ["netns", "exec", name, exe] + command.dropFirst())
+    }
+
+    /// Runs `command` inside the namespace.
+    public func run(_ command: [String], input: String? = nil, timeout: Double = 60) throws -> ProcessResult {
+        let (exe, args) = try wrap(command)
+        return try Tools.run(exe, args, input: input, timeout: timeout)
     }
 
     /// `run`, throwing unless the command succeeded.
@@ -54,9 +64,8 @@ public struct TestNamespace: Sendable, Hashable, CustomStringConvertible {
 
     /// A long-running command inside the namespace.
     public func spawn(_ command: [String], readyMarker: String? = nil) throws -> BackgroundProcess {
-        guard let first = command.first else { throw TestSupportError("empty command") }
-        return try BackgroundProcess("ip", ["netns", "exec", name, try Tools.require(first)] + command.dropFirst(),
-                                     readyMarker: readyMarker)
+        let (exe, args) = try wrap(command)
+        return try BackgroundProcess(exe, args, readyMarker: readyMarker)
     }
 
     /// Kills whatever still runs in the namespace and deletes it.

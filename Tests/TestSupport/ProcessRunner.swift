@@ -82,11 +82,8 @@ public enum Tools {
         var timedOut = false
         if finished.wait(timeout: .now() + timeout) == .timedOut {
             timedOut = true
-            p.terminate()
-            if finished.wait(timeout: .now() + 2) == .timedOut {
-                kill(p.processIdentifier, SIGKILL)
-                finished.wait()
-            }
+            kill(p.processIdentifier, SIGKILL)
+            finished.wait()
         }
         group.wait()
         return ProcessResult(command: [path] + arguments, status: p.terminationStatus,
@@ -146,18 +143,15 @@ public final class BackgroundProcess: @unchecked Sendable {
 
     public var isRunning: Bool { process.isRunning }
 
-    /// SIGTERM, then SIGKILL after a second; waits for the exit. Idempotent.
+    /// SIGKILL (children may inherit a blocked SIGTERM from the test runner's threads), then waits for the
+    /// exit. Idempotent.
     public func stop() {
         lock.lock()
         defer { lock.unlock() }
         if stopped { return }
         stopped = true
         guard process.isRunning else { return }
-        let pid = process.processIdentifier
-        process.terminate()
-        let deadline = Date().addingTimeInterval(1)
-        while process.isRunning && Date() < deadline { usleep(10_000) }
-        if process.isRunning { kill(pid, SIGKILL) }
+        kill(process.processIdentifier, SIGKILL)
         process.waitUntilExit()
     }
 
