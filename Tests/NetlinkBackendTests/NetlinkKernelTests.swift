@@ -196,6 +196,27 @@ struct NetlinkKernelTests {
         }
     }
 
+    @Test("a rule error is mapped back to the failing expression through the extended ack offset")
+    func expressionErrorMapping() throws {
+        guard try requireKernelTests() else { return }
+        let plan = try Fixtures.samplePlan(table: Self.table)
+        var ops = try RulesetProgram.operations(plan)
+        // The IPv6 dispatch rule looks up a map that does not exist.
+        let i = try #require(ops.firstIndex { $0.description.hasSuffix("vmap @dispatch6") })
+        guard case .newRule(var rule) = ops[i].kind else { return }
+        rule.expressions[5] = .lookup(set: "nosuch", setID: nil, sreg: Nft.reg1, dreg: Nft.regVerdict, flags: nil)
+        ops[i].kind = .newRule(rule)
+        ops[i].expressionDescriptions = rule.expressions.map(\.description)
+        try withNamespace("exprerr") { ns in
+            let session = try NetlinkSession.open(in: ns.netns)
+            if let error = netlinkError({ try NetlinkBatch(ops).commit(on: session.socket) }) {
+                #expect(error.errno == 2)  // ENOENT
+                #expect(error.operation == ops[i].description + " (expression 6: lookup reg 1 set nosuch dreg 0)", "\(error)")
+            }
+            #expect(try ns.ruleset().isEmpty)
+        }
+    }
+
     @Test("applying twice equals applying once; remove leaves nothing; other tables stay byte-identical")
     func idempotenceAndIsolation() throws {
         guard try requireKernelTests(tools: ["nft"]) else { return }
