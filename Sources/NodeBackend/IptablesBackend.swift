@@ -280,9 +280,10 @@ struct IptablesBackend: Sendable {
         let count = changes.reduce(0) { $0 + $1.2.count }
         let verb = dryRun ? "would change" : "changed"
         let state = count == 0 ? "already up to date" : "\(verb) \(count) thing(s)"
-        let order = s.runsBeforeKubeProxy ? "inserted before" : "appended after"
+        let order = s.runsBeforeKubeProxy ? "first in nat OUTPUT (before kube-proxy's jump)"
+                                           : "last in nat OUTPUT (after kube-proxy's jump, if any)"
         return "\(variant.displayName) (\(variantReason)) in \(context.place): \(parts.joined(separator: "; ")); "
-            + "OUTPUT -> \(s.chain) \(order) kube-proxy's jump; \(state)"
+            + "jump to \(s.chain) \(order); \(state)"
     }
 
     func diff(_ plan: RulePlan) throws(NodeError) -> [String] {

@@ -27,7 +27,7 @@ struct NamespacedCommand: Sendable {
         if context.netns != nil && out.status != 0 && out.stderr.contains("nsenter:") {
             let msg = out.stderr.trimmed
             if msg.contains("Operation not permitted") || msg.contains("Permission denied") {
-                throw .noPermission("entering \(context.place) (\(msg))", capability: "CAP_SYS_ADMIN")
+                throw .noPermissionToEnter("entering \(context.place)", detail: msg)
             }
             if msg.contains("No such file") || msg.contains("Invalid argument") {
                 throw .refused("\(context.place) cannot be entered: \(msg)")

@@ -56,7 +56,15 @@ public struct NodeError: Error, CustomStringConvertible, Sendable, Equatable {
     /// Names the capability, because "Operation not permitted" alone sends people the wrong way.
     static func noPermission(_ what: String, capability: String = "CAP_NET_ADMIN") -> NodeError {
         NodeError(exitCode: noPermissionCode,
-                  description: "\(what): permission denied; this needs \(capability) in the target network namespace (run as root, or grant \(capability))")
+                  description: "\(what): permission denied; this needs \(capability) in the target network namespace "
+                    + "(run as root, or grant \(capability))")
+    }
+
+    /// Entering another namespace (setns) needs CAP_SYS_ADMIN on top of CAP_NET_ADMIN.
+    static func noPermissionToEnter(_ what: String, detail: String? = nil) -> NodeError {
+        NodeError(exitCode: noPermissionCode,
+                  description: "\(what): permission denied\(detail.map { " (\($0))" } ?? ""); entering another network namespace "
+                    + "needs CAP_SYS_ADMIN, and changing netfilter there needs CAP_NET_ADMIN (run as root, or grant both)")
     }
 
     static func unavailable(_ what: String) -> NodeError {
@@ -97,7 +105,7 @@ enum Capabilities {
     static func require(for action: String, context: NodeContext) throws(NodeError) {
         if !has(netAdmin) { throw .noPermission(action, capability: "CAP_NET_ADMIN") }
         if context.netns != nil && !has(sysAdmin) {
-            throw .noPermission("\(action) in \(context.place)", capability: "CAP_SYS_ADMIN (to enter the namespace) and CAP_NET_ADMIN")
+            throw .noPermissionToEnter("\(action) in \(context.place)")
         }
     }
 }

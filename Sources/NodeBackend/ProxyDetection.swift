@@ -145,6 +145,7 @@ public struct ProxyDetection: Sendable {
         do {
             return try ns.run { if_nametoindex(name) != 0 }
         } catch let e as NetlinkError {
+            if e.kind == .permissionDenied { throw .noPermissionToEnter("entering \(context.place)", detail: e.message) }
             throw NodeError(netlink: e, action: "entering \(context.place)")
         } catch {
             throw .refused("entering \(context.place): \(error)")

@@ -168,14 +168,17 @@ import TestSupport
         }
     }
 
-    @Test func missingNamespaceAndMissingPermissionAreReported() throws {
+    @Test func aMissingNamespaceIsNamedInTheError() throws {
         guard try requireKernelTests(tools: Self.iptablesTools) else { return }
         let nowhere = NodeContext(netns: NetworkNamespace(path: "/run/netns/hnd-does-not-exist-\(getpid())"))
         let e = #expect(throws: NodeError.self) {
             try NodeApplier(context: nowhere, backend: .iptables, iptablesVariant: .nft).status(PlanSettings())
         }
         #expect(e?.description.contains("hnd-does-not-exist") == true, "\(e?.description ?? "")")
-
+        let d = #expect(throws: NodeError.self) { try ProxyDetection.detect(in: nowhere) }
+        #expect(d?.description.contains("hnd-does-not-exist") == true, "\(d?.description ?? "")")
+        let n = #expect(throws: NodeError.self) { try NodeApplier(context: nowhere, backend: .nftables).status(PlanSettings()) }
+        #expect(n?.description.contains("hnd-does-not-exist") == true, "\(n?.description ?? "")")
     }
 }
 
