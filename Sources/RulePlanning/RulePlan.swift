@@ -93,6 +93,36 @@ public struct RulePlan: Sendable {
 
     public func rules(_ family: IPFamily) -> [PlannedRule] { rules.filter { $0.mapping.family == family } }
     public func targetChains(_ family: IPFamily) -> [TargetChain] { targetChains.filter { $0.family == family } }
+
+    /// The nftables "pick" chains this plan needs: one per family, protocol and number of destinations,
+    /// sorted by family, protocol number and count (see docs/ruleset.md). Empty for kube-proxy targets.
+    public var nftPickChains: [NftPickChain] {
+        var seen = Set<NftPickChain>()
+        for r in rules {
+            let n = r.mapping.target.destinations.count
+            if n > 0 { seen.insert(NftPickChain(family: r.mapping.family, protocol: r.mapping.protocol, count: n)) }
+        }
+        return seen.sorted()
+    }
+}
+
+/// A shared nft chain that picks one of `count` destinations at random for connections of one family and
+/// protocol: `dnat … to daddr . l4proto . dport . numgen random mod count map @endpoints<f>`.
+public struct NftPickChain: Sendable, Hashable, Comparable {
+    public let family: IPFamily
+    public let `protocol`: TransportProtocol
+    public let count: Int
+
+    public init(family: IPFamily, protocol: TransportProtocol, count: Int) {
+        self.family = family; self.protocol = `protocol`; self.count = count
+    }
+
+    /// `pick4-tcp-3`.
+    public var name: String { "pick\(family == .ipv4 ? "4" : "6")-\(`protocol`.lowercased)-\(count)" }
+
+    public static func < (a: NftPickChain, b: NftPickChain) -> Bool {
+        (a.family, a.protocol, a.count) < (b.family, b.protocol, b.count)
+    }
 }
 
 public enum PlanningError: Error, Sendable, Equatable, CustomStringConvertible {

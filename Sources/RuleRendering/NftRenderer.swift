@@ -23,34 +23,40 @@ public enum NftRenderer {
         }
         let table = plan.settings.table
         var out = ""
-        out.reserveCapacity(256 + plan.rules.count * 160)
+        out.reserveCapacity(512 + plan.rules.count * 200)
         out += "#!/usr/sbin/nft -f\n"
-        out += "# hostnet-dnat: \(plan.rules.count) mapping(s) in \(plan.targetChains.count) target chain(s), target \(plan.strategy.rawValue).\n"
+        out += "# hostnet-dnat: \(plan.rules.count) mapping(s), target \(plan.strategy.rawValue).\n"
         out += "# `nft -f` of this file replaces table inet \(table) atomically and touches no other table.\n"
         out += "table inet \(table) {}\n"
         out += "delete table inet \(table)\n"
         out += "table inet \(table) {\n"
         for family in IPFamily.allCases {
-            let d = family == .ipv4 ? "4" : "6"
-            out += "\tmap dispatch\(d) {\n"
-            out += "\t\ttype \(family == .ipv4 ? "ipv4_addr" : "ipv6_addr") . inet_proto . inet_service : verdict\n"
-            let rules = plan.rules(family)
-            if !rules.isEmpty {
-                out += "\t\telements = {\n"
-                for (i, r) in rules.enumerated() {
-                    let m = r.mapping
-                    out += "\t\t\t\(m.externalIP) . \(m.protocol.lowercased) . \(m.port) : goto \(plan.targetChains[r.targetIndex].nftName)"
-                    out += i == rules.count - 1 ? "\n" : ",\n"
+            out += "\tmap dispatch\(digit(family)) {\n"
+            out += "\t\ttype \(addressType(family)) . inet_proto . inet_service : verdict\n"
+            elements(plan.rules(family), into: &out) { r in
+                let m = r.mapping
+                let pick = NftPickChain(family: family, protocol: m.protocol, count: m.target.destinations.count)
+                return ["\(m.externalIP) . \(m.protocol.lowercased) . \(m.port) comment \"\(plan.targetChains[r.targetIndex].comment)\" : goto \(pick.name)"]
+            }
+            out += "\t}\n"
+        }
+        out += "\t# Key: external address . protocol . port . endpoint slot; the modulus in typeof is only a type template.\n"
+        for family in IPFamily.allCases {
+            let fam = family.nftKeyword
+            out += "\tmap endpoints\(digit(family)) {\n"
+            out += "\t\ttypeof \(fam) daddr . meta l4proto . th dport . numgen random mod 1 : \(fam) daddr . th dport\n"
+            elements(plan.rules(family), into: &out) { r in
+                let m = r.mapping
+                return m.target.destinations.enumerated().map { slot, d in
+                    "\(m.externalIP) . \(m.protocol.lowercased) . \(m.port) . \(slot) : \(d.ip) . \(d.port)"
                 }
-                out += "\t\t}\n"
             }
             out += "\t}\n"
         }
         if plan.settings.masquerade {
             for family in IPFamily.allCases {
-                let d = family == .ipv4 ? "4" : "6"
-                out += "\tset masquerade\(d) {\n"
-                out += "\t\ttype \(family == .ipv4 ? "ipv4_addr" : "ipv6_addr")\n"
+                out += "\tset masquerade\(digit(family)) {\n"
+                out += "\t\ttype \(addressType(family))\n"
                 let addresses = plan.externalAddresses(family)
                 if !addresses.isEmpty {
                     out += "\t\telements = { \(addresses.map(\.description).joined(separator: ", ")) }\n"
@@ -70,27 +76,30 @@ public enum NftRenderer {
             out += "\t\tct status dnat ct original ip6 daddr @masquerade6 masquerade\n"
             out += "\t}\n"
         }
-        for chain in plan.targetChains {
-            out += "\tchain \(chain.nftName) {\n"
-            out += "\t\t\(targetRule(chain))\n"
+        for pick in plan.nftPickChains {
+            let fam = pick.family.nftKeyword
+            out += "\tchain \(pick.name) {\n"
+            out += "\t\tmeta l4proto \(pick.protocol.lowercased) dnat \(fam) to \(fam) daddr . meta l4proto . th dport"
+            out += " . numgen random mod \(pick.count) map @endpoints\(digit(pick.family))\n"
             out += "\t}\n"
         }
         out += "}\n"
         return out
     }
 
-    /// The single rule of a target chain, as nft lists it.
-    public static func targetRule(_ chain: TargetChain) -> String {
-        let fam = chain.family.nftKeyword
-        let destinations = chain.target.destinations
-        var rule = "meta l4proto \(chain.protocol.lowercased) dnat \(fam) to "
-        if destinations.count == 1 {
-            rule += destinations[0].description
-        } else {
-            let entries = destinations.enumerated().map { "\($0) : \($1.ip) . \($1.port)" }
-            rule += "numgen random mod \(destinations.count) map { \(entries.joined(separator: ", ")) }"
+    private static func digit(_ f: IPFamily) -> String { f == .ipv4 ? "4" : "6" }
+    private static func addressType(_ f: IPFamily) -> String { f == .ipv4 ? "ipv4_addr" : "ipv6_addr" }
+
+    /// An `elements = { … }` block, one element a line, or nothing when there are none.
+    private static func elements(_ rules: [PlannedRule], into out: inout String, _ lines: (PlannedRule) -> [String]) {
+        var first = true
+        for r in rules {
+            for line in lines(r) {
+                out += first ? "\t\telements = {\n\t\t\t" : ",\n\t\t\t"
+                out += line
+                first = false
+            }
         }
-        rule += " comment \"\(chain.comment)\""
-        return rule
+        if !first { out += "\n\t\t}\n" }
     }
 }
