@@ -39,7 +39,6 @@ public enum JSONRenderer {
                     if case .kubeProxyChain(let name) = m.target {
                         w.key("chain"); w.string(name)
                     } else {
-                        w.key("nftChain"); w.string(chain.nftName)
                         w.key("iptablesChain"); w.string(chain.iptablesName)
                     }
                 }
