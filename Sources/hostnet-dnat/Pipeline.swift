@@ -63,7 +63,11 @@ enum Pipeline {
 
     static func plan(objects: ClusterObjects, resolution options: ResolutionOptions, settings: PlanSettings,
                      requested: TargetStrategy) throws(CLIError) -> RulePlan {
-        let resolution = ServiceResolver(options: options).resolve(objects)
+        var resolution = ServiceResolver(options: options).resolve(objects)
+        if !objects.ignoredKinds.isEmpty {
+            let kinds = objects.ignoredKinds.sorted { $0.key < $1.key }.map { "\($0.key) (\($0.value))" }.joined(separator: ", ")
+            resolution.warnings.append("ignored \(objects.ignoredKinds.values.reduce(0, +)) object(s) of other kinds: \(kinds)")
+        }
         do {
             return try Planner(settings: settings).plan(resolution, strategy: requested)
         } catch {

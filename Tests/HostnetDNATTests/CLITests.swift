@@ -85,6 +85,27 @@ struct CLI {
         #expect(!FileManager.default.fileExists(atPath: bad))
     }
 
+    @Test func otherKindsAreIgnoredAndCounted() throws {
+        let doc = """
+        apiVersion: v1
+        kind: ConfigMap
+        metadata: {name: a, namespace: b}
+        ---
+        apiVersion: apps/v1
+        kind: Deployment
+        metadata: {name: a, namespace: b}
+        ---
+        apiVersion: v1
+        kind: ConfigMap
+        metadata: {name: c, namespace: b}
+        """
+        let r = try CLI.run(["render", "-f", "-"], stdin: doc)
+        #expect(r.status == 0)
+        #expect(r.stderr.contains("ignored 3 object(s) of other kinds: ConfigMap (2), Deployment (1)"))
+        let j = try CLI.run(["render", "-f", "-", "--format", "json"], stdin: doc)
+        #expect(j.stdout.contains("ignored 3 object(s)"))
+    }
+
     @Test func helpShowsExamples() throws {
         let r = try CLI.run(["render", "--help"])
         #expect(r.status == 0)
@@ -176,6 +197,6 @@ struct CLI {
         let r = try CLI.run(["render", "-f", "-"], stdin: doc)
         #expect(r.status == 0)
         #expect(r.stderr.contains("one DNAT per connection"))
-        #expect(r.stdout.contains("dnat ip to 198.18.0.1:443"))
+        #expect(r.stdout.contains("203.0.113.5 . tcp . 443 . 0 : 198.18.0.1 . 443"))
     }
 }
