@@ -190,13 +190,36 @@ func withNodeAndPod<T>(_ label: String, _ body: (_ node: TestNamespace, _ pod: T
             specs.append((pod, .tcp, address, Net.tcpTarget, name))
             specs.append((pod, .udp, address, Net.udpTarget, name))
         }
-        return try withEchoServers(specs) { _ in try body(node, pod) }
+        // Started one by one with a retry: on a loaded machine a Python server can miss its ready timeout.
+        var servers: [EchoServer] = []
+        defer { for server in servers { server.stop() } }
+        for spec in specs {
+            servers.append(try retryingInfrastructure {
+                try EchoServer(in: spec.namespace, spec.transport, address: spec.address, port: spec.port, name: spec.name)
+            })
+        }
+        return try body(node, pod)
     }
+}
+
+/// Retries a test helper that failed as a process (slow start, killed client), never a network outcome:
+/// refused or timed-out exchanges are results, not errors.
+func retryingInfrastructure<T>(attempts: Int = 3, _ body: () throws -> T) throws -> T {
+    var last: (any Error)?
+    for attempt in 1...attempts {
+        do { return try body() } catch {
+            last = error
+            print("test helper failed (attempt \(attempt) of \(attempts)): \(String(describing: error).prefix(300))")
+        }
+    }
+    throw last!
 }
 
 /// The servers that answered `count` fresh connections to `host:port`, and how many exchanges failed.
 func answers(from node: TestNamespace, _ transport: TestTransport, _ host: String, _ port: Int,
              count: Int = 16, timeout: Double = 2) throws -> (servers: Set<String>, failures: Int) {
-    let replies = try exchange(from: node, transport, host: host, port: port, count: count, timeout: timeout)
+    let replies = try retryingInfrastructure(attempts: 2) {
+        try exchange(from: node, transport, host: host, port: port, count: count, timeout: timeout)
+    }
     return (Set(replies.compactMap(\.server)), replies.filter { !$0.succeeded }.count)
 }
