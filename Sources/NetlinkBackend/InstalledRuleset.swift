@@ -2,17 +2,18 @@ import NetAddress
 import RulePlanning
 import ServiceResolution
 
-/// One dispatch entry as installed: `externalIP . proto . port : goto chain`, and what that chain does.
+/// One dispatch entry as installed: `externalIP . proto . port comment "…" : goto pick<f>-<proto>-<N>`, and
+/// the endpoints it picks from (elements `externalIP . proto . port . 0 … N-1` of the endpoints map).
 public struct InstalledMapping: Sendable, Hashable, Comparable, CustomStringConvertible {
     public var externalIP: IPAddress
     public var `protocol`: TransportProtocol
     public var port: Int
-    /// The target chain the dispatch map jumps to.
+    /// The pick chain the dispatch entry jumps to (`pick4-tcp-3`).
     public var chain: String
-    /// The target rule's comment (`namespace/name:port`), nil when it has none.
+    /// The dispatch element's comment (`namespace/name:port`), nil when it has none.
     public var comment: String?
-    /// Where connections go, in numgen index order; empty when the target chain could not be decoded
-    /// (an anomaly then says why).
+    /// Where connections go, in slot order (0 … N-1); empty when the pick chain or the slots could not be
+    /// decoded (an anomaly then says why).
     public var destinations: [Destination]
 
     public init(externalIP: IPAddress, protocol: TransportProtocol, port: Int, chain: String, comment: String?,
@@ -116,9 +117,10 @@ enum RulesetDecoder {
     static func expected(_ plan: RulePlan) -> InstalledRuleset {
         let masq = plan.settings.masquerade
         let mappings = plan.rules.map { r -> InstalledMapping in
-            let c = plan.targetChains[r.targetIndex]
-            return InstalledMapping(externalIP: r.mapping.externalIP, protocol: r.mapping.protocol, port: r.mapping.port,
-                                    chain: c.nftName, comment: c.comment, destinations: c.target.destinations)
+            let m = r.mapping
+            let pick = NftPickChain(family: m.family, protocol: m.protocol, count: m.target.destinations.count)
+            return InstalledMapping(externalIP: m.externalIP, protocol: m.protocol, port: m.port, chain: pick.name,
+                                    comment: plan.targetChains[r.targetIndex].comment, destinations: m.target.destinations)
         }
         return InstalledRuleset(table: plan.settings.table, outputPriority: plan.settings.priority,
                                 masqueradePriority: masq ? Int(RulesetProgram.masqueradePriority) : nil,
@@ -128,6 +130,28 @@ enum RulesetDecoder {
 
     private static func render(_ exprs: [NftExpr]) -> String { "[ " + exprs.map(\.description).joined(separator: " ; ") + " ]" }
 
+    private static func family(_ f: IPFamily) -> String { f == .ipv4 ? "ip" : "ip6" }
+
+    /// `addr . proto . port` of a dispatch or endpoints key, with what follows it (the slot).
+    struct Key: Hashable {
+        var ip: IPAddress
+        var proto: TransportProtocol
+        var port: Int
+        var text: String { "\(ip) . \(proto.lowercased) . \(port)" }
+    }
+
+    static func decodeKey(_ b: [UInt8], addressLength n: Int, extra: Int) -> (Key, ArraySlice<UInt8>)? {
+        guard b.count == n + 8 + extra, let ip = IPAddress(bytes: Array(b[0..<n])),
+              b[(n + 1)..<(n + 4)].allSatisfy({ $0 == 0 }), b[n + 6] == 0, b[n + 7] == 0,
+              let proto = TransportProtocol.allCases.first(where: { $0.number == b[n] }) else { return nil }
+        return (Key(ip: ip, proto: proto, port: Int(b[n + 4]) << 8 | Int(b[n + 5])), b[(n + 8)...])
+    }
+
+    static func decodeDestination(_ b: [UInt8]?, addressLength n: Int) -> Destination? {
+        guard let b, b.count == n + 4, b[n + 2] == 0, b[n + 3] == 0, let ip = IPAddress(bytes: Array(b[0..<n])) else { return nil }
+        return Destination(ip: ip, port: Int(b[n]) << 8 | Int(b[n + 1]))
+    }
+
     static func decode(_ d: DumpedTable) -> InstalledRuleset {
         var anomalies: [String] = []
         let out = RulesetProgram.outputChain, post = RulesetProgram.postroutingChain
@@ -136,6 +160,7 @@ enum RulesetDecoder {
         var rulesByChain: [String: [NftRule]] = [:]
         for r in d.rules { rulesByChain[r.chain, default: []].append(r) }
         let t = d.table.name
+        let families: [IPFamily] = [.ipv4, .ipv6]
 
         if d.table.flags != 0 { anomalies.append("table flags \(d.table.flags)") }
 
@@ -169,21 +194,23 @@ enum RulesetDecoder {
         checkRules(out, expected: [RulesetProgram.dispatchRule(.ipv4), RulesetProgram.dispatchRule(.ipv6)], what: "dispatch")
         checkRules(post, expected: [RulesetProgram.masqueradeRule(.ipv4), RulesetProgram.masqueradeRule(.ipv6)], what: "masquerade")
 
-        // Named sets.
+        // Named maps and sets.
         var known: Set<String> = []
-        for f in [IPFamily.ipv4, .ipv6] {
-            let name = RulesetProgram.dispatchMap(f)
-            known.insert(name)
-            guard let s = sets[name] else { anomalies.append("missing map \(name)"); continue }
-            let want = RulesetProgram.dispatchSet(t, f, id: nil)
+        func checkMap(_ want: NftSet) {
+            known.insert(want.name)
+            guard let s = sets[want.name] else { anomalies.append("missing map \(want.name)"); return }
             if s.flags & ~UInt32(0x80) != want.flags || s.keyType != want.keyType || s.keyLength != want.keyLength
-                || s.dataType != want.dataType {
-                anomalies.append("map \(name) has an unexpected type")
+                || s.dataType != want.dataType || (want.dataType != Nft.dataVerdict && s.dataLength != want.dataLength) {
+                anomalies.append("map \(want.name) has an unexpected type")
             }
+        }
+        for f in families {
+            checkMap(RulesetProgram.dispatchSet(t, f, id: nil))
+            checkMap(RulesetProgram.endpointsSet(t, f, id: nil))
         }
         var masqueradeAddresses: [IPAddress] = []
         var masqueradeSets = 0
-        for f in [IPFamily.ipv4, .ipv6] {
+        for f in families {
             let name = RulesetProgram.masqueradeSet(f)
             known.insert(name)
             guard let s = sets[name] else { continue }
@@ -200,115 +227,124 @@ enum RulesetDecoder {
         }
         if masqueradePriority != nil && masqueradeSets != 2 { anomalies.append("masquerade chain without both masquerade sets") }
         if masqueradePriority == nil && masqueradeSets != 0 { anomalies.append("masquerade sets without the masquerade chain") }
+        for s in d.sets where !known.contains(s.name) {
+            anomalies.append("unexpected \(s.isMap ? "map" : "set") \(s.name)")
+        }
 
-        // Target chains.
-        struct Target { var family: IPFamily; var proto: TransportProtocol; var comment: String?; var destinations: [Destination] }
-        var targets: [String: Target] = [:]
-        var usedAnonymous: Set<String> = []
+        // Pick chains: one rule each, `meta l4proto <p> dnat … numgen random mod <N> map @endpoints<f>`.
+        struct Pick { var family: IPFamily; var proto: TransportProtocol; var modulus: UInt32 }
+        var picks: [String: Pick] = [:]
         for c in d.chains where c.name != out && c.name != post {
             if c.base != nil { anomalies.append("unexpected base chain \(c.name)"); continue }
             let rules = rulesByChain[c.name] ?? []
             guard rules.count == 1 else {
-                anomalies.append("chain \(c.name): \(rules.count) rules instead of one target rule")
+                anomalies.append("chain \(c.name): \(rules.count) rules instead of one pick rule")
                 continue
             }
-            switch decodeTarget(rules[0], sets: sets, elements: d.elements) {
-            case .success(let (family, proto, dests, anon)):
-                targets[c.name] = Target(family: family, proto: proto, comment: rules[0].comment, destinations: dests)
-                if let a = anon { usedAnonymous.insert(a) }
-            case .failure(let why):
-                anomalies.append("chain \(c.name): \(why.text)")
+            guard let p = decodePick(rules[0]) else {
+                anomalies.append("chain \(c.name): not a hostnet-dnat pick rule: \(render(rules[0].expressions))")
+                continue
             }
+            if rules[0].userdata != nil { anomalies.append("chain \(c.name): rule with userdata \(rules[0].comment ?? "?")") }
+            let canonical = NftPickChain(family: p.family, protocol: p.proto, count: Int(p.modulus)).name
+            if c.name != canonical {
+                anomalies.append("chain \(c.name) picks among \(p.modulus) \(family(p.family)) \(p.proto.lowercased) endpoints (its name should be \(canonical))")
+            }
+            picks[c.name] = Pick(family: p.family, proto: p.proto, modulus: p.modulus)
+        }
+
+        // Endpoint slots, by dispatch key.
+        var slots: [IPFamily: [Key: [UInt32: Destination]]] = [:]
+        for f in families {
+            let name = RulesetProgram.endpointsMap(f)
+            let n = f == .ipv4 ? 4 : 16
+            var byKey: [Key: [UInt32: Destination]] = [:]
+            var undecodable = 0
+            for e in d.elements[name] ?? [] {
+                guard let (key, rest) = decodeKey(e.key, addressLength: n, extra: 4), let slot = Nft.hostOrderValue(rest),
+                      let dest = decodeDestination(e.data, addressLength: n) else {
+                    undecodable += 1
+                    continue
+                }
+                byKey[key, default: [:]][slot] = dest
+            }
+            if undecodable > 0 { anomalies.append("map \(name): \(undecodable) undecodable element(s)") }
+            slots[f] = byKey
         }
 
         // Dispatch entries.
         var mappings: [InstalledMapping] = []
         var referenced: Set<String> = []
-        for f in [IPFamily.ipv4, .ipv6] {
-            let name = RulesetProgram.dispatchMap(f)
-            let addrLen = f == .ipv4 ? 4 : 16
+        for f in families {
+            let name = RulesetProgram.dispatchMap(f), endpoints = RulesetProgram.endpointsMap(f)
+            let n = f == .ipv4 ? 4 : 16
+            var used: Set<Key> = []
             for e in d.elements[name] ?? [] {
-                guard e.key.count == addrLen + 8, let ip = IPAddress(bytes: Array(e.key[0..<addrLen])),
-                      let proto = TransportProtocol.allCases.first(where: { $0.number == e.key[addrLen] }) else {
+                guard let (key, _) = decodeKey(e.key, addressLength: n, extra: 0) else {
                     anomalies.append("map \(name): undecodable element key \(e.key)")
                     continue
                 }
-                let port = Int(e.key[addrLen + 4]) << 8 | Int(e.key[addrLen + 5])
-                let keyText = "\(ip) . \(proto.lowercased) . \(port)"
                 guard let v = e.verdict, v.code == Nft.verdictGoto, let chain = v.chain else {
-                    anomalies.append("map \(name): element \(keyText) is not a goto")
+                    anomalies.append("map \(name): element \(key.text) is not a goto")
                     continue
                 }
+                used.insert(key)
                 referenced.insert(chain)
-                guard let target = targets[chain] else {
-                    if chains[chain] == nil { anomalies.append("map \(name): element \(keyText) jumps to missing chain \(chain)") }
-                    mappings.append(InstalledMapping(externalIP: ip, protocol: proto, port: port, chain: chain, comment: nil, destinations: []))
+                var mapping = InstalledMapping(externalIP: key.ip, protocol: key.proto, port: key.port, chain: chain,
+                                               comment: e.comment, destinations: [])
+                defer { mappings.append(mapping) }
+                guard let pick = picks[chain] else {
+                    if chains[chain] == nil { anomalies.append("map \(name): element \(key.text) jumps to missing chain \(chain)") }
                     continue
                 }
-                if target.family != f || target.proto != proto {
-                    anomalies.append("map \(name): element \(keyText) jumps to chain \(chain), which translates \(target.family.rawValue) \(target.proto.lowercased)")
+                if pick.family != f || pick.proto != key.proto {
+                    anomalies.append("map \(name): element \(key.text) jumps to chain \(chain), which translates \(family(pick.family)) \(pick.proto.lowercased)")
+                    continue
                 }
-                mappings.append(InstalledMapping(externalIP: ip, protocol: proto, port: port, chain: chain,
-                                                 comment: target.comment, destinations: target.destinations))
+                let have = slots[f]?[key] ?? [:]
+                let m = pick.modulus
+                // (At most have.count slots can be present: a modulus beyond that is missing some, however large.)
+                if UInt64(m) <= UInt64(have.count), case let dests = (0..<m).compactMap({ have[$0] }), dests.count == Int(m) {
+                    mapping.destinations = dests
+                } else {
+                    var missing: [String] = []
+                    var s: UInt32 = 0
+                    while s < m && missing.count < 5 { if have[s] == nil { missing.append(String(s)) }; s += 1 }
+                    if s < m { missing.append("…") }
+                    anomalies.append("map \(endpoints): element \(key.text) (numgen mod \(m) in chain \(chain)) has no slot \(missing.joined(separator: ", "))")
+                }
+                let beyond = have.keys.filter { $0 >= pick.modulus }.sorted()
+                if !beyond.isEmpty {
+                    anomalies.append("map \(endpoints): slot(s) \(beyond.map(String.init).joined(separator: ", ")) of \(key.text) are never picked (numgen mod \(pick.modulus) in chain \(chain))")
+                }
+            }
+            let orphans = (slots[f] ?? [:]).keys.filter { !used.contains($0) }
+            for k in orphans.sorted(by: { ($0.ip, $0.proto, $0.port) < ($1.ip, $1.proto, $1.port) }) {
+                anomalies.append("map \(endpoints): elements for \(k.text) have no dispatch entry")
             }
         }
         for c in d.chains where c.name != out && c.name != post && c.base == nil && !referenced.contains(c.name) {
             anomalies.append("chain \(c.name) is not used by any dispatch entry")
         }
-        for s in d.sets where !known.contains(s.name) && !usedAnonymous.contains(s.name) {
-            anomalies.append("unexpected \(s.isMap ? "map" : "set") \(s.name)")
-        }
         return InstalledRuleset(table: t, outputPriority: outputPriority, masqueradePriority: masqueradePriority,
                                 masqueradeAddresses: masqueradeAddresses, mappings: mappings, anomalies: anomalies)
     }
 
-    struct Why: Error { var text: String }
-
-    /// A target chain's single rule → family, protocol, destinations and the anonymous map it uses.
-    static func decodeTarget(_ rule: NftRule, sets: [String: NftSet], elements: [String: [NftElement]])
-        -> Result<(IPFamily, TransportProtocol, [Destination], String?), Why> {
+    /// A pick chain's rule → family, protocol and modulus, when it is exactly the rule we write for them.
+    static func decodePick(_ rule: NftRule) -> (family: IPFamily, proto: TransportProtocol, modulus: UInt32)? {
         let e = rule.expressions
-        let bad = Why(text: "not a hostnet-dnat target rule: \(render(e))")
-        guard e.count >= 3, e[0] == .meta(key: Nft.metaL4Proto, dreg: Nft.reg1),
-              case let .cmp(Nft.cmpEq, Nft.reg1, protoData) = e[1], protoData.count == 1,
+        guard e.count == 10, case let .cmp(_, _, protoData) = e[1], protoData.count == 1,
               let proto = TransportProtocol.allCases.first(where: { $0.number == protoData[0] }),
-              case let .nat(_, natFamily, _, _, _, _, _) = e.last! else { return .failure(bad) }
+              case let .numgen(_, modulus, _, _) = e[7], modulus >= 1,
+              case let .nat(_, natFamily, _, _, _, _, _) = e[9] else { return nil }
         let family: IPFamily
         switch natFamily {
         case UInt32(Nft.nfprotoIPv4): family = .ipv4
         case UInt32(Nft.nfprotoIPv6): family = .ipv6
-        default: return .failure(bad)
+        default: return nil
         }
-        let addrLen = family == .ipv4 ? 4 : 16
-        var dests: [Destination] = []
-        var anonymous: String?
-        if case let .immediate(_, addr) = e[2], e.count == 5, case let .immediate(_, port) = e[3] {
-            guard addr.count == addrLen, port.count == 2, let ip = IPAddress(bytes: addr) else { return .failure(bad) }
-            dests = [Destination(ip: ip, port: Int(port[0]) << 8 | Int(port[1]))]
-        } else if case let .numgen(_, modulus, _, _) = e[2], e.count == 5, case let .lookup(setName, _, _, _, _) = e[3] {
-            guard let s = sets[setName], s.isAnonymous, s.isMap, s.keyLength == 4,
-                  s.dataLength == UInt32(addrLen + 4) else {
-                return .failure(Why(text: "numgen map \(setName) is missing or has an unexpected type"))
-            }
-            var byIndex: [UInt32: Destination] = [:]
-            for el in elements[setName] ?? [] {
-                guard let k = Nft.hostOrderValue(el.key), let data = el.data, data.count == addrLen + 4,
-                      let ip = IPAddress(bytes: Array(data[0..<addrLen])), byIndex[k] == nil else {
-                    return .failure(Why(text: "numgen map \(setName) has an undecodable element"))
-                }
-                byIndex[k] = Destination(ip: ip, port: Int(data[addrLen]) << 8 | Int(data[addrLen + 1]))
-            }
-            guard modulus >= 2, byIndex.count == Int(modulus), (0..<modulus).allSatisfy({ byIndex[$0] != nil }) else {
-                return .failure(Why(text: "numgen mod \(modulus) does not match the \(byIndex.count) elements of map \(setName)"))
-            }
-            dests = (0..<modulus).map { byIndex[$0]! }
-            anonymous = setName
-        } else {
-            return .failure(bad)
-        }
-        // Strict check: the rule must be exactly what we would have written for these destinations.
-        let want = RulesetProgram.targetRule(family: family, protocol: proto, destinations: dests).map(\.normalized)
-        guard e.map(\.normalized) == want else { return .failure(bad) }
-        return .success((family, proto, dests, anonymous))
+        let want = RulesetProgram.pickRule(family: family, protocolNumber: proto.number, modulus: modulus).map(\.normalized)
+        guard e.map(\.normalized) == want else { return nil }
+        return (family, proto, modulus)
     }
 }

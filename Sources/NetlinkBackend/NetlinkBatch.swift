@@ -104,10 +104,10 @@ struct NetlinkBatch {
             let range = enc.ranges[i]
             let length = range.count
             switch op.kind {
-            case .newElements:
+            case .newElements(_, let elements):
                 let children = NetlinkParse.childRanges(ofMessageAt: range.lowerBound, length: length, in: enc.bytes, listType: 3)
-                if let k = children.firstIndex(where: { $0.contains(off) }), k < op.elementDescriptions.count {
-                    what = op.elementDescriptions[k]
+                if let k = children.firstIndex(where: { $0.contains(off) }), k < elements.count {
+                    what = op.elementDescription(k)
                 }
             case .newRule:
                 let children = NetlinkParse.childRanges(ofMessageAt: range.lowerBound, length: length, in: enc.bytes, listType: 4)

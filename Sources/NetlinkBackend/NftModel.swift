@@ -39,7 +39,9 @@ enum Nft {
     static let reg2: UInt32 = 2
     static let reg32_01: UInt32 = 9
     static let reg32_02: UInt32 = 10
+    static let reg32_03: UInt32 = 11
     static let reg32_05: UInt32 = 13
+    static let reg32_06: UInt32 = 14
 
     // enum nft_meta_keys
     static let metaNFProto: UInt32 = 15
@@ -228,6 +230,14 @@ struct NftElement: Hashable, Sendable {
     var key: [UInt8]
     var data: [UInt8]? = nil
     var verdict: NftVerdict? = nil
+    /// NFTA_SET_ELEM_USERDATA (nft keeps an element's `comment` there).
+    var userdata: [UInt8]? = nil
+
+    /// The element's `comment` (TLV type NFTNL_UDATA_SET_ELEM_COMMENT, NUL-terminated).
+    var comment: String? {
+        guard let u = userdata else { return nil }
+        return Userdata.string(in: u, type: 0)
+    }
 }
 
 struct NftRule: Hashable, Sendable {
@@ -274,24 +284,67 @@ enum Userdata {
         return String(decoding: v, as: UTF8.self)
     }
 
-    /// Comment userdata exactly as nft writes it.
+    /// Comment userdata exactly as nft writes it (rules: NFTNL_UDATA_RULE_COMMENT, elements:
+    /// NFTNL_UDATA_SET_ELEM_COMMENT; both are type 0).
     static func ruleComment(_ comment: String) -> [UInt8] { string(0, comment) }
+    static func elementComment(_ comment: String) -> [UInt8] { string(0, comment) }
+
+    /// A nested TLV (nftnl_udata_nest_start/end): type, total length of the content, the content.
+    static func nest(_ type: UInt8, _ content: [UInt8]) -> [UInt8] {
+        precondition(content.count <= 255, "userdata nest too long")
+        return [type, UInt8(content.count)] + content
+    }
 
     // Set userdata exactly as nft 1.0.6 writes it for the declarations in docs/ruleset.md, so that
-    // `nft list` prints our sets the same way it prints sets that nft created.
-    // KEYBYTEORDER = 0, DATABYTEORDER = 1, KEY_TYPEOF = 3 (nested: TYPEOF_EXPR = 0, TYPEOF_DATA = 1),
-    // DATA_INTERVAL = 6; byte orders: 0 invalid (concatenations), 1 host, 2 big endian.
+    // `nft list` prints our sets the same way it prints sets that nft created (src/mnl.c, set add):
+    // KEYBYTEORDER = 0, DATABYTEORDER = 1, KEY_TYPEOF = 3, DATA_TYPEOF = 4, DATA_INTERVAL = 6; byte orders:
+    // 0 invalid (concatenations), 1 host, 2 big endian. A typeof nest holds TYPEOF_EXPR = 0 (nft's
+    // expression type) and TYPEOF_DATA = 1 (that expression's own udata). A concatenation's udata is one
+    // nest per field (type = field index) holding SUB_TYPE = 0 (expression type) and SUB_DATA = 1.
+    // Expression types (nft's enum expr_types): payload 7, meta 9, concat 13, numgen 23.
+    enum ExprType {
+        static let payload: UInt32 = 7
+        static let meta: UInt32 = 9
+        static let concat: UInt32 = 13
+        static let numgen: UInt32 = 23
+    }
 
-    /// `type ipv4_addr . inet_proto . inet_service : verdict`
+    /// Payload udata: DESC = 0 (nft's enum proto_desc_id: th 11, ip 12, ip6 13) and TYPE = 1 (index of
+    /// the header field in that protocol's template table: ip daddr 12, ip6 daddr 9, th dport 2).
+    static func payloadExpr(desc: UInt32, field: UInt32) -> [UInt8] { u32(0, desc) + u32(1, field) }
+    /// Meta udata: KEY = 0.
+    static func metaExpr(key: UInt32) -> [UInt8] { u32(0, key) }
+    /// Numgen udata: TYPE = 0, MOD = 1, OFFSET = 2.
+    static func numgenExpr(type: UInt32, modulus: UInt32, offset: UInt32) -> [UInt8] {
+        u32(0, type) + u32(1, modulus) + u32(2, offset)
+    }
+
+    static func concat(_ fields: [(type: UInt32, data: [UInt8])]) -> [UInt8] {
+        fields.enumerated().flatMap { i, f in nest(UInt8(i), u32(0, f.type) + nest(1, f.data)) }
+    }
+
+    static func typeof(_ exprType: UInt32, _ data: [UInt8]) -> [UInt8] { u32(0, exprType) + nest(1, data) }
+
+    /// `type ipv4_addr . inet_proto . inet_service : verdict`: a concatenation of plain types has no field
+    /// udata (nft writes the empty TYPEOF_DATA nest), and a verdict has no data typeof.
     static var concatVerdictMap: [UInt8] {
-        u32(0, 0) + u32(1, 0) + [3, 8] + u32(0, 13 /* EXPR_CONCAT */) + [1, 0] + u32(6, 0)
+        u32(0, 0) + u32(1, 0) + nest(3, typeof(ExprType.concat, [])) + u32(6, 0)
     }
 
     /// `type ipv4_addr` / `type ipv6_addr`
     static var addressSet: [UInt8] { u32(0, 2) }
 
-    /// The anonymous `numgen … map { 0 : addr . port, … }`.
-    static var numgenMap: [UInt8] { u32(0, 1) + u32(1, 0) + u32(6, 0) }
+    /// `typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport` (ip6 alike).
+    static func endpointsMap(ipv6: Bool) -> [UInt8] {
+        let daddr = (type: ExprType.payload, data: payloadExpr(desc: ipv6 ? 13 : 12, field: ipv6 ? 9 : 12))
+        let dport = (type: ExprType.payload, data: payloadExpr(desc: 11, field: 2))
+        let l4proto = (type: ExprType.meta, data: metaExpr(key: Nft.metaL4Proto))
+        let slot = (type: ExprType.numgen, data: numgenExpr(type: Nft.numgenRandom, modulus: 1, offset: 0))
+        return u32(0, 0) + u32(1, 0)
+            + nest(3, typeof(ExprType.concat, concat([daddr, l4proto, dport, slot])))
+            + nest(4, typeof(ExprType.concat, concat([daddr, dport])))
+            + u32(6, 0)
+    }
 }
 
 /// One message of a batch, with what it does in words, for error messages.
@@ -308,8 +361,9 @@ struct NftOperation: Sendable {
 
     var kind: Kind
     var description: String
-    /// For `newElements`: one description per element (same order).
-    var elementDescriptions: [String] = []
+    /// For `newElements`: describes element `i` of this message. Computed only when needed (an element the
+    /// kernel refused), since a large plan has a hundred thousand elements.
+    var elementDescription: @Sendable (Int) -> String = { i in "element \(i + 1)" }
     /// For `newRule`: one description per expression (same order).
     var expressionDescriptions: [String] = []
 }

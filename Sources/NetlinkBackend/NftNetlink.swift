@@ -284,6 +284,9 @@ struct NftEncoder {
                         nftnl_set_elem_set_u32(x, NftEncoder.attr(NFTNL_SET_ELEM_VERDICT), UInt32(bitPattern: v.code))
                         if let c = v.chain { nftnl_set_elem_set_str(x, NftEncoder.attr(NFTNL_SET_ELEM_CHAIN), c) }
                     }
+                    if let u = e.userdata {
+                        u.withUnsafeBytes { _ = nftnl_set_elem_set(x, NftEncoder.attr(NFTNL_SET_ELEM_USERDATA), $0.baseAddress, UInt32($0.count)) }
+                    }
                     nftnl_set_elem_add(o, x)
                 }
                 nftnl_set_elems_nlmsg_build_payload(nlh, o)
@@ -469,6 +472,10 @@ enum NftDecoder {
                     let chain = nftnl_set_elem_is_set(x, attr(NFTNL_SET_ELEM_CHAIN))
                         ? string(nftnl_set_elem_get_str(x, attr(NFTNL_SET_ELEM_CHAIN))) : nil
                     e.verdict = NftVerdict(code: code, chain: chain)
+                }
+                if nftnl_set_elem_is_set(x, attr(NFTNL_SET_ELEM_USERDATA)) {
+                    let p = nftnl_set_elem_get(x, attr(NFTNL_SET_ELEM_USERDATA), &len)
+                    e.userdata = bytes(p, len)
                 }
                 out.append(e)
             }

@@ -6,8 +6,9 @@ import RulePlanning
 public struct ApplyReport: Sendable, Equatable {
     public var table: String
     public var mappings: Int
-    public var targetChains: Int
-    /// Elements over all maps and sets (dispatch, masquerade, numgen maps).
+    /// The shared `pick<f>-<proto>-<N>` chains.
+    public var pickChains: Int
+    /// Elements over all maps and sets (dispatch, endpoints, masquerade).
     public var elements: Int
     /// Netlink messages in the batch, including BATCH_BEGIN and BATCH_END.
     public var messages: Int
@@ -37,7 +38,7 @@ public struct NftablesNetlink: Sendable {
         let batch = NetlinkBatch(ops)
         let session = try NetlinkSession.open(in: namespace)
         let result = try batch.commit(on: session.socket)
-        return ApplyReport(table: plan.settings.table, mappings: plan.rules.count, targetChains: plan.targetChains.count,
+        return ApplyReport(table: plan.settings.table, mappings: plan.rules.count, pickChains: plan.nftPickChains.count,
                            elements: elements, messages: result.messages, bytes: result.bytes,
                            seconds: Date().timeIntervalSince(start))
     }

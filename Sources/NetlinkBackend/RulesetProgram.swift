@@ -3,14 +3,17 @@ import RulePlanning
 import ServiceResolution
 
 /// `RulePlan` → the exact nf_tables objects of docs/ruleset.md, in the order nft itself sends them for the
-/// rendered script: table, delete table, table, all chains, the named sets with their elements, then the
-/// rules (each anonymous numgen map right before the rule that uses it). Pure.
+/// rendered script: table, delete table, table, all chains (output, postrouting, the pick chains), the named
+/// sets and maps with their elements (dispatch4/6, endpoints4/6, masquerade4/6), then the rules. Pure.
 struct RulesetProgram {
     static let outputChain = "output"
     static let postroutingChain = "postrouting"
     static let masqueradePriority: Int32 = 100
+    /// nft refuses longer comments (NFTNL_UDATA_COMMENT_MAXLEN).
+    static let maxCommentLength = 128
 
     static func dispatchMap(_ f: IPFamily) -> String { f == .ipv4 ? "dispatch4" : "dispatch6" }
+    static func endpointsMap(_ f: IPFamily) -> String { f == .ipv4 ? "endpoints4" : "endpoints6" }
     static func masqueradeSet(_ f: IPFamily) -> String { f == .ipv4 ? "masquerade4" : "masquerade6" }
 
     /// Refuses what an nftables table cannot express, before anything touches the kernel.
@@ -20,21 +23,24 @@ struct RulesetProgram {
                                message: "the kube-proxy target (\(chain.comment)) jumps into kube-proxy's iptables chains, "
                                    + "which an nftables table cannot do; use --backend iptables (or --format iptables)")
         }
-        if let chain = plan.targetChains.first(where: { $0.target.destinations.isEmpty }) {
+        if let r = plan.rules.first(where: { $0.mapping.target.destinations.isEmpty }) {
             throw NetlinkError(kind: .unsupportedPlan, operation: nil, errno: 0,
-                               message: "target chain \(chain.nftName) has no destination")
+                               message: "mapping \(r.mapping.externalIP.bracketed):\(r.mapping.port)/\(r.mapping.protocol.lowercased) "
+                                   + "(\(plan.targetChains[r.targetIndex].comment)) has no destination")
         }
         guard plan.settings.priority >= Int(Int32.min), plan.settings.priority <= Int(Int32.max) else {
             throw NetlinkError(kind: .unsupportedPlan, operation: nil, errno: 0,
                                message: "priority \(plan.settings.priority) is out of range")
         }
-        for chain in plan.targetChains where chain.nftName.utf8.count > 255 {
-            throw NetlinkError(kind: .unsupportedPlan, operation: nil, errno: 0, message: "chain name \(chain.nftName) is too long")
+        if let chain = plan.targetChains.first(where: { $0.comment.utf8.count > maxCommentLength }) {
+            throw NetlinkError(kind: .unsupportedPlan, operation: nil, errno: 0,
+                               message: "comment \"\(chain.comment)\" is longer than \(maxCommentLength) bytes")
         }
     }
 
     // MARK: expressions (shared with the read-back checks)
 
+    /// `ip daddr . meta l4proto . th dport vmap @dispatch4` (ip6 alike).
     static func dispatchRule(_ f: IPFamily) -> [NftExpr] {
         let v4 = f == .ipv4
         return [
@@ -47,6 +53,7 @@ struct RulesetProgram {
         ]
     }
 
+    /// `ct status dnat ct original ip daddr @masquerade4 masquerade` (ip6 alike).
     static func masqueradeRule(_ f: IPFamily) -> [NftExpr] {
         [
             .ct(key: Nft.ctStatus, dreg: Nft.reg1, direction: nil),
@@ -58,33 +65,29 @@ struct RulesetProgram {
         ]
     }
 
-    /// `meta l4proto <p> dnat <ip|ip6> to A:P` or `… to numgen random mod N map @anon`.
-    static func targetRule(family f: IPFamily, protocol p: TransportProtocol, destinations: [Destination],
-                           anonymousSet: String = "__map%d", anonymousSetID: UInt32? = nil) -> [NftExpr] {
-        let nfproto = UInt32(f == .ipv4 ? Nft.nfprotoIPv4 : Nft.nfprotoIPv6)
-        var e: [NftExpr] = [
+    /// `meta l4proto <p> dnat ip to ip daddr . meta l4proto . th dport . numgen random mod <n> map @endpoints4`
+    /// (ip6 alike), as nft linearizes it: the protocol match, the implicit `meta nfproto` dependency of
+    /// `ip daddr`, the key in consecutive 32-bit registers (address, l4proto, port, slot), the data-map
+    /// lookup into reg 1 (address) and the next register (port), then the nat.
+    static func pickRule(family f: IPFamily, protocol p: TransportProtocol, count n: Int) -> [NftExpr] {
+        pickRule(family: f, protocolNumber: p.number, modulus: UInt32(n))
+    }
+
+    static func pickRule(family f: IPFamily, protocolNumber: UInt8, modulus: UInt32) -> [NftExpr] {
+        let v4 = f == .ipv4
+        return [
             .meta(key: Nft.metaL4Proto, dreg: Nft.reg1),
-            .cmp(op: Nft.cmpEq, sreg: Nft.reg1, data: [p.number]),
+            .cmp(op: Nft.cmpEq, sreg: Nft.reg1, data: [protocolNumber]),
+            .meta(key: Nft.metaNFProto, dreg: Nft.reg1),
+            .cmp(op: Nft.cmpEq, sreg: Nft.reg1, data: [v4 ? Nft.nfprotoIPv4 : Nft.nfprotoIPv6]),
+            .payload(base: Nft.payloadNetworkHeader, offset: v4 ? 16 : 24, len: v4 ? 4 : 16, dreg: Nft.reg1),
+            .meta(key: Nft.metaL4Proto, dreg: v4 ? Nft.reg32_01 : Nft.reg2),
+            .payload(base: Nft.payloadTransportHeader, offset: 2, len: 2, dreg: v4 ? Nft.reg32_02 : Nft.reg32_05),
+            .numgen(dreg: v4 ? Nft.reg32_03 : Nft.reg32_06, modulus: modulus, type: Nft.numgenRandom, offset: 0),
+            .lookup(set: endpointsMap(f), setID: setID(endpointsOf: f), sreg: Nft.reg1, dreg: Nft.reg1, flags: nil),
+            .nat(type: Nft.natDNAT, family: UInt32(v4 ? Nft.nfprotoIPv4 : Nft.nfprotoIPv6), addrMin: Nft.reg1, addrMax: nil,
+                 protoMin: v4 ? Nft.reg32_01 : Nft.reg2, protoMax: nil, flags: nil),
         ]
-        if destinations.count == 1 {
-            let d = destinations[0]
-            e += [
-                .immediate(dreg: Nft.reg1, data: d.ip.bytes),
-                .immediate(dreg: Nft.reg2, data: Nft.bigEndian16(d.port)),
-                .nat(type: Nft.natDNAT, family: nfproto, addrMin: Nft.reg1, addrMax: nil, protoMin: Nft.reg2, protoMax: nil,
-                     flags: Nft.natRangeProtoSpecified),
-            ]
-        } else {
-            // The map's data is `addr . port` starting in reg 1; the port follows the address, in the next
-            // 32-bit register (reg 9 after 4 bytes) or the next 16-byte register (reg 2 after 16 bytes).
-            e += [
-                .numgen(dreg: Nft.reg1, modulus: UInt32(destinations.count), type: Nft.numgenRandom, offset: 0),
-                .lookup(set: anonymousSet, setID: anonymousSetID, sreg: Nft.reg1, dreg: Nft.reg1, flags: nil),
-                .nat(type: Nft.natDNAT, family: nfproto, addrMin: Nft.reg1, addrMax: nil,
-                     protoMin: f == .ipv4 ? Nft.reg32_01 : Nft.reg2, protoMax: nil, flags: nil),
-            ]
-        }
-        return e
     }
 
     // MARK: element encodings
@@ -94,12 +97,18 @@ struct RulesetProgram {
         ip.bytes + [p.number, 0, 0, 0] + Nft.bigEndian16(port) + [0, 0]
     }
 
-    /// `addr . port` data of the anonymous numgen map.
+    /// `addr . proto . port . slot`: the dispatch key followed by the slot in host byte order (it is
+    /// compared with numgen's output, a host-order register).
+    static func endpointKey(_ ip: IPAddress, _ p: TransportProtocol, _ port: Int, slot: Int) -> [UInt8] {
+        dispatchKey(ip, p, port) + Nft.hostOrder(UInt32(slot))
+    }
+
+    /// `addr . port` data of the endpoints maps.
     static func destinationData(_ d: Destination) -> [UInt8] { d.ip.bytes + Nft.bigEndian16(d.port) + [0, 0] }
 
     static func setID(dispatchOf f: IPFamily) -> UInt32 { f == .ipv4 ? 1 : 2 }
-    static func setID(masqueradeOf f: IPFamily) -> UInt32 { f == .ipv4 ? 3 : 4 }
-    static let firstAnonymousSetID: UInt32 = 16
+    static func setID(endpointsOf f: IPFamily) -> UInt32 { f == .ipv4 ? 3 : 4 }
+    static func setID(masqueradeOf f: IPFamily) -> UInt32 { f == .ipv4 ? 5 : 6 }
 
     static func dispatchSet(_ table: String, _ f: IPFamily, id: UInt32?) -> NftSet {
         NftSet(family: .inet, table: table, name: dispatchMap(f), id: id, flags: Nft.setMap,
@@ -108,23 +117,43 @@ struct RulesetProgram {
                userdata: Userdata.concatVerdictMap)
     }
 
+    /// `typeof <f> daddr . meta l4proto . th dport . numgen random mod 1 : <f> daddr . th dport`: key types
+    /// address . inet_proto . inet_service . integer (16 or 28 bytes), data address . inet_service (8 or 20).
+    static func endpointsSet(_ table: String, _ f: IPFamily, id: UInt32?) -> NftSet {
+        let addr = f == .ipv4 ? Nft.typeIPv4Addr : Nft.typeIPv6Addr
+        return NftSet(family: .inet, table: table, name: endpointsMap(f), id: id, flags: Nft.setMap,
+                      keyType: Nft.concat([addr, Nft.typeInetProto, Nft.typeInetService, Nft.typeInteger]),
+                      keyLength: f == .ipv4 ? 16 : 28, dataType: Nft.concat([addr, Nft.typeInetService]),
+                      dataLength: f == .ipv4 ? 8 : 20, size: nil, userdata: Userdata.endpointsMap(ipv6: f == .ipv6))
+    }
+
     static func masqSet(_ table: String, _ f: IPFamily, id: UInt32?) -> NftSet {
         NftSet(family: .inet, table: table, name: masqueradeSet(f), id: id, flags: 0,
                keyType: f == .ipv4 ? Nft.typeIPv4Addr : Nft.typeIPv6Addr, keyLength: f == .ipv4 ? 4 : 16,
                dataType: nil, dataLength: nil, size: nil, userdata: Userdata.addressSet)
     }
 
-    static func numgenMap(_ table: String, _ f: IPFamily, count: Int, id: UInt32) -> NftSet {
-        NftSet(family: .inet, table: table, name: "__map%d", id: id,
-               flags: Nft.setAnonymous | Nft.setConstant | Nft.setMap, keyType: Nft.typeInteger, keyLength: 4,
-               dataType: Nft.concat([f == .ipv4 ? Nft.typeIPv4Addr : Nft.typeIPv6Addr, Nft.typeInetService]),
-               dataLength: f == .ipv4 ? 8 : 20, size: UInt32(count), userdata: Userdata.numgenMap)
+    // MARK: texts
+
+    static func typeText(_ set: NftSet, _ f: IPFamily) -> String {
+        let addr = f == .ipv4 ? "ipv4_addr" : "ipv6_addr", kw = f.nftKeyword
+        switch set.name {
+        case dispatchMap(f): return "type \(addr) . inet_proto . inet_service : verdict"
+        case endpointsMap(f): return "typeof \(kw) daddr . meta l4proto . th dport . numgen random mod 1 : \(kw) daddr . th dport"
+        default: return "type \(addr)"
+        }
+    }
+
+    static func pickRuleText(_ pick: NftPickChain) -> String {
+        let kw = pick.family.nftKeyword
+        return "meta l4proto \(pick.protocol.lowercased) dnat \(kw) to \(kw) daddr . meta l4proto . th dport . numgen random mod \(pick.count) map @\(endpointsMap(pick.family))"
     }
 
     // MARK: the batch
 
-    /// Elements per NEWSETELEM message are limited by the 16-bit length of the nested element list.
-    static let elementListBudget = 48 * 1024
+    /// Bytes of element attributes per NEWSETELEM message. The nested element list carries a 16-bit length,
+    /// so it must stay below 64 KiB; the exact size of every element is counted (`wireSize`).
+    static let elementListBudget = 60 * 1024
 
     static func operations(_ plan: RulePlan) throws(NetlinkError) -> [NftOperation] {
         try validate(plan)
@@ -148,102 +177,121 @@ struct RulesetProgram {
                                          base: NftBaseHook(type: "nat", hook: Nft.hookPostrouting, priority: masqueradePriority))),
                 description: "adding chain \(postroutingChain) (type nat hook postrouting priority \(masqueradePriority))"))
         }
-        for c in plan.targetChains {
-            ops.append(NftOperation(kind: .newChain(NftChain(family: .inet, table: table, name: c.nftName, base: nil)),
-                                    description: "adding chain \(c.nftName)"))
+        let picks = plan.nftPickChains
+        for p in picks {
+            ops.append(NftOperation(kind: .newChain(NftChain(family: .inet, table: table, name: p.name, base: nil)),
+                                    description: "adding chain \(p.name)"))
         }
 
-        // Named sets and their elements.
-        for f in [IPFamily.ipv4, .ipv6] {
+        // Maps and sets with their elements.
+        let families: [IPFamily] = [.ipv4, .ipv6]
+        let rulesByFamily = families.map { plan.rules($0) }
+        for (fi, f) in families.enumerated() {
             let set = dispatchSet(table, f, id: setID(dispatchOf: f))
-            let typeText = "\(f == .ipv4 ? "ipv4_addr" : "ipv6_addr") . inet_proto . inet_service : verdict"
-            ops.append(NftOperation(kind: .newSet(set), description: "adding map \(set.name) (\(typeText))"))
+            ops.append(NftOperation(kind: .newSet(set), description: "adding map \(set.name) (\(typeText(set, f)))"))
+            let rules = rulesByFamily[fi]
+            let comments = rules.map { plan.targetChains[$0.targetIndex].comment }
             var elements: [NftElement] = []
-            var texts: [String] = []
-            for r in plan.rules(f) {
+            elements.reserveCapacity(rules.count)
+            for (r, comment) in zip(rules, comments) {
                 let m = r.mapping
-                let chain = plan.targetChains[r.targetIndex].nftName
+                let pick = NftPickChain(family: f, protocol: m.protocol, count: m.target.destinations.count)
                 elements.append(NftElement(key: dispatchKey(m.externalIP, m.protocol, m.port),
-                                           verdict: NftVerdict(code: Nft.verdictGoto, chain: chain)))
-                texts.append("\(m.externalIP) . \(m.protocol.lowercased) . \(m.port) : goto \(chain)")
+                                           verdict: NftVerdict(code: Nft.verdictGoto, chain: pick.name),
+                                           userdata: Userdata.elementComment(comment)))
             }
-            ops += elementOperations(set: set, kind: "map", elements: elements, texts: texts)
+            ops += elementOperations(set: set, kind: "map", elements: elements) { i in
+                let m = rules[i].mapping
+                let pick = NftPickChain(family: f, protocol: m.protocol, count: m.target.destinations.count)
+                return "\(m.externalIP) . \(m.protocol.lowercased) . \(m.port) comment \"\(comments[i])\" : goto \(pick.name)"
+            }
+        }
+        for (fi, f) in families.enumerated() {
+            let set = endpointsSet(table, f, id: setID(endpointsOf: f))
+            ops.append(NftOperation(kind: .newSet(set), description: "adding map \(set.name) (\(typeText(set, f)))"))
+            let rules = rulesByFamily[fi]
+            // (rule index, slot) of every element, to describe one on demand.
+            var origin: [(rule: Int32, slot: Int32)] = []
+            var elements: [NftElement] = []
+            for (ri, r) in rules.enumerated() {
+                let m = r.mapping
+                let head = dispatchKey(m.externalIP, m.protocol, m.port)
+                for (slot, d) in m.target.destinations.enumerated() {
+                    elements.append(NftElement(key: head + Nft.hostOrder(UInt32(slot)), data: destinationData(d)))
+                    origin.append((Int32(ri), Int32(slot)))
+                }
+            }
+            ops += elementOperations(set: set, kind: "map", elements: elements) { [origin] i in
+                let m = rules[Int(origin[i].rule)].mapping, slot = Int(origin[i].slot)
+                let d = m.target.destinations[slot]
+                return "\(m.externalIP) . \(m.protocol.lowercased) . \(m.port) . \(slot) : \(d.ip) . \(d.port)"
+            }
         }
         if masq {
-            for f in [IPFamily.ipv4, .ipv6] {
+            for f in families {
                 let set = masqSet(table, f, id: setID(masqueradeOf: f))
-                ops.append(NftOperation(kind: .newSet(set),
-                                        description: "adding set \(set.name) (type \(f == .ipv4 ? "ipv4_addr" : "ipv6_addr"))"))
+                ops.append(NftOperation(kind: .newSet(set), description: "adding set \(set.name) (\(typeText(set, f)))"))
                 let addrs = plan.externalAddresses(f)
-                ops += elementOperations(set: set, kind: "set", elements: addrs.map { NftElement(key: $0.bytes) },
-                                         texts: addrs.map(\.description))
+                ops += elementOperations(set: set, kind: "set", elements: addrs.map { NftElement(key: $0.bytes) }) { addrs[$0].description }
             }
         }
 
         // Rules.
-        func rule(_ chain: String, _ exprs: [NftExpr], comment: String?, text: String) -> NftOperation {
-            NftOperation(kind: .newRule(NftRule(family: .inet, table: table, chain: chain, expressions: exprs,
-                                                userdata: comment.map(Userdata.ruleComment))),
+        func rule(_ chain: String, _ exprs: [NftExpr], text: String) -> NftOperation {
+            NftOperation(kind: .newRule(NftRule(family: .inet, table: table, chain: chain, expressions: exprs, userdata: nil)),
                          description: "adding rule to chain \(chain): \(text)",
                          expressionDescriptions: exprs.map(\.description))
         }
-        for f in [IPFamily.ipv4, .ipv6] {
-            ops.append(rule(outputChain, dispatchRule(f), comment: nil,
-                            text: "\(f.nftKeyword) daddr . meta l4proto . th dport vmap @\(dispatchMap(f))"))
+        for f in families {
+            ops.append(rule(outputChain, dispatchRule(f), text: "\(f.nftKeyword) daddr . meta l4proto . th dport vmap @\(dispatchMap(f))"))
         }
         if masq {
-            for f in [IPFamily.ipv4, .ipv6] {
-                ops.append(rule(postroutingChain, masqueradeRule(f), comment: nil,
+            for f in families {
+                ops.append(rule(postroutingChain, masqueradeRule(f),
                                 text: "ct status dnat ct original \(f.nftKeyword) daddr @\(masqueradeSet(f)) masquerade"))
             }
         }
-        var nextID = firstAnonymousSetID
-        for c in plan.targetChains {
-            let dests = c.target.destinations
-            let kw = c.family.nftKeyword
-            let head = "meta l4proto \(c.protocol.lowercased) dnat \(kw) to "
-            if dests.count == 1 {
-                ops.append(rule(c.nftName, targetRule(family: c.family, protocol: c.protocol, destinations: dests),
-                                comment: c.comment, text: head + "\(dests[0]) comment \"\(c.comment)\""))
-            } else {
-                let id = nextID
-                nextID += 1
-                let set = numgenMap(table, c.family, count: dests.count, id: id)
-                let pairs = dests.enumerated().map { "\($0.offset) : \($0.element.ip) . \($0.element.port)" }
-                ops.append(NftOperation(kind: .newSet(set), description: "adding anonymous map for chain \(c.nftName)"))
-                ops += elementOperations(
-                    set: set, kind: "anonymous map of chain \(c.nftName)",
-                    elements: dests.enumerated().map { NftElement(key: Nft.hostOrder(UInt32($0.offset)), data: destinationData($0.element)) },
-                    texts: pairs)
-                ops.append(rule(c.nftName, targetRule(family: c.family, protocol: c.protocol, destinations: dests,
-                                                      anonymousSetID: id),
-                                comment: c.comment,
-                                text: head + "numgen random mod \(dests.count) map { \(pairs.joined(separator: ", ")) } comment \"\(c.comment)\""))
-            }
+        for p in picks {
+            ops.append(rule(p.name, pickRule(family: p.family, protocol: p.protocol, count: p.count), text: pickRuleText(p)))
         }
         return ops
     }
 
-    /// Splits elements over as many NEWSETELEM messages as their nested list needs.
-    static func elementOperations(set: NftSet, kind: String, elements: [NftElement], texts: [String]) -> [NftOperation] {
+    /// The exact size of an element's attributes inside NFTA_SET_ELEM_LIST_ELEMENTS (libnftnl's encoding:
+    /// element nest; key nest with NFTA_DATA_VALUE; data nest with NFTA_DATA_VALUE or NFTA_DATA_VERDICT
+    /// holding the code and the chain name; userdata).
+    static func wireSize(_ e: NftElement) -> Int {
+        func a(_ n: Int) -> Int { (n + 3) & ~3 }
+        var n = 4 + 4 + 4 + a(e.key.count)
+        if let d = e.data { n += 4 + 4 + a(d.count) }
+        if let v = e.verdict { n += 4 + 4 + 8 + (v.chain.map { 4 + a($0.utf8.count + 1) } ?? 0) }
+        if let u = e.userdata { n += 4 + a(u.count) }
+        return n
+    }
+
+    /// Splits elements over as many NEWSETELEM messages as their nested list needs. `text(i)` describes
+    /// element `i` (of `elements`); it is called for the first and last of each message, and otherwise only
+    /// when an error names an element.
+    static func elementOperations(set: NftSet, kind: String, elements: [NftElement],
+                                  text: @escaping @Sendable (Int) -> String) -> [NftOperation] {
         var ops: [NftOperation] = []
         var start = 0
+        let name = set.name
         while start < elements.count {
             var size = 0
             var end = start
             while end < elements.count {
-                let e = elements[end]
-                // element nest + key nest + data/verdict nests + chain name, generously rounded.
-                let cost = 64 + e.key.count + (e.data?.count ?? 0) + (e.verdict?.chain?.utf8.count ?? 0)
+                let cost = wireSize(elements[end])
                 if end > start && size + cost > elementListBudget { break }
                 size += cost
                 end += 1
             }
             let n = end - start
-            let what = n == 1 ? "element \(texts[start])" : "\(n) elements (\(texts[start]) … \(texts[end - 1]))"
+            let what = n == 1 ? "element \(text(start))" : "\(n) elements (\(text(start)) … \(text(end - 1)))"
+            let offset = start
             ops.append(NftOperation(kind: .newElements(set, Array(elements[start..<end])),
-                                    description: "adding \(what) to \(kind) \(set.name)",
-                                    elementDescriptions: texts[start..<end].map { "adding element \($0) to \(kind) \(set.name)" }))
+                                    description: "adding \(what) to \(kind) \(name)",
+                                    elementDescription: { i in "adding element \(text(offset + i)) to \(kind) \(name)" }))
             start = end
         }
         return ops

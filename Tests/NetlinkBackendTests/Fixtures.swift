@@ -60,8 +60,8 @@ enum Fixtures {
     }
 
     /// `mappings` dispatch entries: services of 20 ports each on addresses 203.0.113.1-250 (every fourth
-    /// service IPv6 on 2001:db8::/32 instead), alternating one and two endpoints.
-    static func largePlan(mappings: Int, table: String = "hostnet-dnat") throws -> RulePlan {
+    /// service IPv6 on 2001:db8::/32 instead); service i has 1 + i % maxEndpoints endpoints.
+    static func largePlan(mappings: Int, maxEndpoints: Int = 2, table: String = "hostnet-dnat") throws -> RulePlan {
         let perService = 20
         var specs: [ServiceSpec] = []
         for i in 0..<(mappings / perService) {
@@ -69,8 +69,9 @@ enum Fixtures {
             let address = v6 ? "2001:db8:\(String(i / 250, radix: 16))::\(String(i % 250 + 1, radix: 16))" : "203.0.113.\(i % 250 + 1)"
             let base = 1000 + (i / 250) * perService
             let ports = (0..<perService).map { k in ("p\(k)", k % 2 == 0 ? TransportProtocol.tcp : .udp, base + k, 8000 + k) }
-            let e4 = i % 2 == 0 ? ["198.51.100.\(i % 200 + 1)"] : ["198.51.100.\(i % 200 + 1)", "198.51.100.\(i % 200 + 2)"]
-            let e6 = i % 2 == 0 ? ["2001:db8:ffff::\(String(i, radix: 16))"] : ["2001:db8:ffff::\(String(i, radix: 16))", "2001:db8:fffe::1"]
+            let n = 1 + i % maxEndpoints
+            let e4 = (0..<n).map { k in "198.51.100.\((i + k) % 250 + 1)" }
+            let e6 = ["2001:db8:ffff::\(String(i, radix: 16))"] + (1..<max(n, 1)).map { k in "2001:db8:fffe::\(String(k, radix: 16))" }
             specs.append(ServiceSpec(namespace: "ns\(i % 7)", name: "svc\(i)", ips: [address], ports: ports,
                                      endpoints4: v6 ? [] : e4, endpoints6: v6 ? e6 : []))
         }

@@ -5,6 +5,8 @@ import RulePlanning
 import ServiceResolution
 import Testing
 
+func hex(_ b: [UInt8]) -> String { b.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined() }
+
 /// No kernel needed: plan → operations, encodings, error mapping, differences.
 @Suite("netlink backend without a kernel")
 struct NetlinkUnitTests {
@@ -24,70 +26,122 @@ struct NetlinkUnitTests {
         }
     }
 
-    @Test("the batch has nft's order: table, delete, table, chains, sets with elements, rules")
+    @Test("the batch has nft's order: table, delete, table, chains, maps and sets with elements, rules")
     func operationOrder() throws {
         let plan = try Fixtures.samplePlan()
+        #expect(plan.nftPickChains.map(\.name) == ["pick4-tcp-1", "pick4-tcp-2", "pick4-udp-1", "pick6-tcp-1", "pick6-tcp-3"])
         let d = try NftablesNetlink.describe(plan)
-        #expect(Array(d.prefix(5)) == [
+        #expect(Array(d.prefix(10)) == [
             "creating table inet hostnet-dnat if missing",
             "deleting table inet hostnet-dnat",
             "adding table inet hostnet-dnat",
             "adding chain output (type nat hook output priority -99)",
             "adding chain postrouting (type nat hook postrouting priority 100)",
+            "adding chain pick4-tcp-1",
+            "adding chain pick4-tcp-2",
+            "adding chain pick4-udp-1",
+            "adding chain pick6-tcp-1",
+            "adding chain pick6-tcp-3",
+        ])
+        let sets = d.filter { $0.hasPrefix("adding map ") || $0.hasPrefix("adding set ") }
+        #expect(sets == [
+            "adding map dispatch4 (type ipv4_addr . inet_proto . inet_service : verdict)",
+            "adding map dispatch6 (type ipv6_addr . inet_proto . inet_service : verdict)",
+            "adding map endpoints4 (typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport)",
+            "adding map endpoints6 (typeof ip6 daddr . meta l4proto . th dport . numgen random mod 1 : ip6 daddr . th dport)",
+            "adding set masquerade4 (type ipv4_addr)",
+            "adding set masquerade6 (type ipv6_addr)",
         ])
         let firstSet = try #require(d.firstIndex { $0.hasPrefix("adding map dispatch4") })
         let lastChain = try #require(d.lastIndex { $0.hasPrefix("adding chain ") })
         let firstRule = try #require(d.firstIndex { $0.hasPrefix("adding rule") })
         #expect(lastChain < firstSet && firstSet < firstRule)
         #expect(d.contains("adding rule to chain output: ip daddr . meta l4proto . th dport vmap @dispatch4"))
-        #expect(d.contains { $0.hasPrefix("adding 6 elements (203.0.113.10 . tcp . 80 : goto svc4-") && $0.hasSuffix(") to map dispatch4") })
-        #expect(d.contains { $0.contains("dnat ip6 to numgen random mod 3 map { 0 : 2001:db8::5 . 8443, 1 : 2001:db8::6 . 8443, 2 : 2001:db8::7 . 8443 } comment \"default/web:https\"") })
-        #expect(d.contains { $0.contains("meta l4proto udp dnat ip to 198.51.100.7:53 comment \"default/dns:dns\"") })
+        #expect(d.contains("adding 6 elements (203.0.113.10 . tcp . 80 comment \"default/web:http\" : goto pick4-tcp-2 … "
+                           + "203.0.113.13 . tcp . 8000 comment \"prod/api:8000\" : goto pick4-tcp-2) to map dispatch4"), "\(d)")
+        #expect(d.contains("adding 10 elements (203.0.113.10 . tcp . 80 . 0 : 198.51.100.5 . 8080 … "
+                           + "203.0.113.13 . tcp . 8000 . 1 : 198.51.100.9 . 9000) to map endpoints4"), "\(d)")
+        #expect(d.contains("adding rule to chain pick6-tcp-3: meta l4proto tcp dnat ip6 to ip6 daddr . meta l4proto . th dport . numgen random mod 3 map @endpoints6"))
+        #expect(d.last == "adding rule to chain pick6-tcp-3: meta l4proto tcp dnat ip6 to ip6 daddr . meta l4proto . th dport . numgen random mod 3 map @endpoints6")
         // No masquerade: neither the chain nor the sets.
         let plain = try NftablesNetlink.describe(try Fixtures.samplePlan(masquerade: false))
         #expect(!plain.contains { $0.contains("masquerade") || $0.contains("postrouting") })
+        // An empty plan still has all four maps and both dispatch rules.
+        let empty = try NftablesNetlink.describe(try Fixtures.plan([]))
+        #expect(empty.filter { $0.hasPrefix("adding map ") }.count == 4)
+        #expect(empty.filter { $0.hasPrefix("adding rule to chain output") }.count == 2)
+        #expect(!empty.contains { $0.contains("elements") || $0.contains("pick") })
     }
 
-    @Test("keys are padded to 4 bytes per field; map data is address . port; comments are NUL-terminated udata")
+    @Test("keys are padded to 4 bytes per field with a host-order slot; data is address . port; comments are NUL-terminated udata")
     func encodings() {
         #expect(RulesetProgram.dispatchKey(IPAddress("203.0.113.10")!, .tcp, 443) == [203, 0, 113, 10, 6, 0, 0, 0, 1, 187, 0, 0])
         #expect(RulesetProgram.dispatchKey(IPAddress("2001:db8::10")!, .udp, 53).count == 24)
+        #expect(RulesetProgram.endpointKey(IPAddress("203.0.113.10")!, .tcp, 443, slot: 2)
+                == [203, 0, 113, 10, 6, 0, 0, 0, 1, 187, 0, 0] + Nft.hostOrder(2))
+        #expect(RulesetProgram.endpointKey(IPAddress("2001:db8::10")!, .sctp, 3868, slot: 0).count == 28)
         #expect(RulesetProgram.destinationData(Destination(ip: IPAddress("198.51.100.5")!, port: 8443)) == [198, 51, 100, 5, 0x20, 0xfb, 0, 0])
         #expect(Userdata.ruleComment("default/web:https") == [0, 18] + Array("default/web:https".utf8) + [0])
+        #expect(Userdata.elementComment("a/b:c") == [0, 6] + Array("a/b:c".utf8) + [0])
+        #expect(NftElement(key: [], userdata: Userdata.elementComment("a/b:c")).comment == "a/b:c")
         #expect(NftRule(family: .inet, table: "t", chain: "c", expressions: [], userdata: Userdata.ruleComment("a/b:c")).comment == "a/b:c")
-        // What nft 1.0.6 stores for `type ipv4_addr . inet_proto . inet_service : verdict` (host order = little endian here).
+        // What nft 1.0.6 stores (read back from sets that `nft -f` created; host order = little endian here).
         if UInt32(1).littleEndian == 1 {
             #expect(Userdata.concatVerdictMap == [0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 8, 0, 4, 13, 0, 0, 0, 1, 0, 6, 4, 0, 0, 0, 0])
             #expect(Userdata.addressSet == [0, 4, 2, 0, 0, 0])
-            #expect(Userdata.numgenMap == [0, 4, 1, 0, 0, 0, 1, 4, 0, 0, 0, 0, 6, 4, 0, 0, 0, 0])
+            #expect(hex(Userdata.endpointsMap(ipv6: false)) == Self.endpoints4Userdata)
+            #expect(hex(Userdata.endpointsMap(ipv6: true)) == Self.endpoints6Userdata)
         }
         #expect(Nft.concat([Nft.typeIPv4Addr, Nft.typeInetProto, Nft.typeInetService]) == 0x730d)
+        #expect(Nft.concat([Nft.typeIPv4Addr, Nft.typeInetProto, Nft.typeInetService, Nft.typeInteger]) == 0x1cc344)
         #expect(Nft.concat([Nft.typeIPv6Addr, Nft.typeInetService]) == 0x20d)
     }
 
-    @Test("large element lists are split over messages whose nested list stays far below 64 KiB")
+    /// `typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport` as nft 1.0.6
+    /// wrote it (dumped with NFT_MSG_GETSET from a table loaded with `nft -f`).
+    static let endpoints4Userdata = "000400000000010400000000036000040d00000001580014000407000000010c00040c00000001040c000000010e00040900000001060004100000000214000407000000010c00040b000000010402000000031a0004170000000112000401000000010401000000020400000000043400040d000000012c0014000407000000010c00040c00000001040c0000000114000407000000010c00040b000000010402000000060400000000"
+    static let endpoints6Userdata = "000400000000010400000000036000040d00000001580014000407000000010c00040d000000010409000000010e00040900000001060004100000000214000407000000010c00040b000000010402000000031a0004170000000112000401000000010401000000020400000000043400040d000000012c0014000407000000010c00040d0000000104090000000114000407000000010c00040b000000010402000000060400000000"
+
+    @Test("large element lists are split over messages whose nested list stays below 64 KiB")
     func elementChunking() throws {
-        let plan = try Fixtures.largePlan(mappings: 4_000)
+        let plan = try Fixtures.largePlan(mappings: 4_000, maxEndpoints: 10)
         let ops = try RulesetProgram.operations(plan)
         let batch = NetlinkBatch(ops)
         let enc = batch.encode(beginSequence: 100)
-        var total = 0
+        var total = 0, messages = 0
         for (i, op) in ops.enumerated() {
             guard case .newElements(_, let elements) = op.kind else { continue }
             let r = enc.ranges[i]
-            #expect(r.count < 60_000)
             let children = NetlinkParse.childRanges(ofMessageAt: r.lowerBound, length: r.count, in: enc.bytes, listType: 3)
             #expect(children.count == elements.count)
-            #expect(op.elementDescriptions.count == elements.count)
+            // The nested list's 16-bit length: the children plus the list header.
+            let listBytes = (children.last?.upperBound ?? 0) - (children.first?.lowerBound ?? 0) + 4
+            #expect(listBytes < 65_536)
+            #expect(listBytes > RulesetProgram.elementListBudget - 200 || i == ops.count - 1
+                    || { if case .newElements(let s, _) = ops[i + 1].kind { return s.name != (opSetName(op) ?? "") }; return true }())
+            // wireSize counts exactly what libnftnl writes.
+            #expect(zip(children, elements).allSatisfy { $0.count == RulesetProgram.wireSize($1) })
             total += elements.count
+            messages += 1
         }
-        // dispatch entries + masquerade addresses + numgen map entries
-        #expect(total > 4_000)
+        // dispatch entries + endpoint slots + masquerade addresses
+        let slots = plan.rules.reduce(0) { $0 + $1.mapping.target.destinations.count }
+        #expect(total == plan.rules.count + slots + plan.externalAddresses(.ipv4).count + plan.externalAddresses(.ipv6).count)
+        print("4000 mappings: \(total) elements in \(messages) element messages, \(enc.bytes.count) bytes")
         // Every message is framed correctly, with consecutive sequence numbers after BATCH_BEGIN.
         let headers = NetlinkParse.messages(in: enc.bytes)
         #expect(headers.count == ops.count + 2)
         #expect(headers.map(\.sequence) == (0..<UInt32(ops.count + 2)).map { 100 + $0 })
         #expect(headers.dropFirst().dropLast().allSatisfy { $0.flags & 0x4 != 0 })  // NLM_F_ACK on every operation
+        // Element descriptions are made on demand, for any element of any message.
+        let endpointsOp = try #require(ops.first { opSetName($0) == "endpoints6" })
+        #expect(endpointsOp.elementDescription(0) == "adding element 2001:db8::4 . tcp . 1000 . 0 : 2001:db8:fffe::1 . 8000 to map endpoints6")
+        #expect(endpointsOp.elementDescription(1) == "adding element 2001:db8::4 . tcp . 1000 . 1 : 2001:db8:fffe::2 . 8000 to map endpoints6")
+    }
+
+    private func opSetName(_ op: NftOperation) -> String? {
+        if case .newElements(let s, _) = op.kind { return s.name }
+        return nil
     }
 
     @Test("NLMSG_ERROR with extended ack TLVs is decoded")
@@ -139,9 +193,13 @@ struct NetlinkUnitTests {
         #expect(expected.outputPriority == -99)
         #expect(expected.masqueradePriority == 100)
         #expect(expected.anomalies.isEmpty)
+        let web = try #require(expected.mappings.first { $0.externalIP.description == "2001:db8::10" && $0.port == 443 })
+        #expect(web.chain == "pick6-tcp-3")
+        #expect(web.comment == "default/web:https")
+        #expect(web.destinations.map(\.description) == ["[2001:db8::5]:8443", "[2001:db8::6]:8443", "[2001:db8::7]:8443"])
         var installed = expected
         installed.mappings.removeAll { $0.externalIP.description == "203.0.113.11" && $0.protocol == .udp }
-        installed.mappings.append(InstalledMapping(externalIP: IPAddress("203.0.113.99")!, protocol: .tcp, port: 1, chain: "svc4-x",
+        installed.mappings.append(InstalledMapping(externalIP: IPAddress("203.0.113.99")!, protocol: .tcp, port: 1, chain: "pick4-tcp-1",
                                                    comment: "a/b:c", destinations: [Destination(ip: IPAddress("198.51.100.1")!, port: 2)]))
         installed.outputPriority = -100
         installed.anomalies = ["chain stray is not used by any dispatch entry"]
@@ -153,6 +211,94 @@ struct NetlinkUnitTests {
             "- chain stray is not used by any dispatch entry",
         ])
         #expect(expected.differences(to: expected).isEmpty)
+    }
+
+    /// What the kernel would hold after the batch, without a kernel: the operations' objects as a dump.
+    static func simulatedDump(_ plan: RulePlan) throws -> DumpedTable {
+        var d = DumpedTable(table: NftTable(family: .inet, name: plan.settings.table), chains: [], sets: [], elements: [:], rules: [])
+        for op in try RulesetProgram.operations(plan) {
+            switch op.kind {
+            case .newChain(let c): d.chains.append(c)
+            case .newSet(var s):
+                s.id = nil
+                if s.dataType == Nft.dataVerdict { s.dataLength = 16 }
+                d.sets.append(s)
+            case .newElements(let s, let e): d.elements[s.name, default: []] += e
+            case .newRule(let r): d.rules.append(r)
+            default: break
+            }
+        }
+        return d
+    }
+
+    @Test("read-back decoding: mappings from dispatch elements, comments and endpoint slots; anomalies for what does not fit")
+    func decoding() throws {
+        let plan = try Fixtures.samplePlan()
+        let expected = NftablesNetlink.expected(plan)
+        let clean = try Self.simulatedDump(plan)
+        #expect(RulesetDecoder.decode(clean) == expected)
+
+        func decoded(_ change: (inout DumpedTable) -> Void) -> [String] {
+            var d = clean
+            change(&d)
+            return RulesetDecoder.decode(d).differences(to: expected)
+        }
+        func slotKey(_ ip: String, _ p: TransportProtocol, _ port: Int, _ slot: Int) -> [UInt8] {
+            RulesetProgram.endpointKey(IPAddress(ip)!, p, port, slot: slot)
+        }
+
+        // A dispatch entry whose slot 1 is missing: no destinations, and an anomaly that names the slot.
+        #expect(decoded { d in d.elements["endpoints4"]!.removeAll { $0.key == slotKey("203.0.113.10", .tcp, 443, 1) } } == [
+            "- 203.0.113.10 tcp/443 -> ? (default/web:https)",
+            "+ 203.0.113.10 tcp/443 -> 198.51.100.5:8443, 198.51.100.6:8443 (default/web:https)",
+            "- map endpoints4: element 203.0.113.10 . tcp . 443 (numgen mod 2 in chain pick4-tcp-2) has no slot 1",
+        ])
+        // An extra slot is never picked.
+        #expect(decoded { d in
+            d.elements["endpoints4"]!.append(NftElement(key: slotKey("203.0.113.11", .udp, 53, 1),
+                                                        data: RulesetProgram.destinationData(Destination(ip: IPAddress("198.51.100.99")!, port: 53))))
+        } == ["- map endpoints4: slot(s) 1 of 203.0.113.11 . udp . 53 are never picked (numgen mod 1 in chain pick4-udp-1)"])
+        // A pick chain whose modulus does not match its name (and so the number of slots).
+        let changed = decoded { d in
+            let i = d.rules.firstIndex { $0.chain == "pick6-tcp-3" }!
+            d.rules[i].expressions = RulesetProgram.pickRule(family: .ipv6, protocol: .tcp, count: 2)
+        }
+        #expect(changed.contains("- chain pick6-tcp-3 picks among 2 ip6 tcp endpoints (its name should be pick6-tcp-2)"))
+        #expect(changed.contains("- 2001:db8::10 tcp/443 -> [2001:db8::5]:8443, [2001:db8::6]:8443 (default/web:https)"))
+        #expect(changed.contains("- map endpoints6: slot(s) 2 of 2001:db8::10 . tcp . 443 are never picked (numgen mod 2 in chain pick6-tcp-3)"))
+        // A comment that differs, a stray chain, a stray rule, orphaned endpoints, an unknown set.
+        #expect(decoded { d in
+            let i = d.elements["dispatch4"]!.firstIndex { $0.key == RulesetProgram.dispatchKey(IPAddress("203.0.113.11")!, .udp, 53) }!
+            d.elements["dispatch4"]![i].userdata = Userdata.elementComment("other/dns:dns")
+        } == ["+ 203.0.113.11 udp/53 -> 198.51.100.7:53 (default/dns:dns)", "- 203.0.113.11 udp/53 -> 198.51.100.7:53 (other/dns:dns)"])
+        let stray = decoded { d in
+            d.chains.append(NftChain(family: .inet, table: d.table.name, name: "stray", base: nil))
+            d.rules.append(NftRule(family: .inet, table: d.table.name, chain: "pick4-udp-1", expressions: [.masq], userdata: nil))
+            d.elements["dispatch4"]!.removeAll { $0.key == RulesetProgram.dispatchKey(IPAddress("203.0.113.12")!, .tcp, 8000) }
+            d.sets.append(NftSet(family: .inet, table: d.table.name, name: "extra", id: nil, flags: 0, keyType: 7, keyLength: 4,
+                                 dataType: nil, dataLength: nil, size: nil, userdata: []))
+        }
+        #expect(Set(stray) == [
+            "+ 203.0.113.12 tcp/8000 -> 198.51.100.8:9000, 198.51.100.9:9000 (prod/api:8000)",
+            "+ 203.0.113.11 udp/53 -> 198.51.100.7:53 (default/dns:dns)",
+            "- 203.0.113.11 udp/53 -> ? (default/dns:dns)",
+            "- chain pick4-udp-1: 2 rules instead of one pick rule",
+            "- chain stray is not used by any dispatch entry",
+            "- chain stray: 0 rules instead of one pick rule",
+            "- map endpoints4: elements for 203.0.113.12 . tcp . 8000 have no dispatch entry",
+            "- unexpected set extra",
+        ], "\(stray)")
+        #expect(stray.count == 8)
+        // A dispatch entry that jumps to a pick chain of the other protocol, and one to a missing chain.
+        let wrong = decoded { d in
+            let i = d.elements["dispatch4"]!.firstIndex { $0.key == RulesetProgram.dispatchKey(IPAddress("203.0.113.11")!, .udp, 53) }!
+            d.elements["dispatch4"]![i].verdict = NftVerdict(code: Nft.verdictGoto, chain: "pick4-tcp-1")
+            let j = d.elements["dispatch4"]!.firstIndex { $0.key == RulesetProgram.dispatchKey(IPAddress("203.0.113.11")!, .tcp, 53) }!
+            d.elements["dispatch4"]![j].verdict = NftVerdict(code: Nft.verdictGoto, chain: "pick4-tcp-9")
+        }
+        #expect(wrong.contains("- map dispatch4: element 203.0.113.11 . udp . 53 jumps to chain pick4-tcp-1, which translates ip tcp"))
+        #expect(wrong.contains("- map dispatch4: element 203.0.113.11 . tcp . 53 jumps to missing chain pick4-tcp-9"))
+        #expect(wrong.contains("- chain pick4-udp-1 is not used by any dispatch entry"))
     }
 
     @Test("NetworkNamespace names and paths")
