@@ -2,9 +2,12 @@ import NetAddress
 import RulePlanning
 import ServiceResolution
 
-/// `RulePlan` → the exact nf_tables objects of docs/ruleset.md, in the order nft itself sends them for the
-/// rendered script: table, delete table, table, all chains (output, postrouting, the pick chains), the named
-/// sets and maps with their elements (dispatch4/6, endpoints4/6, masquerade4/6), then the rules. Pure.
+/// `RulePlan` → the exact nf_tables objects of docs/ruleset.md: table, delete table, table, all chains
+/// (output, postrouting, the pick chains), the maps and sets (dispatch4/6, endpoints4/6, masquerade4/6), the
+/// rules, and only then the elements. The kernel ends up with what `nft -f` of the rendered script installs
+/// (nft sends each set's elements right after the set), but binding a map to a rule walks all of the map's
+/// elements once per chain that looks it up (nf_tables_bind_set), so with the elements already in place
+/// every pick chain would walk all of endpoints4/6: most of the kernel's time for 20k mappings. Pure.
 struct RulesetProgram {
     static let outputChain = "output"
     static let postroutingChain = "postrouting"
@@ -183,9 +186,10 @@ struct RulesetProgram {
                                     description: "adding chain \(p.name)"))
         }
 
-        // Maps and sets with their elements.
+        // Maps and sets; their elements go last (see above).
         let families: [IPFamily] = [.ipv4, .ipv6]
         let rulesByFamily = families.map { plan.rules($0) }
+        var elementOps: [NftOperation] = []
         for (fi, f) in families.enumerated() {
             let set = dispatchSet(table, f, id: setID(dispatchOf: f))
             ops.append(NftOperation(kind: .newSet(set), description: "adding map \(set.name) (\(typeText(set, f)))"))
@@ -200,7 +204,7 @@ struct RulesetProgram {
                                            verdict: NftVerdict(code: Nft.verdictGoto, chain: pick.name),
                                            userdata: Userdata.elementComment(comment)))
             }
-            ops += elementOperations(set: set, kind: "map", elements: elements) { i in
+            elementOps += elementOperations(set: set, kind: "map", elements: elements) { i in
                 let m = rules[i].mapping
                 let pick = NftPickChain(family: f, protocol: m.protocol, count: m.target.destinations.count)
                 return "\(m.externalIP) . \(m.protocol.lowercased) . \(m.port) comment \"\(comments[i])\" : goto \(pick.name)"
@@ -221,7 +225,7 @@ struct RulesetProgram {
                     origin.append((Int32(ri), Int32(slot)))
                 }
             }
-            ops += elementOperations(set: set, kind: "map", elements: elements) { [origin] i in
+            elementOps += elementOperations(set: set, kind: "map", elements: elements) { [origin] i in
                 let m = rules[Int(origin[i].rule)].mapping, slot = Int(origin[i].slot)
                 let d = m.target.destinations[slot]
                 return "\(m.externalIP) . \(m.protocol.lowercased) . \(m.port) . \(slot) : \(d.ip) . \(d.port)"
@@ -232,7 +236,7 @@ struct RulesetProgram {
                 let set = masqSet(table, f, id: setID(masqueradeOf: f))
                 ops.append(NftOperation(kind: .newSet(set), description: "adding set \(set.name) (\(typeText(set, f)))"))
                 let addrs = plan.externalAddresses(f)
-                ops += elementOperations(set: set, kind: "set", elements: addrs.map { NftElement(key: $0.bytes) }) { addrs[$0].description }
+                elementOps += elementOperations(set: set, kind: "set", elements: addrs.map { NftElement(key: $0.bytes) }) { addrs[$0].description }
             }
         }
 
@@ -254,7 +258,7 @@ struct RulesetProgram {
         for p in picks {
             ops.append(rule(p.name, pickRule(family: p.family, protocol: p.protocol, count: p.count), text: pickRuleText(p)))
         }
-        return ops
+        return ops + elementOps
     }
 
     /// The exact size of an element's attributes inside NFTA_SET_ELEM_LIST_ELEMENTS (libnftnl's encoding:

@@ -26,7 +26,7 @@ struct NetlinkUnitTests {
         }
     }
 
-    @Test("the batch has nft's order: table, delete, table, chains, maps and sets with elements, rules")
+    @Test("the batch: table, delete, table, chains, maps and sets, rules, then the elements")
     func operationOrder() throws {
         let plan = try Fixtures.samplePlan()
         #expect(plan.nftPickChains.map(\.name) == ["pick4-tcp-1", "pick4-tcp-2", "pick4-udp-1", "pick6-tcp-1", "pick6-tcp-3"])
@@ -62,7 +62,12 @@ struct NetlinkUnitTests {
         #expect(d.contains("adding 10 elements (203.0.113.10 . tcp . 80 . 0 : 198.51.100.5 . 8080 … "
                            + "203.0.113.13 . tcp . 8000 . 1 : 198.51.100.9 . 9000) to map endpoints4"), "\(d)")
         #expect(d.contains("adding rule to chain pick6-tcp-3: meta l4proto tcp dnat ip6 to ip6 daddr . meta l4proto . th dport . numgen random mod 3 map @endpoints6"))
-        #expect(d.last == "adding rule to chain pick6-tcp-3: meta l4proto tcp dnat ip6 to ip6 daddr . meta l4proto . th dport . numgen random mod 3 map @endpoints6")
+        // Elements come after the rules, so that binding the maps to rules walks empty maps.
+        let lastRule = try #require(d.lastIndex { $0.hasPrefix("adding rule") })
+        let firstElements = try #require(d.firstIndex { $0.hasPrefix("adding ") && $0.contains("element") })
+        #expect(d[lastRule] == "adding rule to chain pick6-tcp-3: meta l4proto tcp dnat ip6 to ip6 daddr . meta l4proto . th dport . numgen random mod 3 map @endpoints6")
+        #expect(lastRule < firstElements)
+        #expect(d[firstElements...].allSatisfy { $0.contains("element") })
         // No masquerade: neither the chain nor the sets.
         let plain = try NftablesNetlink.describe(try Fixtures.samplePlan(masquerade: false))
         #expect(!plain.contains { $0.contains("masquerade") || $0.contains("postrouting") })
