@@ -95,19 +95,56 @@ struct RulesetProgram {
 
     // MARK: element encodings
 
+    // (These build each array in place: a large plan has a hundred thousand of them.)
+
+    /// Appends the address in network order (4 or 16 bytes).
+    private static func append(_ ip: IPAddress, to b: inout [UInt8]) {
+        if ip.family == .ipv4 {
+            let v = UInt32(truncatingIfNeeded: ip.low)
+            b.append(UInt8(truncatingIfNeeded: v >> 24)); b.append(UInt8(truncatingIfNeeded: v >> 16))
+            b.append(UInt8(truncatingIfNeeded: v >> 8)); b.append(UInt8(truncatingIfNeeded: v))
+        } else {
+            for half in [ip.high, ip.low] {
+                for shift in stride(from: 56, through: 0, by: -8) { b.append(UInt8(truncatingIfNeeded: half >> UInt64(shift))) }
+            }
+        }
+    }
+
+    /// A port in network order, padded to 4 bytes.
+    private static func append(port: Int, to b: inout [UInt8]) {
+        b.append(UInt8(truncatingIfNeeded: port >> 8)); b.append(UInt8(truncatingIfNeeded: port)); b.append(0); b.append(0)
+    }
+
     /// `addr . proto . port`, each field padded to 4 bytes (registers are 32-bit).
     static func dispatchKey(_ ip: IPAddress, _ p: TransportProtocol, _ port: Int) -> [UInt8] {
-        ip.bytes + [p.number, 0, 0, 0] + Nft.bigEndian16(port) + [0, 0]
+        var b: [UInt8] = []
+        b.reserveCapacity(24)
+        append(ip, to: &b)
+        b.append(p.number); b.append(0); b.append(0); b.append(0)
+        append(port: port, to: &b)
+        return b
     }
 
     /// `addr . proto . port . slot`: the dispatch key followed by the slot in host byte order (it is
     /// compared with numgen's output, a host-order register).
     static func endpointKey(_ ip: IPAddress, _ p: TransportProtocol, _ port: Int, slot: Int) -> [UInt8] {
-        dispatchKey(ip, p, port) + Nft.hostOrder(UInt32(slot))
+        var b: [UInt8] = []
+        b.reserveCapacity(28)
+        append(ip, to: &b)
+        b.append(p.number); b.append(0); b.append(0); b.append(0)
+        append(port: port, to: &b)
+        withUnsafeBytes(of: UInt32(slot)) { b.append(contentsOf: $0) }  // host byte order
+        return b
     }
 
     /// `addr . port` data of the endpoints maps.
-    static func destinationData(_ d: Destination) -> [UInt8] { d.ip.bytes + Nft.bigEndian16(d.port) + [0, 0] }
+    static func destinationData(_ d: Destination) -> [UInt8] {
+        var b: [UInt8] = []
+        b.reserveCapacity(20)
+        append(d.ip, to: &b)
+        append(port: d.port, to: &b)
+        return b
+    }
 
     static func setID(dispatchOf f: IPFamily) -> UInt32 { f == .ipv4 ? 1 : 2 }
     static func setID(endpointsOf f: IPFamily) -> UInt32 { f == .ipv4 ? 3 : 4 }
@@ -219,9 +256,8 @@ struct RulesetProgram {
             var elements: [NftElement] = []
             for (ri, r) in rules.enumerated() {
                 let m = r.mapping
-                let head = dispatchKey(m.externalIP, m.protocol, m.port)
                 for (slot, d) in m.target.destinations.enumerated() {
-                    elements.append(NftElement(key: head + Nft.hostOrder(UInt32(slot)), data: destinationData(d)))
+                    elements.append(NftElement(key: endpointKey(m.externalIP, m.protocol, m.port, slot: slot), data: destinationData(d)))
                     origin.append((Int32(ri), Int32(slot)))
                 }
             }
