@@ -74,8 +74,11 @@ public struct Planner: Sendable {
             }
             rulesUnordered.append((m, index))
         }
-        // Sort chains by name and remap the rules' indices.
-        let order = chains.indices.sorted { chains[$0].nftName < chains[$1].nftName }
+        // Sort chains and remap the rules' indices.
+        let order = chains.indices.sorted {
+            let (a, b) = (chains[$0], chains[$1])
+            return (a.family, a.service, a.portName, a.protocol) < (b.family, b.service, b.portName, b.protocol)
+        }
         var newIndex = [Int](repeating: 0, count: chains.count)
         for (new, old) in order.enumerated() { newIndex[old] = new }
         let sortedChains = order.map { chains[$0] }
@@ -87,16 +90,15 @@ public struct Planner: Sendable {
 
     private func makeChain(for m: Mapping) -> TargetChain {
         let portLabel = m.portName.isEmpty ? String(m.port) : m.portName
-        let familyDigit = m.family == .ipv4 ? "4" : "6"
         let identity = "\(m.family.rawValue)|\(m.service.namespace)/\(m.service.name):\(m.portName)|\(m.protocol.rawValue)"
-        let hash = ServiceResolution.ChainHash.hash16(identity)
-        let readable = RuleText.identifier("\(m.service.namespace)/\(m.service.name)/\(m.protocol.lowercased)/\(portLabel)")
-        let iptHash = ServiceResolution.ChainHash.hash16(settings.chain + "|" + identity)
+        // The --chain prefix is part of the hash, so two instances with different --chain never share a chain.
+        let hash = ServiceResolution.ChainHash.hash16(settings.chain + "|" + identity)
         return TargetChain(
-            nftName: "svc\(familyDigit)-\(hash)-\(readable)",
-            iptablesName: "HNDNAT-\(iptHash)",
+            service: m.service,
+            portName: m.portName,
             family: m.family,
             protocol: m.protocol,
+            iptablesName: "HNDNAT-\(hash)",
             comment: RuleText.comment("\(m.service.namespace)/\(m.service.name):\(portLabel)"),
             target: m.target)
     }
@@ -110,14 +112,6 @@ public enum RuleText {
     public static func comment(_ s: String) -> String {
         String(String.UnicodeScalarView(s.unicodeScalars.prefix(120).map { u -> Unicode.Scalar in
             let safe = u.isASCII && (u.properties.isAlphabetic || ("0"..."9").contains(u) || "./:_-= ".unicodeScalars.contains(u))
-            return safe ? u : "_"
-        }))
-    }
-
-    /// Safe as part of an unquoted nft identifier: `[a-z0-9./_-]`, at most 128 bytes.
-    public static func identifier(_ s: String) -> String {
-        String(String.UnicodeScalarView(s.unicodeScalars.prefix(128).map { u -> Unicode.Scalar in
-            let safe = u.isASCII && (("a"..."z").contains(u) || ("0"..."9").contains(u) || "./_-".unicodeScalars.contains(u))
             return safe ? u : "_"
         }))
     }

@@ -48,13 +48,15 @@ public struct Conflict: Sendable, Hashable, Comparable, CustomStringConvertible 
 }
 
 /// Where matched connections go: one per service port and family, shared by all of its external IPs.
+/// iptables gives each its own chain; nftables keeps the destinations in a data map (docs/ruleset.md).
 public struct TargetChain: Sendable, Hashable {
-    /// Regular nft chain in our table, e.g. `svc-K3XH2Q...-default/web/tcp/https`.
-    public let nftName: String
-    /// iptables chain (at most 28 characters), e.g. `HNDNAT-K3XH2Q...`.
-    public let iptablesName: String
+    public let service: ObjectName
+    /// The port's name, or empty for an unnamed port.
+    public let portName: String
     public let family: IPFamily
     public let `protocol`: TransportProtocol
+    /// iptables chain (at most 28 characters), e.g. `HNDNAT-K3XH2Q...`.
+    public let iptablesName: String
     /// `namespace/name:port`, already safe for a rule file.
     public let comment: String
     public let target: MappingTarget
@@ -75,7 +77,7 @@ public struct RulePlan: Sendable {
     public let strategy: TargetStrategy
     /// Sorted by family, external IP, protocol number and port.
     public let rules: [PlannedRule]
-    /// Sorted by nft name.
+    /// Sorted by family, service, port name and protocol.
     public let targetChains: [TargetChain]
     public let skipped: [SkippedItem]
     /// Conflicts resolved by `--on-conflict skip` (with `fail` the planner throws instead).

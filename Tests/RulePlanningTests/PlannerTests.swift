@@ -58,7 +58,7 @@ private func resolution(_ m: [Mapping]) -> Resolution {
         #expect(a.rules == b.rules)
         #expect(a.targetChains == b.targetChains)
         #expect(a.targetChains.count == 7)
-        #expect(a.targetChains.map(\.nftName) == a.targetChains.map(\.nftName).sorted())
+        #expect(a.targetChains.map(\.service) == a.targetChains.map(\.service).sorted())
         #expect(a.rules.map(\.mapping.externalIP) == a.rules.map(\.mapping.externalIP).sorted())
         #expect(a.externalAddresses(.ipv4).count == 30)
     }
@@ -67,13 +67,12 @@ private func resolution(_ m: [Mapping]) -> Resolution {
         let evil = mapping("n", "x\" ; -A OUTPUT -j ACCEPT\n}", port: "p\u{7}", ext: "203.0.113.1", to: ["198.51.100.1"])
         let plan = try Planner().plan(resolution([evil]), strategy: .endpoints)
         let chain = plan.targetChains[0]
-        for text in [chain.nftName, chain.comment, chain.iptablesName] {
+        for text in [chain.comment, chain.iptablesName] {
             #expect(!text.contains("\""))
             #expect(!text.contains("\n"))
             #expect(!text.contains(";"))
             #expect(!text.unicodeScalars.contains { $0.value < 0x20 })
         }
-        #expect(!chain.nftName.contains(" "))
         #expect(chain.iptablesName.count <= 28)
     }
 
