@@ -1,0 +1,82 @@
+import Foundation
+import KubeObjects
+import NetAddress
+@testable import NetlinkBackend
+import RuleRendering
+import RulePlanning
+import ServiceResolution
+import Testing
+import TestSupport
+
+/// Netlink apply vs `nft -f` of the rendered script, for a cluster file (e.g. from scripts/gen-cluster).
+/// Runs only with HNDNAT_NETLINK_BENCH=<file>; HNDNAT_NETLINK_BENCH_ROUNDS (default 3) fresh namespaces per tool.
+///
+///   python3 scripts/gen-cluster --services 8000 -o /tmp/c.json
+///   HNDNAT_NETLINK_BENCH=/tmp/c.json swift test --filter NetlinkBenchmark
+///
+/// The plan is the one `render -f <file> --target endpoints --external-ip-cidr 198.19.0.0/18
+/// --external-ip-cidr 2001:db8:2::/48` makes (scripts/bench uses the same options).
+@Suite("netlink apply vs nft -f benchmark", .serialized)
+struct NetlinkBenchmark {
+    @Test("apply and re-apply: netlink vs nft -f, fresh namespaces, median of N")
+    func applyVersusNft() throws {
+        guard let file = ProcessInfo.processInfo.environment["HNDNAT_NETLINK_BENCH"] else { return }
+        guard try requireKernelTests(tools: ["nft"]) else { return }
+        let rounds = Int(ProcessInfo.processInfo.environment["HNDNAT_NETLINK_BENCH_ROUNDS"] ?? "") ?? 3
+        let bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: file)))
+        let objects = try DocumentLoader.load(bytes, source: file)
+        let options = ResolutionOptions(target: .endpoints, externalIPAllowlist: [CIDR("198.19.0.0/18")!, CIDR("2001:db8:2::/48")!])
+        let plan = try Planner(settings: PlanSettings(table: "hostnet-dnat")).plan(ServiceResolver(options: options).resolve(objects),
+                                                                                 strategy: .endpoints)
+        let script = try NftRenderer.render(plan)
+        let scriptFile = FileManager.default.temporaryDirectory.appendingPathComponent("hnd-bench-\(getpid()).nft")
+        try script.write(to: scriptFile, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(at: scriptFile) }
+        let slots = plan.rules.reduce(0) { $0 + $1.mapping.target.destinations.count }
+        print("bench: \(plan.rules.count) mappings, \(slots) endpoint slots, \(plan.nftPickChains.count) pick chains")
+
+        func seconds(_ body: () throws -> Void) rethrows -> Double {
+            let t = DispatchTime.now()
+            try body()
+            return Double(DispatchTime.now().uptimeNanoseconds - t.uptimeNanoseconds) / 1e9
+        }
+        func median(_ xs: [Double]) -> String { String(format: "%.3f", xs.sorted()[xs.count / 2]) }
+
+        var build: [Double] = [], encode: [Double] = [], commitFirst: [Double] = [], commitAgain: [Double] = []
+        var dump: [Double] = [], decode: [Double] = []
+        var netlinkFirst: [Double] = [], netlinkAgain: [Double] = [], nftFirst: [Double] = [], nftAgain: [Double] = []
+        var sizes = ""
+        for _ in 0..<rounds {
+            try withNamespaces(2, label: "bench") { ns in
+                // The public path, as NodeBackend calls it: plan → operations → one batch → answers.
+                netlinkFirst.append(try seconds { try ns[0].backend.apply(plan) })
+                netlinkAgain.append(try seconds { try ns[0].backend.apply(plan) })
+                nftFirst.append(try seconds { try ns[1].runChecked(["nft", "-f", scriptFile.path], timeout: 600) })
+                nftAgain.append(try seconds { try ns[1].runChecked(["nft", "-f", scriptFile.path], timeout: 600) })
+            }
+            // The same, split into userspace (operations, libnftnl encoding) and the commit (sendmsg, in
+            // which the kernel runs the whole transaction, then reading the acks).
+            try withNamespace("bench-split") { ns in
+                var ops: [NftOperation] = []
+                build.append(try seconds { ops = try RulesetProgram.operations(plan) })
+                var enc = NetlinkBatch.Encoded(bytes: [], beginSequence: 0, ranges: [])
+                encode.append(seconds { enc = NetlinkBatch(ops).encode(beginSequence: 1) })
+                sizes = "\(ops.count + 2) messages, \(enc.bytes.count) bytes"
+                let session = try NetlinkSession.open(in: ns.netns)
+                commitFirst.append(try seconds { _ = try NetlinkBatch(ops).commit(on: session.socket) })
+                commitAgain.append(try seconds { _ = try NetlinkBatch(ops).commit(on: session.socket) })
+                var dumped: DumpedTable?
+                dump.append(try seconds { dumped = try ns.backend.dumpTable(family: .inet, name: plan.settings.table) })
+                var installed: InstalledRuleset?
+                decode.append(seconds { installed = RulesetDecoder.decode(dumped!) })
+                #expect(installed == NftablesNetlink.expected(plan))
+            }
+        }
+        print("bench: batch of \(sizes)")
+        print("bench: netlink apply  first \(median(netlinkFirst)) s  re-apply \(median(netlinkAgain)) s   (all: \(netlinkFirst) / \(netlinkAgain))")
+        print("bench: nft -f         first \(median(nftFirst)) s  re-apply \(median(nftAgain)) s   (all: \(nftFirst) / \(nftAgain))")
+        print("bench: netlink split: operations \(median(build)) s, encode \(median(encode)) s, "
+              + "commit (encode + send + kernel + acks) first \(median(commitFirst)) s, re-apply \(median(commitAgain)) s")
+        print("bench: read back: dump \(median(dump)) s, decode \(median(decode)) s")
+    }
+}
