@@ -105,7 +105,7 @@ struct NftablesBackend: Sendable {
         }
         let state = before.isEmpty ? "already up to date" : "\(dryRun ? "would change" : "changed") \(before.count) thing(s)"
         let summary = "nftables table inet \(plan.settings.table) in \(context.place): \(plan.rules.count) mapping(s), "
-            + "\(plan.targetChains.count) target chain(s), output priority \(plan.settings.priority); \(state)\(note)"
+            + "\(plan.nftPickChains.count) pick chain(s), output priority \(plan.settings.priority); \(state)\(note)"
         return ApplyResult(changed: !before.isEmpty, differences: before, summary: summary)
     }
 

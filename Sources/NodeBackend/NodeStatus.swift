@@ -21,7 +21,7 @@ public struct StatusMapping: Sendable, Equatable {
     public var externalIP: String
     public var `protocol`: String
     public var port: Int
-    /// Our target chain (`HNDNAT-…`, `svc4-…`) or kube-proxy's `KUBE-SVC-…`.
+    /// Our chain: `HNDNAT-…` (iptables), `pick4-tcp-3` (nftables), or kube-proxy's `KUBE-SVC-…`.
     public var target: String
     /// Where the target chain DNATs to; empty for a kube-proxy chain.
     public var destinations: [String]
