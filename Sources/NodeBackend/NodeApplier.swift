@@ -136,12 +136,10 @@ struct NftablesBackend: Sendable {
                           port: m.port, target: m.chain, destinations: m.destinations.map(\.description), comment: m.comment)
         }
         status.notes += installed.anomalies
-        var text = "table inet \(installed.table)\n"
-        for m in installed.mappings { text += "  \(m)\n" }
+        // The mappings above already are the table's content; only the masquerade set is left to show.
         if !installed.masqueradeAddresses.isEmpty {
-            text += "  masquerade \(installed.masqueradeAddresses.map(\.description).joined(separator: ", "))\n"
+            status.hooks.append("masquerade: \(installed.masqueradeAddresses.map(\.description).joined(separator: ", "))")
         }
-        status.ruleset = text
         return status
     }
 
