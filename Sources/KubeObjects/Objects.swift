@@ -104,8 +104,8 @@ public struct Endpoint: Sendable, Equatable {
         self.addresses = addresses; self.ready = ready; self.serving = serving; self.terminating = terminating
     }
     public var isReady: Bool { ready ?? true }
-    /// kube-proxy's fallback when nothing is ready: serving (nil means ready) and terminating.
-    public var isServingTerminating: Bool { (serving ?? isReady) && (terminating ?? false) }
+    /// kube-proxy's fallback when nothing is ready: serving (nil means true, as kube-proxy reads it) and terminating.
+    public var isServingTerminating: Bool { (serving ?? true) && (terminating ?? false) }
 }
 
 /// Everything read from the sources, plus what was passed over.

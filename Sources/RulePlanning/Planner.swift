@@ -20,6 +20,12 @@ public struct Planner: Sendable {
         guard valid(settings.chain, max: 23), settings.chain.first!.isLetter else {
             throw .invalidSetting("--chain \"\(settings.chain)\": use 1-23 letters, digits, '-' or '_', starting with a letter (iptables allows 28 characters and we add -MASQ)")
         }
+        // Never name a chain that belongs to the kernel or to another tool: ours are flushed and replaced.
+        let builtIn = ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"]
+        let foreignPrefixes = ["KUBE-", "DOCKER", "CNI-", "cali-", "HNDNAT-"]
+        if builtIn.contains(settings.chain.uppercased()) || foreignPrefixes.contains(where: { settings.chain.hasPrefix($0) }) {
+            throw .invalidSetting("--chain \"\(settings.chain)\" names a built-in chain or another tool's (KUBE-, DOCKER, CNI-, cali-) or our per-service chains (HNDNAT-); choose another name")
+        }
         guard settings.priority >= Int(Int32.min), settings.priority <= Int(Int32.max) else {
             throw .invalidSetting("--priority \(settings.priority) is out of range")
         }

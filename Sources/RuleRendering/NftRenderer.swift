@@ -17,6 +17,9 @@ public enum RenderError: Error, Sendable, Equatable, CustomStringConvertible {
 /// Renders a plan as an nft script that replaces our table atomically: `nft -f` twice gives the same
 /// ruleset. The exact shape is the contract in docs/ruleset.md, shared with the netlink backend.
 public enum NftRenderer {
+    /// The table comment that marks a table as ours: apply and remove refuse to touch a table without it.
+    public static let ownershipComment = "managed by hostnet-dnat"
+
     public static func render(_ plan: RulePlan) throws(RenderError) -> String {
         if plan.targetChains.contains(where: { if case .kubeProxyChain = $0.target { return true } else { return false } }) {
             throw .kubeProxyTargetNeedsIptables(family: "iptables")
@@ -30,6 +33,7 @@ public enum NftRenderer {
         out += "table inet \(table) {}\n"
         out += "delete table inet \(table)\n"
         out += "table inet \(table) {\n"
+        out += "\tcomment \"\(NftRenderer.ownershipComment)\"\n"
         for family in IPFamily.allCases {
             out += "\tmap dispatch\(digit(family)) {\n"
             out += "\t\ttype \(addressType(family)) . inet_proto . inet_service : verdict\n"

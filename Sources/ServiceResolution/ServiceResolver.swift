@@ -165,6 +165,7 @@ public struct ServiceResolver: Sendable {
     }
 
     private func resolve(_ service: Service, slices: [EndpointSlice]?, into result: inout Resolution) {
+        let skippedBefore = result.skipped.count
         if !options.namespaces.isEmpty && !options.namespaces.contains(service.id.namespace) {
             return skip(&result, service, "filtered out by --namespace")
         }
@@ -208,7 +209,7 @@ public struct ServiceResolver: Sendable {
             if seenIPs.insert(ip).inserted { candidates.append((ip, .externalIP)) }
         }
         if candidates.isEmpty {
-            if !result.skipped.contains(where: { $0.service == service.id }) {
+            if result.skipped.count == skippedBefore {
                 skip(&result, service, "no external IP: no load-balancer ingress IP and no spec.externalIPs")
             }
             return
@@ -238,6 +239,10 @@ public struct ServiceResolver: Sendable {
             if !hasSlices { result.autoFellBackToClusterIP.append(service.id) }
         }
 
+        if service.sessionAffinity == "ClientIP" && strategy == .endpoints {
+            result.warnings.append("\(service.id) has sessionAffinity ClientIP; the endpoints target spreads connections at random "
+                                   + "and does not keep a client on one endpoint")
+        }
         for port in service.ports {
             let portLabel = port.name.isEmpty ? String(port.port) : port.name
             var targetByFamily: [IPFamily: MappingTarget?] = [:]
@@ -259,6 +264,13 @@ public struct ServiceResolver: Sendable {
                         slices: [EndpointSlice], portLabel: String, into result: inout Resolution) -> MappingTarget? {
         switch strategy {
         case .kubeProxy:
+            // kube-proxy creates no KUBE-SVC chain for a port without usable endpoints; when the input has
+            // the service's slices, say so here instead of failing later on a missing chain.
+            if !slices.isEmpty && endpoints(for: port, family: family, slices: slices).destinations.isEmpty {
+                skip(&result, service, port: portLabel,
+                     "no ready endpoints for port \(portLabel) (\(family.rawValue)): kube-proxy has no KUBE-SVC chain for it")
+                return nil
+            }
             return .kubeProxyChain(KubeProxyNames.serviceChain(
                 namespace: service.id.namespace, name: service.id.name, portName: port.name, protocol: port.protocol.rawValue))
         case .clusterIP:
@@ -268,30 +280,37 @@ public struct ServiceResolver: Sendable {
             }
             return .clusterIP(Destination(ip: vip, port: port.port))
         case .endpoints, .auto:
-            var ready = Set<Destination>()
-            var fallback = Set<Destination>()
-            var sawSliceOfFamily = false
-            for slice in slices where slice.family == family {
-                sawSliceOfFamily = true
-                // Slices are matched to service ports by name; the number comes from each slice.
-                guard let number = slice.ports.first(where: { $0.name == port.name && $0.protocol == port.protocol })?.port else {
-                    continue
-                }
-                for endpoint in slice.endpoints {
-                    for address in endpoint.addresses {
-                        if endpoint.isReady { ready.insert(Destination(ip: address, port: number)) }
-                        else if endpoint.isServingTerminating { fallback.insert(Destination(ip: address, port: number)) }
-                    }
-                }
-            }
-            let chosen = ready.isEmpty ? fallback : ready
+            let (chosen, sawSliceOfFamily) = endpoints(for: port, family: family, slices: slices)
             if chosen.isEmpty {
                 let why = sawSliceOfFamily ? "no ready endpoints" : "no \(family.rawValue) EndpointSlices"
                 skip(&result, service, port: portLabel, "\(why) for port \(portLabel) (\(family.rawValue))")
                 return nil
             }
-            return .endpoints(chosen.sorted())
+            return .endpoints(chosen)
         }
+    }
+
+    /// The port's endpoints of one family, as kube-proxy picks them: slices matched by port name and
+    /// protocol, the port number from each slice, an endpoint's first address only; ready endpoints, or
+    /// serving-and-terminating ones when none is ready. Sorted and deduplicated.
+    private func endpoints(for port: ServicePort, family: IPFamily, slices: [EndpointSlice])
+        -> (destinations: [Destination], sawSliceOfFamily: Bool)
+    {
+        var ready = Set<Destination>()
+        var fallback = Set<Destination>()
+        var sawSliceOfFamily = false
+        for slice in slices where slice.family == family {
+            sawSliceOfFamily = true
+            guard let number = slice.ports.first(where: { $0.name == port.name && $0.protocol == port.protocol })?.port else {
+                continue
+            }
+            for endpoint in slice.endpoints {
+                guard let address = endpoint.addresses.first else { continue }
+                if endpoint.isReady { ready.insert(Destination(ip: address, port: number)) }
+                else if endpoint.isServingTerminating { fallback.insert(Destination(ip: address, port: number)) }
+            }
+        }
+        return ((ready.isEmpty ? fallback : ready).sorted(), sawSliceOfFamily)
     }
 
     /// `spec.clusterIPs[i]` pairs with `spec.ipFamilies[i]`; the ClusterIP of a family is the one of that family.

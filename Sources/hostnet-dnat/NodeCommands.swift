@@ -52,6 +52,7 @@ struct NodePlanning {
     let reason: String?
 
     static func make(source: SourceOptions, resolution: ResolutionFlags, planFlags: PlanFlags, node: NodeFlags) async throws(CLIError) -> NodePlanning {
+        let settings = try planFlags.settings(onConflict: resolution.onConflict)
         var options = try resolution.resolutionOptions()
         let context = NodeContext(netns: try node.namespace())
         let objects = try await Pipeline.loadObjects(source, namespaces: resolution.namespaces, selector: resolution.selector)
@@ -66,8 +67,7 @@ struct NodePlanning {
         if options.target == .kubeProxy && node.backend == .nftables {
             throw CLIError(.usage, "--target kube-proxy jumps into kube-proxy's iptables chains, which an nftables table cannot reach; use --backend iptables, or --target endpoints")
         }
-        let plan = try Pipeline.plan(objects: objects, resolution: options,
-                                     settings: planFlags.settings(onConflict: resolution.onConflict), requested: options.target)
+        let plan = try Pipeline.plan(objects: objects, resolution: options, settings: settings, requested: options.target)
         return NodePlanning(plan: plan, strategy: options.target, reason: reason)
     }
 
@@ -184,8 +184,9 @@ struct Status: AsyncParsableCommand {
 
     func run() async throws {
         try await Console.run {
+            let settings = try planFlags.settings(onConflict: .fail)
             let status: NodeStatus
-            do { status = try node.applier().status(planFlags.settings(onConflict: .fail)) } catch let e as NodeError { throw e.cliError }
+            do { status = try node.applier().status(settings) } catch let e as NodeError { throw e.cliError }
             Console.out(node.output == .json ? status.json : status.text)
         }
     }
@@ -205,8 +206,9 @@ struct Remove: AsyncParsableCommand {
 
     func run() async throws {
         try await Console.run {
+            let settings = try planFlags.settings(onConflict: .fail)
             let removed: Bool
-            do { removed = try node.applier().remove(planFlags.settings(onConflict: .fail)) } catch let e as NodeError { throw e.cliError }
+            do { removed = try node.applier().remove(settings) } catch let e as NodeError { throw e.cliError }
             if node.output == .json {
                 Console.out("{\n  \"removed\": \(removed)\n}\n")
             } else {

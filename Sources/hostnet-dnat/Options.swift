@@ -74,8 +74,11 @@ struct PlanFlags: ParsableArguments {
     @Option(help: ArgumentHelp("Priority of the nat output chain. -99 runs after kube-proxy (-100): only what nothing else translated. -101 takes over. For iptables: below -100 inserts the jump first in OUTPUT, otherwise appends it.", valueName: "n"))
     var priority = -99
 
-    func settings(onConflict: ConflictPolicy) -> PlanSettings {
-        PlanSettings(table: table, chain: chain, priority: priority, masquerade: !noMasquerade, onConflict: onConflict)
+    /// Validated first thing in every command, so a bad name is a usage error (64) before anything else runs.
+    func settings(onConflict: ConflictPolicy) throws(CLIError) -> PlanSettings {
+        let s = PlanSettings(table: table, chain: chain, priority: priority, masquerade: !noMasquerade, onConflict: onConflict)
+        do { try Planner.validate(s) } catch { throw CLIError(.usage, error.description) }
+        return s
     }
 }
 

@@ -40,10 +40,10 @@ struct Render: AsyncParsableCommand {
 
     func run() async throws {
         try await Console.run {
+            let settings = try planFlags.settings(onConflict: resolution.onConflict)
             let options = try resolution.resolutionOptions()
             let objects = try await Pipeline.loadObjects(source, namespaces: resolution.namespaces, selector: resolution.selector)
-            let plan = try Pipeline.plan(objects: objects, resolution: options,
-                                         settings: planFlags.settings(onConflict: resolution.onConflict),
+            let plan = try Pipeline.plan(objects: objects, resolution: options, settings: settings,
                                          requested: resolution.target)
             let text: String
             switch format {

@@ -159,6 +159,11 @@ struct CLI {
         try expectFailure(["render", "-f", "examples/cluster.yaml", "--target", "magic"], status: 64, mentions: ["--target"])
         try expectFailure(["render", "-f", "examples/cluster.yaml", "--format", "pf"], status: 64, mentions: ["--format"])
         try expectFailure(["render", "-f", "examples/cluster.yaml", "--table", "a b"], status: 64, mentions: ["--table"])
+        try expectFailure(["render", "-f", "examples/cluster.yaml", "--chain", "DOCKER", "--format", "iptables"], status: 64, mentions: ["--chain"])
+        // Settings are checked before anything touches the node or the API.
+        try expectFailure(["remove", "--table", "a b"], status: 64, mentions: ["--table"])
+        try expectFailure(["status", "--chain", "OUTPUT", "--backend", "iptables"], status: 64, mentions: ["--chain"])
+        try expectFailure(["apply", "--table", "a b"], status: 64, mentions: ["--table"])
     }
 
     @Test func kubeProxyTargetIsRefusedForNft() throws {

@@ -79,6 +79,7 @@ private func resolution(_ m: [Mapping]) -> Resolution {
     @Test(arguments: [
         PlanSettings(table: "bad table"), PlanSettings(table: ""), PlanSettings(table: "1abc"),
         PlanSettings(chain: "THIS-CHAIN-NAME-IS-TOO-LONG"), PlanSettings(chain: "A;B"),
+        PlanSettings(chain: "OUTPUT"), PlanSettings(chain: "DOCKER"), PlanSettings(chain: "KUBE-SERVICES"), PlanSettings(chain: "HNDNAT-X"),
     ])
     func invalidSettingsAreRejected(settings: PlanSettings) {
         #expect(throws: PlanningError.self) { try Planner(settings: settings).plan(resolution([]), strategy: .auto) }

@@ -52,6 +52,33 @@ private func resolve(_ services: [Service], _ slices: [EndpointSlice] = [], _ op
         #expect(r.mappings.first?.target == .endpoints([Destination(ip: ip("198.51.100.5"), port: 8443)]))
     }
 
+    @Test func missingServingMeansServingAndOnlyTheFirstAddressCounts() {
+        let s = slice("web-1", ports: [EndpointPort(name: "https", port: 8443)], [
+            Endpoint(addresses: [ip("198.51.100.5")], ready: false, serving: nil, terminating: true),
+            Endpoint(addresses: [ip("198.51.100.7"), ip("198.51.100.8")], ready: false, serving: nil, terminating: true),
+        ])
+        let r = resolve([lbService(["203.0.113.10"])], [s], ResolutionOptions(target: .endpoints))
+        #expect(r.mappings.first?.target == .endpoints([Destination(ip: ip("198.51.100.5"), port: 8443),
+                                                        Destination(ip: ip("198.51.100.7"), port: 8443)]))
+    }
+
+    @Test func kubeProxyTargetSkipsPortsWithoutEndpointsWhenSlicesAreKnown() {
+        let s = slice("web-1", ports: [EndpointPort(name: "https", port: 8443)], [Endpoint(addresses: [ip("198.51.100.5")], ready: false)])
+        let r = resolve([lbService(["203.0.113.10"])], [s], ResolutionOptions(target: .kubeProxy))
+        #expect(r.mappings.isEmpty)
+        #expect(r.skipped.first?.reason.contains("kube-proxy has no KUBE-SVC chain") == true)
+        // Without any slices in the input there is nothing to judge by: the jump is planned.
+        #expect(resolve([lbService(["203.0.113.10"])], [], ResolutionOptions(target: .kubeProxy)).mappings.count == 1)
+    }
+
+    @Test func clientIPAffinityIsWarnedAbout() {
+        var svc = lbService(["203.0.113.10"])
+        svc.sessionAffinity = "ClientIP"
+        let r = resolve([svc], [httpsSlice], ResolutionOptions(target: .endpoints))
+        #expect(r.mappings.count == 1)
+        #expect(r.warnings.contains { $0.contains("sessionAffinity ClientIP") })
+    }
+
     @Test func noReadyEndpointsIsSkippedWithAReason() {
         let s = slice("web-1", ports: [EndpointPort(name: "https", port: 8443)], [Endpoint(addresses: [ip("198.51.100.5")], ready: false)])
         let r = resolve([lbService(["203.0.113.10"])], [s], ResolutionOptions(target: .endpoints))
