@@ -20,8 +20,6 @@ struct IptablesOwned: Sendable {
     var postroutingJumps: [Jump] = []
     /// Position of kube-proxy's `-j KUBE-SERVICES` in nat OUTPUT.
     var kubeServicesIndex: Int?
-    /// Chains other than OUTPUT/POSTROUTING that jump into our main or masquerade chain.
-    var foreignReferrers: [String] = []
 
     var isEmpty: Bool { chains.isEmpty && outputJumps.isEmpty && postroutingJumps.isEmpty }
 
@@ -49,11 +47,6 @@ struct IptablesOwned: Sendable {
         for (i, r) in nat.rules("POSTROUTING").enumerated() where r.target == settings.masqueradeChain {
             postroutingJumps.append(Jump(index: i, rule: r))
         }
-        for name in ours {
-            for referrer in (refs[name] ?? []).sorted() where referrer != "OUTPUT" && referrer != "POSTROUTING" && !ours.contains(referrer) {
-                foreignReferrers.append("\(referrer) -> \(name)")
-            }
-        }
     }
 
     /// The OUTPUT jump is there exactly once, on the requested side of kube-proxy's.
@@ -70,26 +63,59 @@ struct IptablesDesired: Sendable {
     /// Lines between `*nat` and `COMMIT`, comments dropped: declarations first, then rules.
     var body: [String]
     var table: SavedRuleset.Table
-    /// kube-proxy chains the plan jumps to, with the service they stand for.
+    /// kube-proxy chains the plan jumps to, with the service they stand for (skipped ones included).
     var kubeChains: [(chain: String, comment: String)]
     var mappings: Int
+    /// Mappings left out because kube-proxy has no chain for them here, one warning line each.
+    var skipped: [String] = []
     var isEmpty: Bool { mappings == 0 }
 
-    init(plan: RulePlan, family: IPFamily) {
+    /// `missingKubeChains`: kube-proxy chains that do not exist in this family's nat table; the mappings
+    /// that jump to them are left out (and their masquerade rules, unless another mapping keeps the address).
+    init(plan: RulePlan, family: IPFamily, missingKubeChains: Set<String> = [], place: String = "") {
         self.family = family
-        mappings = plan.rules(family).count
+        let s = plan.settings
+        let rules = plan.rules(family)
         kubeChains = plan.targetChains(family).compactMap { c in
             if case .kubeProxyChain(let name) = c.target { return (name, c.comment) }
             return nil
         }
-        guard mappings > 0 else {
+        var keptAddresses = Set<String>()
+        var kept = 0
+        for r in rules {
+            let chain = plan.targetChains[r.targetIndex]
+            let m = r.mapping
+            if case .kubeProxyChain(let name) = chain.target, missingKubeChains.contains(name) {
+                skipped.append("skipped \(m.externalIP) \(m.protocol.lowercased)/\(m.port) (\(chain.comment)): kube-proxy has no chain "
+                               + "\(name)\(place); it creates none for a service without endpoints, or with both traffic policies Local")
+                continue
+            }
+            kept += 1
+            keptAddresses.insert(m.externalIP.description)
+        }
+        mappings = kept
+        guard kept > 0 else {
             body = []; table = SavedRuleset.Table(name: "nat")
             return
         }
         let text = IptablesRenderer.render(plan, family: family, options: .init(includeJumps: false))
-        body = text.split(separator: "\n").map(String.init)
+        var lines = text.split(separator: "\n").map(String.init)
             .filter { !$0.hasPrefix("#") && $0 != "*nat" && $0 != "COMMIT" && !$0.isEmpty }
-        table = SavedRuleset.parse(text).table("nat") ?? SavedRuleset.Table(name: "nat")
+        if !skipped.isEmpty {
+            lines = lines.filter { line in
+                guard line.hasPrefix("-A ") else { return true }
+                let tokens = SavedRuleset.tokenize(line)
+                guard tokens.count > 2 else { return true }
+                let rule = SavedRuleset.Rule(text: "", tokens: Array(tokens.dropFirst(2)))
+                if tokens[1] == s.chain, let t = rule.target { return !missingKubeChains.contains(t) }
+                if tokens[1] == s.masqueradeChain, let i = tokens.firstIndex(of: "--ctorigdst"), i + 1 < tokens.count {
+                    return keptAddresses.contains(String(tokens[i + 1].split(separator: "/").first ?? ""))
+                }
+                return true
+            }
+        }
+        body = lines
+        table = SavedRuleset.parse((["*nat"] + lines + ["COMMIT"]).joined(separator: "\n")).table("nat") ?? SavedRuleset.Table(name: "nat")
     }
 }
 
@@ -194,12 +220,7 @@ struct IptablesBackend: Sendable {
         for chain in owned.chainOrder where !wanted.contains(chain) {
             lines.append("-X \(chain)")
         }
-        if fixOutput {
-            lines.append(s.runsBeforeKubeProxy ? "-I OUTPUT 1 -j \(s.chain)" : "-A OUTPUT -j \(s.chain)")
-        }
-        if wantMasq && owned.postroutingJumps.isEmpty {
-            lines.append("-A POSTROUTING -j \(s.masqueradeChain)")
-        }
+        lines += IptablesRenderer.jumpLines(s, output: fixOutput, postrouting: wantMasq && owned.postroutingJumps.isEmpty)
         lines.append("COMMIT")
         return lines.joined(separator: "\n") + "\n"
     }
@@ -215,97 +236,216 @@ struct IptablesBackend: Sendable {
         return lines.joined(separator: "\n") + "\n"
     }
 
-    // MARK: operations
+    /// Puts one family back the way `before` saw it: our current jumps and chains out, the old chains
+    /// with their old rules in, the old jumps at their old positions. Nothing else is named.
+    func rollbackScript(before: IptablesOwned, now: IptablesOwned) -> String {
+        var lines = ["*nat"]
+        lines += now.outputJumps.map { "-D OUTPUT \($0.rule.text)" }
+        lines += now.postroutingJumps.map { "-D POSTROUTING \($0.rule.text)" }
+        let old = Set(before.chainOrder)
+        for chain in before.chainOrder + now.chainOrder.filter({ !old.contains($0) }) { lines.append(":\(chain) - [0:0]") }
+        for chain in before.chainOrder {
+            lines += (before.chains[chain] ?? []).map { "-A \(chain) \($0.text)" }
+        }
+        lines += now.chainOrder.filter { !old.contains($0) }.map { "-X \($0)" }
+        lines += before.outputJumps.sorted { $0.index < $1.index }.map { "-I OUTPUT \($0.index + 1) \($0.rule.text)" }
+        lines += before.postroutingJumps.sorted { $0.index < $1.index }.map { "-I POSTROUTING \($0.index + 1) \($0.rule.text)" }
+        lines.append("COMMIT")
+        return lines.joined(separator: "\n") + "\n"
+    }
 
-    func plannedChanges(_ plan: RulePlan) throws(NodeError) -> [(IptablesDesired, IptablesOwned, [String])] {
-        var out: [(IptablesDesired, IptablesOwned, [String])] = []
-        for family in IPFamily.allCases {
-            let desired = IptablesDesired(plan: plan, family: family)
-            let owned = try self.owned(family, settings: plan.settings, required: !desired.isEmpty)
-            try checkKubeProxyChains(desired, owned)
-            if !owned.foreignReferrers.isEmpty && desired.isEmpty && !owned.isEmpty {
-                throw .refused("cannot remove \(plan.settings.chain) from the \(variant.displayName) \(family.rawValue) nat table: "
-                               + "other rules jump into it (\(owned.foreignReferrers.joined(separator: ", "))); delete those first")
+    // MARK: checks before anything is written
+
+    /// Our chains the scripts delete (`-X`) in one family: the stale ones, or all of them when the family
+    /// gets no mappings (or on remove, `desired == nil`).
+    func deletedChains(_ desired: IptablesDesired?, _ owned: IptablesOwned) -> Set<String> {
+        guard let desired, !desired.isEmpty else { return Set(owned.chainOrder) }
+        return Set(owned.chainOrder).subtracting(desired.table.chainOrder)
+    }
+
+    /// Rules outside our chains that jump to a chain we are about to delete (our own OUTPUT/POSTROUTING
+    /// jumps excluded: the scripts delete those first). `-X` would fail on them.
+    func foreignJumps(into deleted: Set<String>, _ owned: IptablesOwned, _ s: PlanSettings) -> [String] {
+        guard !deleted.isEmpty, let nat = owned.nat else { return [] }
+        let flushed = Set(owned.chainOrder)
+        var out: [String] = []
+        for chain in nat.chainOrder where !flushed.contains(chain) {
+            for r in nat.rules(chain) {
+                guard let t = r.target, deleted.contains(t) else { continue }
+                if chain == "OUTPUT" && t == s.chain { continue }
+                if chain == "POSTROUTING" && t == s.masqueradeChain { continue }
+                out.append("chain \(chain): -A \(chain) \(r.text)")
             }
-            out.append((desired, owned, differences(desired, owned, plan.settings)))
         }
         return out
     }
 
-    /// The kube-proxy target jumps into kube-proxy's chains: each must exist, or the load would fail
-    /// with iptables' "Couldn't load target" (legacy) / "Chain does not exist" (nft).
-    func checkKubeProxyChains(_ desired: IptablesDesired, _ owned: IptablesOwned) throws(NodeError) {
-        guard !desired.isEmpty, !desired.kubeChains.isEmpty else { return }
-        let missing = desired.kubeChains.filter { owned.nat?.hasChain($0.chain) != true }
-        guard !missing.isEmpty else { return }
-        let list = missing.prefix(5).map { "\($0.chain) (\($0.comment))" }.joined(separator: ", ")
-        let more = missing.count > 5 ? " and \(missing.count - 5) more" : ""
-        throw .refused("--target kube-proxy: kube-proxy's chain \(list)\(more) does not exist in the \(variant.displayName) "
-                       + "\(desired.family.rawValue) nat table of \(context.place). kube-proxy is not in iptables mode here, "
-                       + "writes to the other variant (try --iptables \(variant == .nft ? "legacy" : "nft")), or has no such "
-                       + "service port; use --target endpoints instead")
+    /// Rules in the main or masquerade chain that we never write: the chain is someone else's.
+    func foreignRules(_ owned: IptablesOwned, _ s: PlanSettings) -> [String] {
+        var out: [String] = []
+        for r in owned.chains[s.chain] ?? [] {
+            let t = r.target ?? ""
+            let ours = r.tokens.contains("-d") && r.tokens.contains("--dport") && r.tokens.contains("--comment")
+                && (t.hasPrefix("HNDNAT-") || t.hasPrefix("KUBE-SVC-"))
+            if !ours { out.append("-A \(s.chain) \(r.text)") }
+        }
+        for r in owned.chains[s.masqueradeChain] ?? [] {
+            let ours = r.target == "MASQUERADE" && r.tokens.contains("--ctorigdst") && r.tokens.count <= 10
+            if !ours { out.append("-A \(s.masqueradeChain) \(r.text)") }
+        }
+        return out
+    }
+
+    /// Refuses before the first restore, looking at both families: a `--chain` (or its -MASQ chain) that
+    /// holds rules we did not write (exit 64), or other rules jumping to a chain we would delete (exit 1).
+    /// The restores are per family, so a failure found only at the second one would leave the first changed.
+    func checkBeforeWriting(_ families: [(desired: IptablesDesired?, owned: IptablesOwned)], _ s: PlanSettings, action: String) throws(NodeError) {
+        for (_, owned) in families {
+            let foreign = foreignRules(owned, s)
+            guard !foreign.isEmpty else { continue }
+            let list = foreign.prefix(3).joined(separator: "\n  ") + (foreign.count > 3 ? "\n  … and \(foreign.count - 3) more" : "")
+            throw NodeError(exitCode: NodeError.usageCode, description:
+                "--chain \(s.chain): the \(variant.displayName) \(owned.family.rawValue) nat table of \(context.place) already has "
+                + "this chain (or \(s.masqueradeChain)) with rules hostnet-dnat did not write:\n  \(list)\n"
+                + "it belongs to someone else, and \(action) would flush it; choose another --chain (nothing was changed)")
+        }
+        var problems: [String] = []
+        for (desired, owned) in families {
+            let deleted = deletedChains(desired, owned)
+            for j in foreignJumps(into: deleted, owned, s) {
+                problems.append("\(variant.displayName) \(owned.family.rawValue) nat \(j)")
+            }
+        }
+        guard !problems.isEmpty else { return }
+        throw .refused("cannot \(action) in \(context.place): it deletes chains that other rules jump to, and the kernel "
+                       + "refuses to delete a chain that is still referenced:\n  " + problems.joined(separator: "\n  ")
+                       + "\ndelete or change those rules first (nothing was changed in either family)")
+    }
+
+    // MARK: operations
+
+    typealias Change = (desired: IptablesDesired, owned: IptablesOwned, differences: [String])
+
+    func plannedChanges(_ plan: RulePlan) throws(NodeError) -> [Change] {
+        var out: [Change] = []
+        var missingAll: [(chain: String, comment: String, family: IPFamily)] = []
+        var kubeTotal = 0
+        for family in IPFamily.allCases {
+            var desired = IptablesDesired(plan: plan, family: family)
+            let owned = try self.owned(family, settings: plan.settings, required: !desired.isEmpty)
+            if !desired.isEmpty && !desired.kubeChains.isEmpty {
+                kubeTotal += desired.kubeChains.count
+                let missing = desired.kubeChains.filter { owned.nat?.hasChain($0.chain) != true }
+                missingAll += missing.map { ($0.chain, $0.comment, family) }
+                if !missing.isEmpty {
+                    desired = IptablesDesired(plan: plan, family: family, missingKubeChains: Set(missing.map(\.chain)),
+                                              place: " in the \(variant.displayName) \(family.rawValue) nat table")
+                }
+            }
+            out.append((desired, owned, differences(desired, owned, plan.settings)))
+        }
+        // Some chains missing: kube-proxy creates none for services without endpoints (left out above).
+        // All of them missing: kube-proxy does not run in this variant, and nothing would work.
+        if kubeTotal > 0 && missingAll.count == kubeTotal {
+            let list = missingAll.prefix(5).map { "\($0.chain) (\($0.comment))" }.joined(separator: ", ")
+            let more = missingAll.count > 5 ? " and \(missingAll.count - 5) more" : ""
+            throw .refused("--target kube-proxy: none of kube-proxy's chains exist: \(list)\(more) does not exist in the "
+                           + "\(variant.displayName) nat table of \(context.place). kube-proxy is not in iptables mode here, "
+                           + "writes to the other variant (try --iptables \(variant == .nft ? "legacy" : "nft")), or has no such "
+                           + "service port; use --target endpoints instead")
+        }
+        return out
     }
 
     func apply(_ plan: RulePlan, dryRun: Bool) throws(NodeError) -> ApplyResult {
         try Capabilities.require(for: "applying \(variant.displayName) rules", context: context)
-        return try ApplyLock.withLock { () throws(NodeError) -> ApplyResult in
-            let changes = try plannedChanges(plan)
-            let differences = changes.flatMap(\.2)
-            if !dryRun {
-                for (desired, owned, diffs) in changes where !diffs.isEmpty {
-                    try tools(desired.family).restore(applyScript(desired, owned, plan.settings))
-                }
-                if !differences.isEmpty {
-                    // Read back: what iptables-save prints must now match the plan exactly.
-                    let after = try plannedChanges(plan).flatMap(\.2)
-                    if !after.isEmpty {
-                        throw .refused("the rules were loaded, but \(variant.displayName) now holds something other than the plan:\n  "
-                                       + after.joined(separator: "\n  "))
-                    }
+        // A dry run only reads: no lock needed (and none taken, so it works where /run is read-only).
+        if dryRun { return try applyLocked(plan, dryRun: true) }
+        return try ApplyLock.withLock { () throws(NodeError) -> ApplyResult in try applyLocked(plan, dryRun: false) }
+    }
+
+    private func applyLocked(_ plan: RulePlan, dryRun: Bool) throws(NodeError) -> ApplyResult {
+        let changes = try plannedChanges(plan)
+        try checkBeforeWriting(changes.map { ($0.desired, $0.owned) }, plan.settings, action: "apply")
+        let differences = changes.flatMap(\.differences)
+        let warnings = changes.flatMap(\.desired.skipped)
+        if !dryRun {
+            try commit(changes.filter { !$0.differences.isEmpty }.map { ($0.owned, applyScript($0.desired, $0.owned, plan.settings)) },
+                       plan.settings)
+            if !differences.isEmpty {
+                // Read back: what iptables-save prints must now match the plan exactly.
+                let after = try plannedChanges(plan).flatMap(\.differences)
+                if !after.isEmpty {
+                    throw .refused("the rules were loaded, but \(variant.displayName) now holds something other than the plan:\n  "
+                                   + after.joined(separator: "\n  "))
                 }
             }
-            return ApplyResult(changed: !differences.isEmpty, differences: differences,
-                               summary: summary(plan, changes: changes, dryRun: dryRun))
+        }
+        return ApplyResult(changed: !differences.isEmpty, differences: differences,
+                           summary: summary(plan, changes: changes, dryRun: dryRun), warnings: warnings)
+    }
+
+    /// Runs one restore per family, in order. When a later one fails, the families already changed are
+    /// put back from their pre-apply save (best effort), and the error says what happened to them.
+    func commit(_ steps: [(owned: IptablesOwned, script: String)], _ s: PlanSettings) throws(NodeError) {
+        var done: [IptablesOwned] = []
+        for step in steps {
+            do {
+                try tools(step.owned.family).restore(step.script)
+            } catch {
+                guard !done.isEmpty else { throw error }
+                let notes = done.map { rollback(to: $0, s) }
+                throw NodeError(exitCode: error.exitCode, description: error.description + "\n  " + notes.joined(separator: "\n  "))
+            }
+            done.append(step.owned)
         }
     }
 
-    private func summary(_ plan: RulePlan, changes: [(IptablesDesired, IptablesOwned, [String])], dryRun: Bool) -> String {
+    private func rollback(to before: IptablesOwned, _ s: PlanSettings) -> String {
+        let f = "\(variant.displayName) \(before.family.rawValue)"
+        do {
+            let now = try owned(before.family, settings: s, required: true)
+            try tools(before.family).restore(rollbackScript(before: before, now: now))
+            return "the \(f) rules had already been changed; they were put back as they were before this run"
+        } catch {
+            return "the \(f) rules had already been changed, and putting them back failed too (\(error.description)); "
+                + "check with `hostnet-dnat status --backend iptables` and re-apply or remove"
+        }
+    }
+
+    private func summary(_ plan: RulePlan, changes: [Change], dryRun: Bool) -> String {
         let s = plan.settings
         var parts: [String] = []
         for (desired, _, _) in changes where !desired.isEmpty {
-            let chains = plan.targetChains(desired.family).count
+            let chains = Set(desired.table.rules(s.chain).compactMap(\.target)).count
             parts.append("\(desired.family.rawValue): \(desired.mappings) mapping(s), \(chains) target chain(s)")
         }
         if parts.isEmpty { parts.append("no mappings") }
-        let count = changes.reduce(0) { $0 + $1.2.count }
+        let count = changes.reduce(0) { $0 + $1.differences.count }
         let verb = dryRun ? "would change" : "changed"
         let state = count == 0 ? "already up to date" : "\(verb) \(count) thing(s)"
         let order = s.runsBeforeKubeProxy ? "first in nat OUTPUT (before kube-proxy's jump)"
                                            : "last in nat OUTPUT (after kube-proxy's jump, if any)"
+        let skipped = changes.flatMap(\.desired.skipped)
+        let warning = skipped.isEmpty ? "" : "; WARNING: \(skipped.count) mapping(s) left out: " + skipped.joined(separator: "; ")
         return "\(variant.displayName) (\(variantReason)) in \(context.place): \(parts.joined(separator: "; ")); "
-            + "jump to \(s.chain) \(order); \(state)"
+            + "jump to \(s.chain) \(order); \(state)\(warning)"
     }
 
     func diff(_ plan: RulePlan) throws(NodeError) -> [String] {
         try Capabilities.require(for: "reading \(variant.displayName) rules", context: context)
-        return try plannedChanges(plan).flatMap(\.2)
+        return try plannedChanges(plan).flatMap(\.differences)
     }
 
     func remove(_ s: PlanSettings) throws(NodeError) -> Bool {
         try Capabilities.require(for: "removing \(variant.displayName) rules", context: context)
         return try ApplyLock.withLock { () throws(NodeError) -> Bool in
-            var removed = false
-            for family in IPFamily.allCases {
-                let owned = try self.owned(family, settings: s, required: false)
-                guard !owned.isEmpty else { continue }
-                if !owned.foreignReferrers.isEmpty {
-                    throw .refused("cannot remove \(s.chain) from the \(variant.displayName) \(family.rawValue) nat table: other rules "
-                                   + "jump into it (\(owned.foreignReferrers.joined(separator: ", "))); delete those first")
-                }
-                try tools(family).restore(removeScript(owned, s))
-                removed = true
-            }
-            return removed
+            var families: [IptablesOwned] = []
+            for family in IPFamily.allCases { families.append(try self.owned(family, settings: s, required: false)) }
+            try checkBeforeWriting(families.map { (nil, $0) }, s, action: "remove")
+            let steps = families.filter { !$0.isEmpty }.map { ($0, removeScript($0, s)) }
+            try commit(steps, s)
+            return !steps.isEmpty
         }
     }
 

@@ -9,9 +9,12 @@ public struct ApplyResult: Sendable {
     public var differences: [String]
     /// One line for the user: backend, where, what, and whether anything changed.
     public var summary: String
+    /// Mappings the backend left out, one line each (e.g. `--target kube-proxy` for a service kube-proxy
+    /// has no chain for); also at the end of `summary`. Not differences: re-applying does not change them.
+    public var warnings: [String]
 
-    public init(changed: Bool, differences: [String], summary: String) {
-        self.changed = changed; self.differences = differences; self.summary = summary
+    public init(changed: Bool, differences: [String], summary: String, warnings: [String] = []) {
+        self.changed = changed; self.differences = differences; self.summary = summary; self.warnings = warnings
     }
 }
 

@@ -52,6 +52,10 @@ public struct NodeError: Error, CustomStringConvertible, Sendable, Equatable {
 
     public static let noPermissionCode: Int32 = 77
     public static let unavailableCode: Int32 = 69
+    /// 64 (EX_USAGE): the options conflict with what the node holds (e.g. `--chain` names someone else's chain).
+    public static let usageCode: Int32 = 64
+    /// 73 (EX_CANTCREAT): the lock file cannot be created.
+    public static let cantCreateCode: Int32 = 73
 
     /// Names the capability, because "Operation not permitted" alone sends people the wrong way.
     static func noPermission(_ what: String, capability: String = "CAP_NET_ADMIN") -> NodeError {

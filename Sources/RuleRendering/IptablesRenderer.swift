@@ -64,9 +64,12 @@ public enum IptablesRenderer {
     }
 
     /// The rules that hook our chains into the built-in ones, as `-A`/`-I` lines for a restore file.
-    public static func jumpLines(_ s: PlanSettings) -> [String] {
-        var lines = [s.runsBeforeKubeProxy ? "-I OUTPUT 1 -j \(s.chain)" : "-A OUTPUT -j \(s.chain)"]
-        if s.masquerade { lines.append("-A POSTROUTING -j \(s.masqueradeChain)") }
+    /// `output`/`postrouting` false leave that jump out (the apply backend adds only the missing ones);
+    /// the POSTROUTING jump is there only with masquerading on.
+    public static func jumpLines(_ s: PlanSettings, output: Bool = true, postrouting: Bool = true) -> [String] {
+        var lines: [String] = []
+        if output { lines.append(s.runsBeforeKubeProxy ? "-I OUTPUT 1 -j \(s.chain)" : "-A OUTPUT -j \(s.chain)") }
+        if postrouting && s.masquerade { lines.append("-A POSTROUTING -j \(s.masqueradeChain)") }
         return lines
     }
 
