@@ -10,14 +10,27 @@ public struct NodeApplier: Sendable {
     /// The variant asked for; nil means "the one kube-proxy uses" (decided on first use, like kube-proxy's
     /// iptables-wrapper does).
     public let iptablesVariant: IptablesVariant?
+    /// What `--target auto` already saw on this node; its variant is used when none is forced, so the
+    /// target it picked (e.g. kube-proxy's chains in iptables-nft) and the variant written to agree.
+    public let detection: ProxyDetection?
 
     public init(context: NodeContext, backend: Backend, iptablesVariant: IptablesVariant? = nil) {
-        self.context = context; self.backend = backend; self.iptablesVariant = iptablesVariant
+        self.init(context: context, backend: backend, iptablesVariant: iptablesVariant, detection: nil)
     }
 
-    /// The variant the iptables backend writes to, and why.
+    public init(context: NodeContext, backend: Backend, iptablesVariant: IptablesVariant?, detection: ProxyDetection?) {
+        self.context = context; self.backend = backend; self.iptablesVariant = iptablesVariant; self.detection = detection
+    }
+
+    /// The variant the iptables backend writes to, and why: `--iptables`, else the one detection found
+    /// kube-proxy's/kubelet's chains in, else `IptablesVariant.detect`.
     public func resolvedIptablesVariant() throws(NodeError) -> (IptablesVariant, reason: String) {
         if let v = iptablesVariant { return (v, "forced with --iptables \(v.rawValue)") }
+        if let d = detection, let v = d.iptablesVariant {
+            let facts = d.evidence.filter { $0.contains("KUBE-") }
+            return (v, "kube-proxy/kubelet chains are in \(v.displayName)"
+                    + (facts.isEmpty ? "" : ": " + facts.joined(separator: ", ")))
+        }
         return try IptablesVariant.detect(in: context)
     }
 
@@ -88,6 +101,11 @@ struct NftablesBackend: Sendable {
     func apply(_ plan: RulePlan, dryRun: Bool) throws(NodeError) -> ApplyResult {
         try refuseKubeProxyTarget(plan)
         try Capabilities.require(for: "applying table inet \(plan.settings.table)", context: context)
+        // Another tool's table of that name is refused before anything, dry run included (netlink.apply
+        // checks again right before its batch).
+        do { try netlink.requireOwnership(table: plan.settings.table) } catch {
+            throw NodeError(netlink: error, action: "applying table inet \(plan.settings.table) in \(context.place)")
+        }
         let before = try differences(plan)
         var note = ""
         if !dryRun && !before.isEmpty {
