@@ -26,8 +26,9 @@ struct NodeFlags: ParsableArguments {
     @Option(help: ArgumentHelp("text, or json for scripts (quiet on stderr).", valueName: "format"))
     var output: OutputFormat = .text
 
-    func applier() throws(CLIError) -> NodeApplier {
-        NodeApplier(context: NodeContext(netns: try namespace()), backend: backend, iptablesVariant: iptables)
+    /// `detection`: what `--target auto` found, so the iptables backend writes to the variant it saw.
+    func applier(detection: ProxyDetection? = nil) throws(CLIError) -> NodeApplier {
+        NodeApplier(context: NodeContext(netns: try namespace()), backend: backend, iptablesVariant: iptables, detection: detection)
     }
 
     func namespace() throws(CLIError) -> NetworkNamespace? {
@@ -50,6 +51,7 @@ struct NodePlanning {
     let plan: RulePlan
     let strategy: TargetStrategy
     let reason: String?
+    let detection: ProxyDetection?
 
     static func make(source: SourceOptions, resolution: ResolutionFlags, planFlags: PlanFlags, node: NodeFlags) async throws(CLIError) -> NodePlanning {
         let settings = try planFlags.settings(onConflict: resolution.onConflict)
@@ -57,18 +59,20 @@ struct NodePlanning {
         let context = NodeContext(netns: try node.namespace())
         let objects = try await Pipeline.loadObjects(source, namespaces: resolution.namespaces, selector: resolution.selector)
         var reason: String? = nil
+        var detection: ProxyDetection? = nil
         if options.target == .auto {
-            let detection: ProxyDetection
-            do { detection = try ProxyDetection.detect(in: context) } catch { throw error.cliError }
-            let (picked, why) = detection.strategy(backend: node.backend, haveEndpointSlices: !objects.endpointSlices.isEmpty)
+            let found: ProxyDetection
+            do { found = try ProxyDetection.detect(in: context) } catch { throw error.cliError }
+            let (picked, why) = found.strategy(backend: node.backend, haveEndpointSlices: !objects.endpointSlices.isEmpty)
             options.target = picked
             reason = why
+            detection = found
         }
         if options.target == .kubeProxy && node.backend == .nftables {
             throw CLIError(.usage, "--target kube-proxy jumps into kube-proxy's iptables chains, which an nftables table cannot reach; use --backend iptables, or --target endpoints")
         }
         let plan = try Pipeline.plan(objects: objects, resolution: options, settings: settings, requested: options.target)
-        return NodePlanning(plan: plan, strategy: options.target, reason: reason)
+        return NodePlanning(plan: plan, strategy: options.target, reason: reason, detection: detection)
     }
 
     func announce(_ output: OutputFormat) {
@@ -109,7 +113,7 @@ struct Apply: AsyncParsableCommand {
             let planning = try await NodePlanning.make(source: source, resolution: resolution, planFlags: planFlags, node: node)
             planning.announce(node.output)
             let result: ApplyResult
-            do { result = try node.applier().apply(planning.plan, dryRun: dryRun) } catch let e as NodeError { throw e.cliError }
+            do { result = try node.applier(detection: planning.detection).apply(planning.plan, dryRun: dryRun) } catch let e as NodeError { throw e.cliError }
             switch node.output {
             case .json:
                 let w = JSONWriter()
@@ -121,11 +125,13 @@ struct Apply: AsyncParsableCommand {
                     w.key("mappings"); w.number(planning.plan.rules.count)
                     w.key("skipped"); w.number(planning.plan.skipped.count)
                     w.key("differences"); w.array(result.differences) { w.string($0) }
+                    w.key("warnings"); w.array(result.warnings) { w.string($0) }
                     w.key("summary"); w.string(result.summary)
                 }
                 Console.out(w.output + "\n")
             case .text:
                 if dryRun { for d in result.differences { Console.out(d + "\n") } }
+                for w in result.warnings { Console.warning(w) }
                 Console.note((dryRun ? "dry run: " : "") + result.summary)
             }
         }
@@ -151,7 +157,7 @@ struct Diff: AsyncParsableCommand {
             let planning = try await NodePlanning.make(source: source, resolution: resolution, planFlags: planFlags, node: node)
             planning.announce(node.output)
             let differences: [String]
-            do { differences = try node.applier().diff(planning.plan) } catch let e as NodeError { throw e.cliError }
+            do { differences = try node.applier(detection: planning.detection).diff(planning.plan) } catch let e as NodeError { throw e.cliError }
             switch node.output {
             case .json:
                 let w = JSONWriter()
