@@ -1,4 +1,5 @@
 import NetAddress
+import NetlinkBackend
 
 #if canImport(Glibc)
 import Glibc
@@ -113,6 +114,13 @@ extension IptablesVariant {
         let command = NamespacedCommand(context: context)
         let nft = VariantEvidence.gather(.nft, command: command)
         let legacy = VariantEvidence.gather(.legacy, command: command)
+        // Without iptables-nft's tools its chains are still visible over netlink (as ProxyDetection sees
+        // them): kube-proxy is there, so that is the variant (whose missing tools are then reported),
+        // never the other one.
+        if !nft.installed && !legacy.hasKubeProxy,
+           (try? NftablesNetlink(namespace: context.netns).chainExists(family: .ip, table: "nat", chain: "KUBE-SERVICES")) == true {
+            return (.nft, "chain KUBE-SERVICES is in nftables table ip nat (iptables-nft, read over netlink)")
+        }
         return try choose(nft: nft, legacy: legacy, command: command)
     }
 

@@ -167,3 +167,16 @@ extension NodeKernelTests {
         }
     }
 }
+
+@Suite struct NodeApplierVariantTests {
+    /// The variant auto detection found is the one written to; `--iptables` still wins over it.
+    @Test func detectionResultIsUsedUnlessForced() throws {
+        let detection = ProxyDetection(mode: .iptables(.legacy), evidence: ["chain KUBE-SERVICES in iptables-legacy nat table"],
+                                       iptablesVariant: .legacy)
+        let applier = NodeApplier(context: NodeContext(), backend: .iptables, iptablesVariant: nil, detection: detection)
+        let (v, reason) = try applier.resolvedIptablesVariant()
+        #expect(v == .legacy && reason.contains("KUBE-SERVICES"), "\(reason)")
+        let forced = NodeApplier(context: NodeContext(), backend: .iptables, iptablesVariant: .nft, detection: detection)
+        #expect(try forced.resolvedIptablesVariant().0 == .nft)
+    }
+}
