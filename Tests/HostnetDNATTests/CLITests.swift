@@ -164,6 +164,7 @@ struct CLI {
         try expectFailure(["remove", "--table", "a b"], status: 64, mentions: ["--table"])
         try expectFailure(["status", "--chain", "OUTPUT", "--backend", "iptables"], status: 64, mentions: ["--chain"])
         try expectFailure(["apply", "--table", "a b"], status: 64, mentions: ["--table"])
+        try expectFailure(["apply", "-f", "examples/cluster.yaml", "--backend", "iptables", "--chain", "DOCKER"], status: 64, mentions: ["--chain"])
     }
 
     @Test func kubeProxyTargetIsRefusedForNft() throws {
