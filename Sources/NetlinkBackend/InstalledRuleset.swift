@@ -128,6 +128,13 @@ enum RulesetDecoder {
                                 mappings: mappings, anomalies: [])
     }
 
+    /// The anomaly of a table without our comment: apply and remove refuse it (another tool's table, or one
+    /// left by a hostnet-dnat version that did not mark its table yet).
+    static func notOursAnomaly(_ t: NftTable) -> String {
+        "table \(t.family) \(t.name) was not created by hostnet-dnat (no comment \"\(RulesetProgram.ownershipComment)\""
+            + (t.comment.map { "; its comment is \"\($0)\"" } ?? "") + ")"
+    }
+
     private static func render(_ exprs: [NftExpr]) -> String { "[ " + exprs.map(\.description).joined(separator: " ; ") + " ]" }
 
     private static func family(_ f: IPFamily) -> String { f == .ipv4 ? "ip" : "ip6" }
@@ -163,6 +170,7 @@ enum RulesetDecoder {
         let families: [IPFamily] = [.ipv4, .ipv6]
 
         if d.table.flags != 0 { anomalies.append("table flags \(d.table.flags)") }
+        if d.table.comment != RulesetProgram.ownershipComment { anomalies.append(notOursAnomaly(d.table)) }
 
         // Base chains.
         func baseChain(_ name: String, hook: UInt32) -> Int? {

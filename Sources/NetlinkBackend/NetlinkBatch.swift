@@ -43,13 +43,15 @@ struct NetlinkBatch {
     }
 
     /// Sends the batch and waits for every answer. Throws the first failure (with the others attached).
-    func commit(on socket: NetlinkSocket) throws(NetlinkError) -> Result {
+    /// `beforeSending` runs once the batch is encoded, right before it is sent; when it throws, nothing is sent.
+    func commit(on socket: NetlinkSocket, beforeSending: () throws(NetlinkError) -> Void = {}) throws(NetlinkError) -> Result {
         let seq0 = UInt32.random(in: 1..<0x4000_0000)
         let enc = encode(beginSequence: seq0)
         let n = operations.count
         // The whole batch is one datagram: the send buffer must hold it. Each answer is a small skb
         // (~1 KiB of truesize); the receive buffer must hold all of them, or answers are dropped (ENOBUFS).
         socket.raiseBuffers(send: enc.bytes.count + (1 << 16), receive: (1 << 20) + n * 1024)
+        try beforeSending()
         try socket.send(enc.bytes, what: "sending the nftables batch (\(n) messages, \(enc.bytes.count) bytes)")
 
         var answered = [Bool](repeating: false, count: n)

@@ -10,6 +10,9 @@ public struct NetlinkError: Error, Sendable, Equatable, CustomStringConvertible 
         case rejected
         /// The plan cannot be expressed as an nftables table (e.g. the kube-proxy target).
         case unsupportedPlan
+        /// `table inet <name>` exists but is not ours (no `comment "managed by hostnet-dnat"`): apply and remove
+        /// refuse to replace or delete it, and send nothing. The CLI exits 64 (choose another --table).
+        case foreignTable
         /// Opening or entering the network namespace failed.
         case namespace
         /// A socket call failed, or the kernel's answer could not be understood.
@@ -39,7 +42,7 @@ public struct NetlinkError: Error, Sendable, Equatable, CustomStringConvertible 
     public var description: String {
         var s: String
         switch kind {
-        case .unsupportedPlan:
+        case .unsupportedPlan, .foreignTable:
             s = message
         case .unavailable:
             s = NetlinkError.unavailableHint

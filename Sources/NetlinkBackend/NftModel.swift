@@ -185,6 +185,14 @@ struct NftTable: Hashable, Sendable {
     var family: NftFamily
     var name: String
     var flags: UInt32 = 0
+    /// NFTA_TABLE_USERDATA (nft keeps a table's `comment` there); nil when the table has none.
+    var userdata: [UInt8]? = nil
+
+    /// The table's `comment` (TLV type NFTNL_UDATA_TABLE_COMMENT, NUL-terminated).
+    var comment: String? {
+        guard let u = userdata else { return nil }
+        return Userdata.string(in: u, type: 0)
+    }
 }
 
 struct NftBaseHook: Hashable, Sendable {
@@ -288,6 +296,9 @@ enum Userdata {
     /// NFTNL_UDATA_SET_ELEM_COMMENT; both are type 0).
     static func ruleComment(_ comment: String) -> [UInt8] { string(0, comment) }
     static func elementComment(_ comment: String) -> [UInt8] { string(0, comment) }
+    /// A table's comment (NFTNL_UDATA_TABLE_COMMENT, type 0): nft 1.0.6 sends
+    /// `table inet t { comment "managed by hostnet-dnat" }` as NFTA_TABLE_USERDATA `00 18 "managed by hostnet-dnat\0"`.
+    static func tableComment(_ comment: String) -> [UInt8] { string(0, comment) }
 
     /// A nested TLV (nftnl_udata_nest_start/end): type, total length of the content, the content.
     static func nest(_ type: UInt8, _ content: [UInt8]) -> [UInt8] {

@@ -233,6 +233,9 @@ struct NftEncoder {
                 let o = nftnl_table_alloc()!
                 nftnl_table_set_str(o, NftEncoder.attr(NFTNL_TABLE_NAME.rawValue), t.name)
                 if isNew { nftnl_table_set_u32(o, NftEncoder.attr(NFTNL_TABLE_FLAGS.rawValue), t.flags) }
+                if isNew, let u = t.userdata {
+                    u.withUnsafeBytes { _ = nftnl_table_set_data(o, NftEncoder.attr(NFTNL_TABLE_USERDATA.rawValue), $0.baseAddress, UInt32($0.count)) }
+                }
                 nftnl_table_nlmsg_build_payload(nlh, o)
                 nftnl_table_free(o)
                 return nlh
@@ -404,8 +407,14 @@ enum NftDecoder {
             let o = nftnl_table_alloc()!
             defer { nftnl_table_free(o) }
             guard nftnl_table_nlmsg_parse(nlh, o) >= 0 else { return nil }
+            var userdata: [UInt8]?
+            if nftnl_table_is_set(o, attr(NFTNL_TABLE_USERDATA.rawValue)) {
+                var len: UInt32 = 0
+                let p = nftnl_table_get_data(o, attr(NFTNL_TABLE_USERDATA.rawValue), &len)
+                userdata = bytes(p, len)
+            }
             return NftTable(family: fam, name: string(nftnl_table_get_str(o, attr(NFTNL_TABLE_NAME.rawValue))),
-                            flags: nftnl_table_get_u32(o, attr(NFTNL_TABLE_FLAGS.rawValue)))
+                            flags: nftnl_table_get_u32(o, attr(NFTNL_TABLE_FLAGS.rawValue)), userdata: userdata)
         }
     }
 

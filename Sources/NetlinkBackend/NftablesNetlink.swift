@@ -26,9 +26,15 @@ public struct NftablesNetlink: Sendable {
 
     // MARK: apply / remove
 
+    /// The comment our table carries (`comment "managed by hostnet-dnat"`, table userdata): the mark that
+    /// the table is ours to replace and delete.
+    public static let ownershipComment = RulesetProgram.ownershipComment
+
     /// Replaces `table inet <plan.settings.table>` with the plan in ONE batch: create table (so the delete
     /// cannot fail), delete table, then the whole table as docs/ruleset.md describes it. The kernel commits
     /// all of it or nothing: on error the previous ruleset is untouched and the error names the operation.
+    /// An existing table of that name without our comment is another tool's (or an unmarked one from an
+    /// older hostnet-dnat): `.foreignTable`, and nothing is sent.
     @discardableResult
     public func apply(_ plan: RulePlan) throws(NetlinkError) -> ApplyReport {
         let start = Date()
@@ -36,8 +42,15 @@ public struct NftablesNetlink: Sendable {
         var elements = 0
         for op in ops { if case .newElements(_, let e) = op.kind { elements += e.count } }
         let batch = NetlinkBatch(ops)
-        let session = try NetlinkSession.open(in: namespace)
-        let result = try batch.commit(on: session.socket)
+        var session = try NetlinkSession.open(in: namespace)
+        let table = plan.settings.table
+        // The ownership check and the batch are not one transaction: a table created (or replaced) by
+        // someone else between the GETTABLE and the commit is not seen. nf_tables has no conditional delete,
+        // so this is accepted; the check runs on the same socket once the batch is encoded, right before it
+        // is sent, to keep that window as small as possible.
+        let result = try batch.commit(on: session.socket) { () throws(NetlinkError) in
+            _ = try Self.refuseForeignTable(&session, name: table, verb: "replace")
+        }
         return ApplyReport(table: plan.settings.table, mappings: plan.rules.count, pickChains: plan.nftPickChains.count,
                            elements: elements, messages: result.messages, bytes: result.bytes,
                            seconds: Date().timeIntervalSince(start))
@@ -48,17 +61,59 @@ public struct NftablesNetlink: Sendable {
         try RulesetProgram.operations(plan).map(\.description)
     }
 
-    /// Deletes `table inet <table>`. False when there was no such table.
+    /// Deletes `table inet <table>`. False when there was no such table. A table of that name without our
+    /// comment is never deleted: `.foreignTable`, and nothing is sent.
     @discardableResult
     public func remove(table: String) throws(NetlinkError) -> Bool {
         let t = NftTable(family: .inet, name: table)
         let batch = NetlinkBatch([NftOperation(kind: .deleteTable(t), description: "deleting table inet \(table)")])
-        let session = try NetlinkSession.open(in: namespace)
+        var session = try NetlinkSession.open(in: namespace)
         do {
-            _ = try batch.commit(on: session.socket)
+            // (Not one transaction with the delete either; see apply.)
+            _ = try batch.commit(on: session.socket) { () throws(NetlinkError) in
+                // Nothing to delete: sending nothing is the same as the kernel's ENOENT below.
+                if try !Self.refuseForeignTable(&session, name: table, verb: "delete") { throw NetlinkError(kind: .rejected, operation: "deleting table inet \(table)", errno: 2, message: "no such table") }
+            }
             return true
         } catch where error.errno == 2 /* ENOENT */ && error.kind == .rejected {
             return false
+        }
+    }
+
+    /// Throws `.foreignTable` when `table inet <table>` exists without our comment (apply and remove would
+    /// refuse it). Returns whether the table exists. For callers that want to refuse before doing anything
+    /// else (e.g. a dry run).
+    @discardableResult
+    public func requireOwnership(table: String) throws(NetlinkError) -> Bool {
+        var session = try NetlinkSession.open(in: namespace)
+        return try Self.refuseForeignTable(&session, name: table, verb: "replace")
+    }
+
+    /// One GETTABLE for `inet <name>`: false when it does not exist, true when it is ours, `.foreignTable`
+    /// otherwise.
+    private static func refuseForeignTable(_ s: inout NetlinkSession, name: String, verb: String) throws(NetlinkError) -> Bool {
+        let what = "looking up table inet \(name)"
+        let reply: NetlinkSession.Reply
+        do { reply = try s.request(NftMessageType.getTable, family: .inet, dump: false, table: name) } catch let e as NetlinkError {
+            throw e
+        } catch {
+            throw NetlinkError(kind: .io, operation: what, errno: 5, message: "\(error)")
+        }
+        switch reply {
+        case .error(2): return false
+        case .error(let e):
+            throw NetlinkError(kind: NetlinkError.kind(errno: e, operation: nil), operation: what, errno: e, message: NetlinkSocket.describe(e))
+        case .messages(let m):
+            guard let (b, h) = m.first, let t = NftDecoder.table(b, h) else {
+                throw NetlinkError(kind: .io, operation: what, errno: 5, message: "the kernel's answer could not be decoded")
+            }
+            if t.comment == ownershipComment { return true }
+            throw NetlinkError(
+                kind: .foreignTable, operation: what, errno: 0,
+                message: "table inet \(name) exists and was not created by hostnet-dnat (no \"\(ownershipComment)\" comment"
+                    + (t.comment.map { "; its comment is \"\($0)\"" } ?? "") + "); refusing to \(verb) it: choose another --table. "
+                    + "(A table left by a hostnet-dnat version older than this mark has no comment either; if it is yours, "
+                    + "delete it once with `nft delete table inet \(name)`.)")
         }
     }
 

@@ -14,6 +14,9 @@ struct RulesetProgram {
     static let masqueradePriority: Int32 = 100
     /// nft refuses longer comments (NFTNL_UDATA_COMMENT_MAXLEN).
     static let maxCommentLength = 128
+    /// The table's comment: it marks the table as ours. apply and remove refuse a `table inet <name>` without
+    /// it, so that they never replace or delete another tool's table (firewalld's, say).
+    static let ownershipComment = "managed by hostnet-dnat"
 
     static func dispatchMap(_ f: IPFamily) -> String { f == .ipv4 ? "dispatch4" : "dispatch6" }
     static func endpointsMap(_ f: IPFamily) -> String { f == .ipv4 ? "endpoints4" : "endpoints6" }
@@ -200,10 +203,13 @@ struct RulesetProgram {
         let table = plan.settings.table
         let masq = plan.settings.masquerade
         var ops: [NftOperation] = []
-        let t = NftTable(family: .inet, name: table)
+        let t = NftTable(family: .inet, name: table, userdata: Userdata.tableComment(ownershipComment))
+        // The first table carries the comment too: when the table did not exist, readers (and the ownership
+        // check of a concurrent apply) can see this empty table for a moment while the kernel commits the batch.
+        // (On an existing table the kernel ignores it: the table is only updated.)
         ops.append(NftOperation(kind: .newTable(t), description: "creating table inet \(table) if missing"))
         ops.append(NftOperation(kind: .deleteTable(t), description: "deleting table inet \(table)"))
-        ops.append(NftOperation(kind: .newTable(t), description: "adding table inet \(table)"))
+        ops.append(NftOperation(kind: .newTable(t), description: "adding table inet \(table) (comment \"\(ownershipComment)\")"))
 
         // Chains.
         let prio = Int32(plan.settings.priority)

@@ -154,10 +154,13 @@ public struct ProxyDetection: Sendable {
 }
 
 extension NodeError {
-    /// 77 for permission errors, 69 when nf_tables or nat modules are missing, 1 otherwise.
+    /// 77 for permission errors, 69 when nf_tables or nat modules are missing, 64 (usage) when the table name
+    /// is taken by a table that is not ours, 1 otherwise.
     public init(netlink e: NetlinkError, action: String? = nil) {
         let prefix = action.map { "\($0): " } ?? ""
         switch e.kind {
+        case .foreignTable:
+            self.init(exitCode: 64, description: prefix + e.description)
         case .permissionDenied:
             self.init(exitCode: NodeError.noPermissionCode, description: prefix + e.description)
         case .unavailable:

@@ -34,7 +34,7 @@ struct NetlinkUnitTests {
         #expect(Array(d.prefix(10)) == [
             "creating table inet hostnet-dnat if missing",
             "deleting table inet hostnet-dnat",
-            "adding table inet hostnet-dnat",
+            "adding table inet hostnet-dnat (comment \"managed by hostnet-dnat\")",
             "adding chain output (type nat hook output priority -99)",
             "adding chain postrouting (type nat hook postrouting priority 100)",
             "adding chain pick4-tcp-1",
@@ -223,6 +223,7 @@ struct NetlinkUnitTests {
         var d = DumpedTable(table: NftTable(family: .inet, name: plan.settings.table), chains: [], sets: [], elements: [:], rules: [])
         for op in try RulesetProgram.operations(plan) {
             switch op.kind {
+            case .newTable(let t): d.table = t
             case .newChain(let c): d.chains.append(c)
             case .newSet(var s):
                 s.id = nil
@@ -304,6 +305,37 @@ struct NetlinkUnitTests {
         #expect(wrong.contains("- map dispatch4: element 203.0.113.11 . udp . 53 jumps to chain pick4-tcp-1, which translates ip tcp"))
         #expect(wrong.contains("- map dispatch4: element 203.0.113.11 . tcp . 53 jumps to missing chain pick4-tcp-9"))
         #expect(wrong.contains("- chain pick4-udp-1 is not used by any dispatch entry"))
+    }
+
+    @Test("ownership: both NEWTABLEs carry the comment, with nft's bytes; a table without it is an anomaly")
+    func ownershipComment() throws {
+        // The renderer prints the same comment (RuleRendering is not a dependency of the backend).
+        #expect(NftablesNetlink.ownershipComment == "managed by hostnet-dnat")
+        // nft 1.0.6, `table inet t { comment "managed by hostnet-dnat" }`: NFTA_TABLE_USERDATA is
+        // NFTNL_UDATA_TABLE_COMMENT (0), length 24, the text and its NUL.
+        #expect(hex(Userdata.tableComment(NftablesNetlink.ownershipComment))
+                == "0018" + hex(Array("managed by hostnet-dnat".utf8)) + "00")
+        let plan = try Fixtures.samplePlan()
+        let tables = try RulesetProgram.operations(plan).compactMap { op -> NftTable? in
+            switch op.kind {
+            case .newTable(let t), .deleteTable(let t): return t
+            default: return nil
+            }
+        }
+        #expect(tables.map(\.comment) == ["managed by hostnet-dnat", "managed by hostnet-dnat", "managed by hostnet-dnat"])
+
+        let expected = NftablesNetlink.expected(plan)
+        var unmarked = try Self.simulatedDump(plan)
+        unmarked.table.userdata = nil
+        #expect(RulesetDecoder.decode(unmarked).differences(to: expected)
+                == ["- table inet hostnet-dnat was not created by hostnet-dnat (no comment \"managed by hostnet-dnat\")"])
+        var other = unmarked
+        other.table.userdata = Userdata.tableComment("firewalld")
+        #expect(RulesetDecoder.decode(other).anomalies
+                == ["table inet hostnet-dnat was not created by hostnet-dnat (no comment \"managed by hostnet-dnat\"; its comment is \"firewalld\")"])
+
+        let refusal = NetlinkError(kind: .foreignTable, operation: "looking up table inet firewalld", errno: 0, message: "table inet firewalld exists …")
+        #expect(refusal.description == "table inet firewalld exists …")
     }
 
     @Test("NetworkNamespace names and paths")
