@@ -69,6 +69,20 @@ import TestSupport
         }
     }
 
+    @Test func anotherToolsTableIsNeverReplacedOrRemoved() throws {
+        guard try requireKernelTests(tools: ["nft"]) else { return }
+        try withNamespace("foreign") { ns in
+            try ns.nftScript("table inet firewalld {\n chain filter_INPUT {\n type filter hook input priority 10; policy accept;\n tcp dport 22 accept\n }\n}\n")
+            let before = try ns.ruleset()
+            for args in [["apply", "-f", "examples/cluster.yaml"], ["apply", "--dry-run", "-f", "examples/cluster.yaml"], ["remove"]] {
+                let r = try cli(args + ["--netns", ns.name, "--table", "firewalld"])
+                #expect(r.status == 64, "\(args): \(r.stderr)")
+                #expect(r.stderr.contains("was not created by hostnet-dnat"))
+                #expect(try ns.ruleset() == before)
+            }
+        }
+    }
+
     @Test func withoutCapNetAdminExits77AndSaysWhy() throws {
         guard try requireKernelTests(tools: ["setpriv", "nft"]) else { return }
         try withNamespace("nocap") { ns in
