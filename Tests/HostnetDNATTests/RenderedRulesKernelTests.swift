@@ -106,6 +106,34 @@ func reachable(from node: TestNamespace, count: Int = 12, timeout: Double = 2) t
         }
     }
 
+    /// Names that an API server would reject can still arrive in a file; none of them may change the rules.
+    @Test func hostileNamesCannotInjectRules() throws {
+        guard try requireKernelTests(tools: ["nft", "iptables-restore", "iptables-save"]) else { return }
+        let evil = #"x\" ; -A OUTPUT -j ACCEPT\n}\ntable ip evil { chain c { type filter hook output priority 0; drop; } }\n#"#
+        let doc = """
+        {"kind": "List", "items": [
+         {"kind": "Service", "metadata": {"name": "\(evil)", "namespace": "ns\\t\\u0007"},
+          "spec": {"clusterIP": "198.18.0.1", "ports": [{"name": "p\\r\\n*nat", "port": 443}]},
+          "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.5"}]}}}]}
+        """
+        let nft = try render(["-f", "-", "--format", "nft", "--target", "cluster-ip"], stdin: doc)
+        let ipt = try render(["-f", "-", "--format", "iptables", "--target", "cluster-ip"], stdin: doc)
+        #expect(nft.contains("203.0.113.5 . tcp . 443 comment"))
+        try withNamespace("hostile") { ns in
+            try ns.runChecked(["nft", "-c", "-f", "-"], input: nft)
+            try ns.nftScript(nft)
+            let listing = try ns.ruleset()
+            // The text survives only inside the (sanitized) comment, never as a statement of its own.
+            #expect(!listing.split(separator: "\n").contains { $0.trimmingCharacters(in: .whitespaces).hasPrefix("table ip evil") })
+            #expect(!listing.contains("\""+"x\\\""))
+            #expect(listing.components(separatedBy: "\n").filter { $0.hasPrefix("table ") }.count == 1)
+            try ns.runChecked(["iptables-restore", "--test", "--noflush", "-w"], input: ipt)
+            try ns.runChecked(["iptables-restore", "--noflush", "-w"], input: ipt)
+            let saved = try ns.runChecked(["iptables-save", "-t", "nat"]).stdout
+            #expect(saved.split(separator: "\n").filter { $0.hasPrefix("-A OUTPUT") } == ["-A OUTPUT -j HOSTNET-DNAT"])
+        }
+    }
+
     @Test func realTrafficThroughRenderedNftRulesAndNotAfterRemoval() throws {
         guard try requireKernelTests(tools: ["nft", "python3"]) else { return }
         let script = try render(["-f", "-", "--format", "nft"], stdin: trafficCluster)
