@@ -94,7 +94,7 @@ import TestSupport
             _ = try applier.apply(plan, dryRun: false)
             for host in [Net.external4, Net.external6] {
                 for (transport, port) in [(TestTransport.tcp, Net.tcpPort), (.udp, Net.udpPort)] {
-                    let r = try answers(from: node, transport, host, port, count: 16)
+                    let r = try answers(from: node, transport, host, port, count: 24)
                     #expect(r.failures == 0, "\(variant) \(host) \(transport)")
                     #expect(r.servers == ["ep-a", "ep-b"], "\(variant) \(host) \(transport): spread over both endpoints")
                 }

@@ -53,7 +53,7 @@ extension NodeKernelTests {
             let jumped = try NodeFixtures.save(node, variant)
             #expect(jumped.contains("-j \(NodeFixtures.webServiceChain)") && jumped.contains("-j \(NodeFixtures.dnsServiceChain)"))
             for (transport, port) in [(TestTransport.tcp, Net.tcpPort), (.udp, Net.udpPort)] {
-                let ok = try answers(from: node, transport, Net.external4, port, count: 12)
+                let ok = try answers(from: node, transport, Net.external4, port, count: 24)
                 #expect(ok.failures == 0, "kube-proxy target did not answer over \(transport)")
                 #expect(ok.servers == ["ep-a", "ep-b"], "\(transport)")
             }
@@ -70,7 +70,7 @@ extension NodeKernelTests {
             let nftables = NodeApplier(context: context, backend: .nftables)
             let direct2 = try NodeFixtures.plan(strategy: nftStrategy, families: [.ipv4])
             #expect(try nftables.apply(direct2, dryRun: false).changed)
-            let ok2 = try answers(from: node, .tcp, Net.external4, Net.tcpPort, count: 12)
+            let ok2 = try answers(from: node, .tcp, Net.external4, Net.tcpPort, count: 24)
             #expect(ok2.failures == 0 && ok2.servers == ["ep-a", "ep-b"])
             try kubeUnchanged("apply (nftables backend)")
             #expect(try nftables.remove(direct2.settings))
@@ -165,7 +165,7 @@ extension NodeKernelTests {
             #expect(try applier.diff(plan).isEmpty)
             for host in [Net.external4, Net.external6] {
                 for (transport, port) in [(TestTransport.tcp, Net.tcpPort), (.udp, Net.udpPort)] {
-                    let r = try answers(from: node, transport, host, port, count: 16)
+                    let r = try answers(from: node, transport, host, port, count: 24)
                     #expect(r.failures == 0 && r.servers == ["ep-a", "ep-b"], "\(host) \(transport)")
                 }
             }
