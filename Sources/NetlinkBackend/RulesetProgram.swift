@@ -16,7 +16,7 @@ struct RulesetProgram {
     static let maxCommentLength = 128
     /// The table's comment: it marks the table as ours. apply and remove refuse a `table inet <name>` without
     /// it, so that they never replace or delete another tool's table (firewalld's, say).
-    static let ownershipComment = "managed by hostnet-dnat"
+    static let ownershipComment = RulePlan.nftOwnershipComment
 
     static func dispatchMap(_ f: IPFamily) -> String { f == .ipv4 ? "dispatch4" : "dispatch6" }
     static func endpointsMap(_ f: IPFamily) -> String { f == .ipv4 ? "endpoints4" : "endpoints6" }
@@ -24,10 +24,8 @@ struct RulesetProgram {
 
     /// Refuses what an nftables table cannot express, before anything touches the kernel.
     static func validate(_ plan: RulePlan) throws(NetlinkError) {
-        if let chain = plan.targetChains.first(where: { if case .kubeProxyChain = $0.target { return true }; return false }) {
-            throw NetlinkError(kind: .unsupportedPlan, operation: nil, errno: 0,
-                               message: "the kube-proxy target (\(chain.comment)) jumps into kube-proxy's iptables chains, "
-                                   + "which an nftables table cannot do; use --backend iptables (or --format iptables)")
+        if let why = plan.nftablesRefusal {
+            throw NetlinkError(kind: .unsupportedPlan, operation: nil, errno: 0, message: why)
         }
         if let r = plan.rules.first(where: { $0.mapping.target.destinations.isEmpty }) {
             throw NetlinkError(kind: .unsupportedPlan, operation: nil, errno: 0,

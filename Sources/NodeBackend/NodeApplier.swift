@@ -83,10 +83,7 @@ struct NftablesBackend: Sendable {
     var netlink: NftablesNetlink { NftablesNetlink(namespace: context.netns) }
 
     private func refuseKubeProxyTarget(_ plan: RulePlan) throws(NodeError) {
-        let jumps = plan.targetChains.filter { if case .kubeProxyChain = $0.target { return true } else { return false } }
-        guard !jumps.isEmpty else { return }
-        throw .refused("--target kube-proxy jumps into kube-proxy's iptables KUBE-SVC-… chains, which an nftables table cannot "
-                       + "reach (\(jumps.count) target chain(s), e.g. \(jumps[0].comment)); use --backend iptables, or --target endpoints")
+        if let why = plan.nftablesRefusal { throw .refused(why) }
     }
 
     private func read(_ table: String, action: String) throws(NodeError) -> InstalledRuleset? {

@@ -62,6 +62,14 @@ public struct TargetChain: Sendable, Hashable {
     public let target: MappingTarget
 }
 
+extension TargetChain {
+    /// A jump into kube-proxy's own `KUBE-SVC-…` chain rather than a DNAT of ours.
+    public var isKubeProxyJump: Bool {
+        if case .kubeProxyChain = target { return true }
+        return false
+    }
+}
+
 /// One dispatch entry: `externalIP . protocol . port → goto <target chain>`.
 public struct PlannedRule: Sendable, Hashable {
     public let mapping: Mapping
@@ -94,6 +102,17 @@ public struct RulePlan: Sendable {
     }
 
     public func rules(_ family: IPFamily) -> [PlannedRule] { rules.filter { $0.mapping.family == family } }
+
+    /// The comment that marks an nftables table as ours: apply and remove refuse a table without it, so
+    /// they never replace or delete another tool's table (firewalld's, say).
+    public static let nftOwnershipComment = "managed by hostnet-dnat"
+
+    /// Why nftables cannot carry this plan, or nil: a table cannot jump into kube-proxy's iptables chains.
+    public var nftablesRefusal: String? {
+        guard let chain = targetChains.first(where: \.isKubeProxyJump) else { return nil }
+        return "--target kube-proxy jumps into kube-proxy's iptables KUBE-SVC-… chains (e.g. for \(chain.comment)), "
+            + "which an nftables table cannot reach; use --format iptables / --backend iptables, or --target endpoints"
+    }
     public func targetChains(_ family: IPFamily) -> [TargetChain] { targetChains.filter { $0.family == family } }
 
     /// The nftables "pick" chains this plan needs: one per family, protocol and number of destinations,

@@ -86,11 +86,6 @@ public enum IptablesRenderer {
 }
 
 extension TargetChain {
-    var isKubeProxyJump: Bool {
-        if case .kubeProxyChain = target { return true }
-        return false
-    }
-
     /// Where the dispatch rule jumps: our chain, or kube-proxy's `KUBE-SVC-…`.
     var jumpTarget: String {
         if case .kubeProxyChain(let name) = target { return name }

@@ -3,13 +3,13 @@ import RulePlanning
 import ServiceResolution
 
 public enum RenderError: Error, Sendable, Equatable, CustomStringConvertible {
-    case kubeProxyTargetNeedsIptables(family: String)
+    /// The plan cannot be expressed in nftables (`RulePlan.nftablesRefusal` says why).
+    case notExpressibleInNftables(String)
 
     public var description: String {
         switch self {
-        case .kubeProxyTargetNeedsIptables(let family):
-            return "--target kube-proxy jumps into kube-proxy's iptables KUBE-SVC-… chains, which an nftables table "
-                + "cannot reach; use --format \(family) (or --backend iptables), or --target endpoints"
+        case .notExpressibleInNftables(let why):
+            return why
         }
     }
 }
@@ -17,13 +17,9 @@ public enum RenderError: Error, Sendable, Equatable, CustomStringConvertible {
 /// Renders a plan as an nft script that replaces our table atomically: `nft -f` twice gives the same
 /// ruleset. The exact shape is the contract in docs/ruleset.md, shared with the netlink backend.
 public enum NftRenderer {
-    /// The table comment that marks a table as ours: apply and remove refuse to touch a table without it.
-    public static let ownershipComment = "managed by hostnet-dnat"
 
     public static func render(_ plan: RulePlan) throws(RenderError) -> String {
-        if plan.targetChains.contains(where: { if case .kubeProxyChain = $0.target { return true } else { return false } }) {
-            throw .kubeProxyTargetNeedsIptables(family: "iptables")
-        }
+        if let why = plan.nftablesRefusal { throw .notExpressibleInNftables(why) }
         let table = plan.settings.table
         var out = ""
         out.reserveCapacity(512 + plan.rules.count * 200)
@@ -33,7 +29,7 @@ public enum NftRenderer {
         out += "table inet \(table) {}\n"
         out += "delete table inet \(table)\n"
         out += "table inet \(table) {\n"
-        out += "\tcomment \"\(NftRenderer.ownershipComment)\"\n"
+        out += "\tcomment \"\(RulePlan.nftOwnershipComment)\"\n"
         for family in IPFamily.allCases {
             out += "\tmap dispatch\(digit(family)) {\n"
             out += "\t\ttype \(addressType(family)) . inet_proto . inet_service : verdict\n"
