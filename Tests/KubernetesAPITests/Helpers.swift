@@ -19,6 +19,13 @@ struct Workspace {
         return full
     }
 
+    /// The common case: a kubeconfig at `relative` for `server`, trusting the test CA (file) and sending the
+    /// test bearer token.
+    func tokenKubeconfig(_ relative: String = "config", server: String) throws -> String {
+        try write(relative, kubeconfig(server: server, clusterFields: "certificate-authority: \(PKI.shared.caCert)",
+                                       userFields: "token: \(testToken)"))
+    }
+
     /// An environment with no in-cluster variables and an empty HOME.
     func environment(_ extra: [String: String] = [:]) -> [String: String] {
         var env = ["HOME": "\(path)/home", "PATH": "/usr/local/bin:/usr/bin:/bin"]

@@ -16,8 +16,7 @@ struct LiveAPITests {
         let server = try await TestAPIServer.start(handler: serving(cluster))
         defer { Task { await server.stop() } }
         let ws = try Workspace()
-        let config = try ws.write("kube/config", kubeconfig(server: server.url,
-            clusterFields: "certificate-authority: \(pki.caCert)", userFields: "token: \(testToken)"))
+        let config = try ws.tokenKubeconfig("kube/config", server: server.url)
 
         let objects = try await KubernetesSource.load(.init(kubeconfig: config), environment: ws.environment())
 
@@ -77,8 +76,7 @@ struct LiveAPITests {
         }
         defer { Task { await server.stop() } }
         let ws = try Workspace()
-        let config = try ws.write("config", kubeconfig(server: server.url,
-            clusterFields: "certificate-authority: \(pki.caCert)", userFields: "token: \(testToken)"))
+        let config = try ws.tokenKubeconfig(server: server.url)
         let objects = try await KubernetesSource.load(.init(kubeconfig: config), environment: ws.environment())
         #expect(objects.services.count == 5 && objects.endpointSlices.count == 5)
         #expect(server.paths.filter { $0.hasPrefix("/api/v1/services") }.last == "/api/v1/services")
@@ -89,8 +87,7 @@ struct LiveAPITests {
         let server = try await TestAPIServer.start(handler: serving(.standard))
         defer { Task { await server.stop() } }
         let ws = try Workspace()
-        let config = try ws.write("config", kubeconfig(server: server.url,
-            clusterFields: "certificate-authority: \(pki.caCert)", userFields: "token: \(testToken)"))
+        let config = try ws.tokenKubeconfig(server: server.url)
         let options = KubernetesSourceOptions(kubeconfig: config, namespaces: ["default", "shop"], labelSelector: "tier=front")
         let objects = try await KubernetesSource.load(options, environment: ws.environment())
         #expect(objects.services.map(\.id.description).sorted() == ["default/web", "shop/api"])
@@ -145,8 +142,7 @@ struct LiveAPITests {
         }
         defer { Task { await server.stop() } }
         let ws = try Workspace()
-        let config = try ws.write("config", kubeconfig(server: server.url,
-            clusterFields: "certificate-authority: \(pki.caCert)", userFields: "token: \(testToken)"))
+        let config = try ws.tokenKubeconfig(server: server.url)
         let error = try #require(await loadError(.init(kubeconfig: config), ws.environment()))
         #expect(error.exitCode == 77)
         #expect(error.httpStatus == 403)
@@ -169,8 +165,7 @@ struct LiveAPITests {
         }
         defer { Task { await server.stop() } }
         let ws = try Workspace()
-        let config = try ws.write("config", kubeconfig(server: server.url,
-            clusterFields: "certificate-authority: \(pki.caCert)", userFields: "token: \(testToken)"))
+        let config = try ws.tokenKubeconfig(server: server.url)
         let error = try #require(await loadError(.init(kubeconfig: config, namespaces: ["shop"]), ws.environment()))
         #expect(error.exitCode == 77)
         #expect(error.description.contains("cannot list endpointslices in namespace \"shop\""))
@@ -183,8 +178,7 @@ struct LiveAPITests {
         let server = try await TestAPIServer.start(handler: serving(.standard, token: "another-token"))
         defer { Task { await server.stop() } }
         let ws = try Workspace()
-        let config = try ws.write("config", kubeconfig(server: server.url,
-            clusterFields: "certificate-authority: \(pki.caCert)", userFields: "token: \(testToken)"))
+        let config = try ws.tokenKubeconfig(server: server.url)
         let error = try #require(await loadError(.init(kubeconfig: config), ws.environment()))
         #expect(error.exitCode == 77)
         #expect(error.description.contains("unauthorized: the API server at \(server.url)"))
@@ -196,8 +190,7 @@ struct LiveAPITests {
         let server = try await TestAPIServer.start { _ in .hang }
         defer { Task { await server.stop() } }
         let ws = try Workspace()
-        let config = try ws.write("config", kubeconfig(server: server.url,
-            clusterFields: "certificate-authority: \(pki.caCert)", userFields: "token: \(testToken)"))
+        let config = try ws.tokenKubeconfig(server: server.url)
         let start = ContinuousClock.now
         let error = try #require(await loadError(.init(kubeconfig: config, requestTimeout: .milliseconds(600)), ws.environment()))
         let elapsed = ContinuousClock.now - start
@@ -214,8 +207,7 @@ struct LiveAPITests {
                                                    handler: serving(.standard))
         defer { Task { await server.stop() } }
         let ws = try Workspace()
-        let config = try ws.write("config", kubeconfig(server: server.url,
-            clusterFields: "certificate-authority: \(pki.caCert)", userFields: "token: \(testToken)"))
+        let config = try ws.tokenKubeconfig(server: server.url)
         let error = try #require(await loadError(.init(kubeconfig: config), ws.environment()))
         #expect(error.exitCode == 69)
         #expect(error.description.contains(server.url))
@@ -283,8 +275,7 @@ struct LiveAPITests {
         let server = try await TestAPIServer.start { _ in .raw(200, contentType: "text/html", "<html>login</html>") }
         defer { Task { await server.stop() } }
         let ws = try Workspace()
-        let config = try ws.write("config", kubeconfig(server: server.url,
-            clusterFields: "certificate-authority: \(pki.caCert)", userFields: "token: \(testToken)"))
+        let config = try ws.tokenKubeconfig(server: server.url)
         let error = try #require(await loadError(.init(kubeconfig: config), ws.environment()))
         #expect(error.exitCode == 65)
         #expect(error.description.contains("\(server.url)/api/v1/services: the API server's answer is not JSON"))
@@ -295,8 +286,7 @@ struct LiveAPITests {
         let server = try await TestAPIServer.start { _ in .json(200, #"{"kind":"PodList","apiVersion":"v1","metadata":{},"items":[]}"#) }
         defer { Task { await server.stop() } }
         let ws = try Workspace()
-        let config = try ws.write("config", kubeconfig(server: server.url,
-            clusterFields: "certificate-authority: \(pki.caCert)", userFields: "token: \(testToken)"))
+        let config = try ws.tokenKubeconfig(server: server.url)
         let error = try #require(await loadError(.init(kubeconfig: config), ws.environment()))
         #expect(error.exitCode == 65)
         #expect(error.description.hasSuffix("expected a ServiceList, got kind PodList"))
@@ -319,8 +309,7 @@ struct LiveAPITests {
         }
         defer { Task { await server.stop() } }
         let ws = try Workspace()
-        let config = try ws.write("config", kubeconfig(server: server.url,
-            clusterFields: "certificate-authority: \(pki.caCert)", userFields: "token: \(testToken)"))
+        let config = try ws.tokenKubeconfig(server: server.url)
         let error = try #require(await loadError(.init(kubeconfig: config), ws.environment()))
         #expect(error.exitCode == 69)
         #expect(error.description.contains("HTTP 500 InternalError: Internal error occurred: etcdserver: request timed out"))
@@ -335,8 +324,7 @@ struct LiveAPITests {
         let server = try await TestAPIServer.start(handler: serving(cluster))
         defer { Task { await server.stop() } }
         let ws = try Workspace()
-        let config = try ws.write("config", kubeconfig(server: server.url,
-            clusterFields: "certificate-authority: \(pki.caCert)", userFields: "token: \(testToken)"))
+        let config = try ws.tokenKubeconfig(server: server.url)
         let error = try #require(await loadError(.init(kubeconfig: config), ws.environment()))
         #expect(error.exitCode == 65)
         #expect(error.description.contains("\(server.url)/api/v1/services: Service shop/api: spec.externalIPs[0]"))
