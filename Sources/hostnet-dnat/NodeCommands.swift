@@ -68,10 +68,10 @@ struct NodePlanning {
             reason = why
             detection = found
         }
-        if options.target == .kubeProxy && node.backend == .nftables {
-            throw CLIError(.usage, "--target kube-proxy jumps into kube-proxy's iptables chains, which an nftables table cannot reach; use --backend iptables, or --target endpoints")
-        }
         let plan = try Pipeline.plan(objects: objects, resolution: options, settings: settings, requested: options.target)
+        if node.backend == .nftables, let why = plan.nftablesRefusal {
+            throw CLIError(.usage, why)  // before anything reaches the kernel
+        }
         return NodePlanning(plan: plan, strategy: options.target, reason: reason, detection: detection)
     }
 

@@ -85,6 +85,16 @@ import TestSupport
         }
     }
 
+    @Test func kubeProxyTargetIsAUsageErrorForTheNftablesBackend() throws {
+        guard try requireKernelTests(tools: ["nft"]) else { return }
+        try withNamespace("kpnft") { ns in
+            let r = try cli(["apply", "-f", "examples/cluster.yaml", "--target", "kube-proxy", "--netns", ns.name])
+            #expect(r.status == 64)
+            #expect(r.stderr.contains("--backend iptables"))
+            #expect(try ns.ruleset().isEmpty)
+        }
+    }
+
     @Test func withoutCapNetAdminExits77AndSaysWhy() throws {
         guard try requireKernelTests(tools: ["setpriv", "nft"]) else { return }
         try withNamespace("nocap") { ns in
