@@ -46,7 +46,10 @@ final class APISession {
     private func rememberSecrets() {
         var s: [String] = []
         if let t = connection.auth.token { s.append(t) }
-        if let p = connection.auth.password { s.append(p) }
+        if let p = connection.auth.password {
+            s.append(p)
+            s.append(Data("\(connection.auth.username ?? ""):\(p)".utf8).base64EncodedString())
+        }
         if let t = execCredential?.token { s.append(t) }
         secrets = s
     }
@@ -142,7 +145,11 @@ final class APISession {
         guard let data = FileManager.default.contents(atPath: path) else {
             throw KubernetesAPIError(.configuration, "token file \(path) (\(connection.auth.identity)) cannot be read")
         }
+        // client-go trims a token file (a trailing newline is normal there); what remains must fit a header.
         let token = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        if let why = CredentialCheck.problem(token) {
+            throw KubernetesAPIError(.configuration, "token file \(path) (\(connection.auth.identity)): the token \(why); the value is not shown")
+        }
         return token.isEmpty ? nil : token
     }
 
