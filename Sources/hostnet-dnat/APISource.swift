@@ -7,6 +7,7 @@ enum APISource {
         let options = KubernetesSourceOptions(kubeconfig: source.kubeconfig, context: source.context,
                                               namespaces: namespaces, labelSelector: selector)
         do {
+            for w in try KubernetesSource.warnings(options) { Console.warning(w) }
             return try await KubernetesSource.load(options)
         } catch {
             throw CLIError(code: error.exitCode, error.description)

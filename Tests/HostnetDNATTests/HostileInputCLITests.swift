@@ -181,4 +181,24 @@ import TestSupport
             #expect(r.stderr.contains(why), "\(r.stderr)")
         }
     }
+
+    @Test("a credential for an http:// server is a warning on stderr")
+    func plainHTTPCredentialWarns() throws {
+        let dir = NSTemporaryDirectory() + "hnd-http-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let config = dir + "/config"
+        try """
+            apiVersion: v1
+            kind: Config
+            current-context: c
+            clusters: [{name: c, cluster: {server: "http://127.0.0.1:1"}}]
+            users: [{name: u, user: {token: plain-text-token-123}}]
+            contexts: [{name: c, context: {cluster: c, user: u}}]
+            """.write(toFile: config, atomically: true, encoding: .utf8)
+        let r = try CLI.run(["render", "--kubeconfig", config])
+        #expect(r.status == 69, "\(r.stderr)")
+        #expect(r.stderr.hasPrefix("hostnet-dnat: warning: kubeconfig \(config) (context \"c\"): the API server http://127.0.0.1:1 is plain http://, so kubeconfig user \"u\" sends its bearer token unencrypted; use https://\n"), "\(r.stderr)")
+        #expect(!r.stderr.contains("plain-text-token-123"))
+    }
 }
