@@ -142,7 +142,12 @@ final class APISession {
 
     private func currentFileToken() throws(KubernetesAPIError) -> String? {
         guard let path = connection.auth.tokenFile else { return nil }
-        guard let data = FileManager.default.contents(atPath: path) else {
+        let data: [UInt8]
+        switch ConfigFile.read(path) {
+        case .success(let d): data = d
+        case .failure(.tooLarge):
+            throw KubernetesAPIError(.configuration, "token file \(path) (\(connection.auth.identity)) is \(ConfigFile.tooLargeText)")
+        case .failure:
             throw KubernetesAPIError(.configuration, "token file \(path) (\(connection.auth.identity)) cannot be read")
         }
         // client-go trims a token file (a trailing newline is normal there); what remains must fit a header.

@@ -60,11 +60,14 @@ struct Kubeconfig {
                 continue
             }
             foundAny = true
-            guard let data = FileManager.default.contents(atPath: path) else {
-                throw KubernetesAPIError(.configuration, "kubeconfig \(path): cannot be read (permission denied?)")
+            let data: [UInt8]
+            switch ConfigFile.read(path) {
+            case .success(let d): data = d
+            case .failure(.tooLarge): throw KubernetesAPIError(.configuration, "kubeconfig \(path): \(ConfigFile.tooLargeText)")
+            case .failure: throw KubernetesAPIError(.configuration, "kubeconfig \(path): cannot be read (permission denied?)")
             }
             merged.files.append(path)
-            try merged.merge(data: [UInt8](data), file: path)
+            try merged.merge(data: data, file: path)
         }
         return foundAny ? merged : nil
     }
@@ -198,11 +201,13 @@ struct StanzaReader {
     }
 
     func readFile(_ path: String, what: String) throws(KubernetesAPIError) -> [UInt8] {
-        guard let d = FileManager.default.contents(atPath: path) else {
+        switch ConfigFile.read(path) {
+        case .success(let d): return d
+        case .failure(.tooLarge): throw fail(what, "\(path) is \(ConfigFile.tooLargeText)")
+        case .failure:
             let exists = FileManager.default.fileExists(atPath: path)
             throw fail(what, "cannot read \(path)" + (exists ? " (permission denied?)" : ": no such file"))
         }
-        return [UInt8](d)
     }
 }
 

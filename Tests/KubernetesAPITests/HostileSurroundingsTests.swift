@@ -249,4 +249,19 @@ import Testing
         let tls = try ws.tokenKubeconfig("tls", server: "https://127.0.0.1:6443")
         #expect(try KubernetesSource.warnings(.init(kubeconfig: tls), environment: ws.environment()).isEmpty)
     }
+
+    @Test("files a kubeconfig names are read within a limit: /dev/zero as a CA, key or token file, or as the kubeconfig")
+    func configFilesAreBounded() async throws {
+        let ws = try Workspace()
+        for (fields, what) in [("certificate-authority: /dev/zero", "certificate-authority"), ("tokenFile: /dev/zero", "token file /dev/zero")] {
+            let cluster = fields.hasPrefix("certificate") ? fields : "certificate-authority: \(pki.caCert)"
+            let user = fields.hasPrefix("token") ? fields : "token: \(testToken)"
+            let config = try ws.write("config", kubeconfig(server: "https://127.0.0.1:1", clusterFields: cluster, userFields: user))
+            let e = try #require(await loadError(.init(kubeconfig: config), ws.environment()))
+            #expect(e.exitCode == 64, "\(e)")
+            #expect(e.description.contains(what) && e.description.contains("larger than 16 MiB"), "\(e)")
+        }
+        let e = try #require(await loadError(.init(kubeconfig: "/dev/zero"), ws.environment()))
+        #expect(e.description == "kubeconfig /dev/zero: larger than 16 MiB, which no kubeconfig, certificate or token is", "\(e)")
+    }
 }
