@@ -114,11 +114,14 @@ enum PluginProcess {
                        stdoutOverflow: overflow)
     }
 
-    /// SIGTERM to the group, SIGKILL a second later; returns the child's status.
+    /// SIGTERM to the group, SIGKILL a second later; returns the child's status. The child itself is
+    /// signalled too, in case it left the group (setsid) and the group signal missed it.
     private static func stop(_ pid: pid_t) -> Int32? {
         kill(-pid, SIGTERM)
+        kill(pid, SIGTERM)
         if let s = reapUntil(pid, deadline: ContinuousClock.now + killGrace) { return s }
         kill(-pid, SIGKILL)
+        kill(pid, SIGKILL)
         return reap(pid, block: true)
     }
 
