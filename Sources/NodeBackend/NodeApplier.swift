@@ -51,6 +51,12 @@ public struct NodeApplier: Sendable {
         }
     }
 
+    /// Turns `old` (what this process installed last) into `new`, sending only what differs where the backend
+    /// can (see each backend); a failure leaves the kernel as it was and calls for a full `apply`.
+    public func update(from old: RulePlan, to new: RulePlan) throws(NodeError) -> ApplyResult {
+        try apply(new, dryRun: false)
+    }
+
     /// Differences between the kernel and `plan`, one line each; empty when the kernel matches the plan.
     public func diff(_ plan: RulePlan) throws(NodeError) -> [String] {
         switch backend {

@@ -23,5 +23,5 @@ struct HostnetDNAT: AsyncParsableCommand {
         66 input file missing; 69 a service or module is unavailable; 77 no permission.
         """,
         version: "0.1.0",
-        subcommands: [Render.self, Apply.self, Diff.self, Status.self, Remove.self])
+        subcommands: [Render.self, Apply.self, Sync.self, Diff.self, Status.self, Remove.self])
 }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import KubeObjects
 import NetAddress
+import Orchestration
 import RulePlanning
 import ServiceResolution
 
@@ -82,22 +83,11 @@ struct PlanFlags: ParsableArguments {
     }
 }
 
-/// sysexits(3) codes, so scripts can tell a typo from bad data from a missing permission.
-enum ExitStatus: Int32 {
-    case differs = 1
-    case usage = 64
-    case dataError = 65
-    case noInput = 66
-    case unavailable = 69
-    case software = 70
-    case cantCreate = 73
-    case noPermission = 77
-}
-
 struct CLIError: Error, CustomStringConvertible {
     let status: Int32
     let message: String
     init(_ status: ExitStatus, _ message: String) { self.status = status.rawValue; self.message = message }
     init(code: Int32, _ message: String) { self.status = code; self.message = message }
+    init(_ e: PipelineError) { self.status = e.exitCode; self.message = e.message }
     var description: String { message }
 }

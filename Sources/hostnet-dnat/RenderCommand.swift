@@ -43,8 +43,7 @@ struct Render: AsyncParsableCommand {
             let settings = try planFlags.settings(onConflict: resolution.onConflict)
             let options = try resolution.resolutionOptions()
             let objects = try await Pipeline.loadObjects(source, namespaces: resolution.namespaces, selector: resolution.selector)
-            let plan = try Pipeline.plan(objects: objects, resolution: options, settings: settings,
-                                         requested: resolution.target)
+            let plan = try Pipeline.plan(objects: objects, resolution: options, settings: settings)
             let text: String
             switch format {
             case .nft:
@@ -54,7 +53,7 @@ struct Render: AsyncParsableCommand {
             case .json: text = JSONRenderer.render(plan)
             }
             if format != .json {
-                for w in plan.warnings { Console.warning(w) }
+                for w in plan.warnings { Console.warning(w.message) }
             }
             if let outputFile {
                 // Write beside the target and rename, so a failure never leaves a half-written rule file.
