@@ -197,7 +197,7 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
                     wakeup = nil
                 }
                 let now = ContinuousClock.now
-                if let due = nextSync(), due <= now {
+                if let due = nextSync(now: now), due <= now {
                     sync()
                 }
                 schedule()
@@ -265,9 +265,8 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
         }
 
         /// When the next sync is due, or nil when there is nothing to do.
-        func nextSync() -> ContinuousClock.Instant? {
+        func nextSync(now: ContinuousClock.Instant) -> ContinuousClock.Instant? {
             guard listed.count == ResourceKind.allCases.count else { return nil }
-            let now = ContinuousClock.now
             var due: ContinuousClock.Instant? = nil
             if !dirty.isEmpty || needFull || installed == nil {
                 var earliest = lastAttempt.map { $0 + configuration.minSyncPeriod } ?? now
@@ -288,7 +287,7 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
         }
 
         mutating func schedule() {
-            guard let due = nextSync() else { cancelWakeup(); return }
+            guard let due = nextSync(now: .now) else { cancelWakeup(); return }
             if let w = wakeup, w.at <= due { return }
             cancelWakeup()
             let continuation = self.continuation
