@@ -72,6 +72,12 @@ struct Sync: AsyncParsableCommand {
     }
 
     func run() async throws {
+        // A parent (a test runner, a shell wrapper) may have left SIGTERM/SIGINT blocked; the agent must hear them.
+        var stopSignals = sigset_t()
+        sigemptyset(&stopSignals)
+        sigaddset(&stopSignals, SIGTERM)
+        sigaddset(&stopSignals, SIGINT)
+        pthread_sigmask(SIG_UNBLOCK, &stopSignals, nil)
         try await Console.run {
             let settings = try planFlags.settings(onConflict: .skip)
             let options = try resolution.resolutionOptions()
