@@ -7,6 +7,11 @@ import KubeObjects
 public enum SkipReason: String, Sendable, Hashable, CaseIterable, Comparable, Codable {
     case filteredByNamespace = "filtered_namespace"
     case filteredBySelector = "filtered_selector"
+    /// Labelled `service.kubernetes.io/service-proxy-name` for another proxy (or, with
+    /// `--service-proxy-name`, not labelled for that one).
+    case otherProxy = "service_proxy_name"
+    /// Labelled `service.kubernetes.io/headless`.
+    case headlessLabel = "headless_label"
     case externalName = "external_name"
     case headless = "headless"
     case hostnameOnlyIngress = "hostname_only_ingress"

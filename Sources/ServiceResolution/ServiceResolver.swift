@@ -104,11 +104,27 @@ public struct ResolutionOptions: Sendable {
     /// Only these namespaces; empty means all.
     public var namespaces: Set<String>
     public var selector: LabelSelector?
+    /// `--service-proxy-name`: map the Services of that alternative proxy (labelled
+    /// `service.kubernetes.io/service-proxy-name: <name>`) instead of kube-proxy's (which carry no such label).
+    public var serviceProxyName: String?
 
     public init(target: TargetStrategy = .auto, externalIPAllowlist: [CIDR] = [], includeProxyMode: Bool = false,
-                namespaces: Set<String> = [], selector: LabelSelector? = nil) {
+                namespaces: Set<String> = [], selector: LabelSelector? = nil, serviceProxyName: String? = nil) {
         self.target = target; self.externalIPAllowlist = externalIPAllowlist
         self.includeProxyMode = includeProxyMode; self.namespaces = namespaces; self.selector = selector
+        self.serviceProxyName = serviceProxyName
+    }
+
+    /// The label that hands a Service to another proxy, and the one that marks it headless (kube-proxy lists
+    /// with `!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless`).
+    public static let serviceProxyNameLabel = "service.kubernetes.io/service-proxy-name"
+    public static let headlessLabel = "service.kubernetes.io/headless"
+
+    /// The label selector a proxy with these options lists Services and EndpointSlices with: what the API
+    /// source sends to the server, so that other proxies' objects never travel.
+    public var proxySelector: String {
+        let proxy = serviceProxyName.map { "\(Self.serviceProxyNameLabel)=\($0)" } ?? "!\(Self.serviceProxyNameLabel)"
+        return "\(proxy),!\(Self.headlessLabel)"
     }
 }
 
@@ -189,6 +205,20 @@ public struct ServiceResolver: Sendable {
         }
         if let selector = options.selector, !selector.matches(service.labels) {
             return skip(&result, service, .filteredBySelector, "filtered out by --selector \(selector)")
+        }
+        let owner = service.labels[ResolutionOptions.serviceProxyNameLabel]
+        if owner != options.serviceProxyName {
+            if let owner {
+                return skip(&result, service, .otherProxy,
+                            "labelled \(ResolutionOptions.serviceProxyNameLabel)=\(owner): another proxy's service"
+                            + " (--service-proxy-name \(owner) selects it)")
+            }
+            return skip(&result, service, .otherProxy,
+                        "no \(ResolutionOptions.serviceProxyNameLabel)=\(options.serviceProxyName ?? "") label: kube-proxy's service, not --service-proxy-name's")
+        }
+        if service.labels[ResolutionOptions.headlessLabel] != nil {
+            return skip(&result, service, .headlessLabel,
+                        "labelled \(ResolutionOptions.headlessLabel): kube-proxy programs nothing for it")
         }
         if service.type == "ExternalName" {
             return skip(&result, service, .externalName, "ExternalName service: kube-proxy programs nothing for it")

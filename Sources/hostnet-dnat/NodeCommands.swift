@@ -58,7 +58,7 @@ struct NodePlanning {
         let settings = try planFlags.settings(onConflict: resolution.onConflict)
         let options = try resolution.resolutionOptions()
         let context = NodeContext(netns: try node.namespace())
-        let objects = try await Pipeline.loadObjects(source, namespaces: resolution.namespaces, selector: resolution.selector)
+        let objects = try await Pipeline.loadObjects(source, namespaces: resolution.namespaces, selector: try resolution.serverSelector())
         let planned: Planning.NodePlan
         do {
             planned = try Planning.planForNode(objects, options: options, settings: settings, backend: node.backend, context: context)

@@ -42,7 +42,7 @@ struct Render: AsyncParsableCommand {
         try await Console.run {
             let settings = try planFlags.settings(onConflict: resolution.onConflict)
             let options = try resolution.resolutionOptions()
-            let objects = try await Pipeline.loadObjects(source, namespaces: resolution.namespaces, selector: resolution.selector)
+            let objects = try await Pipeline.loadObjects(source, namespaces: resolution.namespaces, selector: try resolution.serverSelector())
             let plan = try Pipeline.plan(objects: objects, resolution: options, settings: settings)
             let text: String
             switch format {

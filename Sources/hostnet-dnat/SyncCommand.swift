@@ -86,7 +86,7 @@ struct Sync: AsyncParsableCommand {
                 throw CLIError(.usage, "--target kube-proxy jumps into kube-proxy's iptables KUBE-SVC-… chains, which an nftables table cannot reach; use --backend iptables, or --target endpoints")
             }
             let apiOptions = KubernetesSourceOptions(kubeconfig: kubeconfig, context: self.context,
-                                                     namespaces: resolution.namespaces, labelSelector: resolution.selector)
+                                                     namespaces: resolution.namespaces, labelSelector: try resolution.serverSelector())
             // Refuse what can never work before owning anything: no privilege, no configuration.
             do { try context.requirePrivileges(for: "syncing rules") } catch let e as NodeError { throw e.cliError }
             do { _ = try KubernetesSource.describeSource(apiOptions) } catch let e as KubernetesAPIError { throw CLIError(code: e.exitCode, e.description) }

@@ -231,3 +231,41 @@ private func resolve(_ services: [Service], _ slices: [EndpointSlice] = [], _ op
                 == "41edece42d63e8d9bf515a9ba6932e1c20cbc9f5a5d134645adb5db1b9737ea3")
     }
 }
+
+@Suite struct ProxyNameTests {
+    static func service(_ name: String, labels: [String: String]) -> Service {
+        Service(id: ObjectName(namespace: "ns", name: name), labels: labels, type: "LoadBalancer",
+                clusterIPs: [IPAddress("192.0.2.1")!], ports: [ServicePort(port: 80)],
+                loadBalancerIngress: [LoadBalancerIngress(ip: IPAddress("203.0.113.1"))])
+    }
+
+    static let objects: ClusterObjects = {
+        var o = ClusterObjects()
+        o.services = [service("plain", labels: [:]),
+                      service("cilium", labels: ["service.kubernetes.io/service-proxy-name": "cilium"]),
+                      service("headless-label", labels: ["service.kubernetes.io/headless": ""])]
+        return o
+    }()
+
+    @Test func kubeProxysServicesByDefault() {
+        let r = ServiceResolver(options: ResolutionOptions(target: .clusterIP)).resolve(Self.objects)
+        #expect(r.mappings.map(\.service.name) == ["plain"])
+        #expect(Dictionary(uniqueKeysWithValues: r.skipped.map { ($0.service.name, $0.code) })
+                == ["cilium": .otherProxy, "headless-label": .headlessLabel])
+        #expect(r.skipped.first { $0.service.name == "cilium" }?.reason.contains("--service-proxy-name cilium") == true)
+    }
+
+    @Test func serviceProxyNameSelectsThatProxysServicesInstead() {
+        let r = ServiceResolver(options: ResolutionOptions(target: .clusterIP, serviceProxyName: "cilium")).resolve(Self.objects)
+        #expect(r.mappings.map(\.service.name) == ["cilium"])
+        #expect(Set(r.skipped.map(\.service.name)) == ["plain", "headless-label"])
+    }
+
+    @Test func theServerSideSelectorIsKubeProxys() throws {
+        #expect(ResolutionOptions().proxySelector == "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless")
+        #expect(ResolutionOptions(serviceProxyName: "x").proxySelector == "service.kubernetes.io/service-proxy-name=x,!service.kubernetes.io/headless")
+        // It parses as a selector and matches as resolution does.
+        let selector = try LabelSelector(ResolutionOptions().proxySelector)
+        #expect(Self.objects.services.filter { selector.matches($0.labels) }.map(\.id.name) == ["plain"])
+    }
+}
