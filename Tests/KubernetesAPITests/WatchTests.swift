@@ -247,6 +247,65 @@ struct WatchTests {
         }
     }
 
+    @Test("the one-shot load stays strict: the same broken item fails it (exit 65), naming the object and field")
+    func loadStaysStrict() async throws {
+        var cluster = FakeCluster.standard
+        cluster.services.append(FakeObject(kind: "Service", apiVersion: "v1", namespace: "shop", name: "broken",
+                                           body: #""spec":{"ports":[{"port":70000}]}"#))
+        let server = try await TestAPIServer.start(handler: serving(cluster))
+        defer { Task { await server.stop() } }
+        let ws = try Workspace()
+        let config = try ws.tokenKubeconfig(server: server.url)
+        let error = try #require(await loadError(.init(kubeconfig: config), ws.environment()))
+        #expect(error.exitCode == 65)
+        #expect(error.description == "\(server.url)/api/v1/services: Service shop/broken: spec.ports[0].port: port 70000 is out of range 1-65535")
+    }
+
+    @Test("a 401 on the watch request runs the exec plugin again and watches with the new token, as lists do")
+    func execPluginRerunOnWatch401() async throws {
+        // The plugin's token is the time it ran (ns); the server accepts tokens not older than `oldest`.
+        let oldest = Box(0)
+        let cluster = FakeCluster.standard
+        let handler: @Sendable (RecordedRequest) -> Reply = { r in
+            guard let t = r.authorization?.split(separator: "-").last.flatMap({ Int($0) }), t >= oldest.get() else {
+                return .json(401, status(401, "Unauthorized", "Unauthorized"))
+            }
+            if r.query["watch"] != nil {
+                if r.path == "/api/v1/services", oldest.get() == 0 {
+                    // The first services watch: every token issued so far has just expired.
+                    oldest.set(Int(Date().timeIntervalSince1970 * 1e9))
+                    return .json(401, status(401, "Unauthorized", "Unauthorized"))
+                }
+                return .stream(200) { _ in }
+            }
+            return cluster.reply(r)!
+        }
+        let server = try await TestAPIServer.start(handler: handler)
+        let ws = try Workspace()
+        try ws.write("plugin.sh", """
+            #!/bin/sh
+            echo "{\\"kind\\":\\"ExecCredential\\",\\"apiVersion\\":\\"client.authentication.k8s.io/v1\\",\\"status\\":{\\"token\\":\\"tok-$(date +%s%N)\\"}}"
+
+            """, executable: true)
+        let config = try ws.write("config", kubeconfig(server: server.url,
+            clusterFields: "certificate-authority: \(PKI.shared.caCert)",
+            userFields: "exec:\n  apiVersion: client.authentication.k8s.io/v1\n  command: ./plugin.sh\n  interactiveMode: Never"))
+        let events = EventRecorder(try KubernetesWatch(.init(kubeconfig: config), environment: ws.environment(), tuning: fastTuning))
+        do {
+            try await waitUntil("the services watch with a fresh token") {
+                server.watches("services").count == 2
+            }
+            let watches = server.watches("services")
+            #expect(watches[0].authorization != watches[1].authorization)
+            // Refreshed inside the session: no failure reached the consumer.
+            #expect(!events.current.contains { if case .unavailable(.services, _, _) = $0 { true } else { false } })
+        } catch {
+            await events.stop(); await server.stop()
+            throw error
+        }
+        await events.stop(); await server.stop()
+    }
+
     @Test("cancelling the consuming task ends the stream and closes the open watch connections")
     func cancellationClosesWatches() async throws {
         let opened = Box<[ResponseStream]>([])
@@ -485,6 +544,9 @@ final class EventRecorder: Sendable {
         return current
     }
 
+    /// The events so far.
+    var current: [SourceEvent] { box.get() }
+
     /// Cancels the consuming task and waits for it to end.
     func stop() async {
         task.cancel()
@@ -582,6 +644,8 @@ extension WatchTests {
             #expect(slice.endpoints.first?.isReady == true)
             #expect(slice.lastChangeTriggerTime == "2026-12-01T14:02:17Z")
             #expect(sent.get()?.bytesWritten.get() == typicalSliceModifiedLine.utf8.count)
+            // The figure the README quotes: one endpoint change costs one line of this many bytes.
+            #expect(typicalSliceModifiedLine.utf8.count == 1564)
         }
     }
 }
