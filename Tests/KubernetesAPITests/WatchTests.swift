@@ -19,7 +19,9 @@ struct WatchTests {
             }
         }
         try await withWatch(handler) { server, events in
-            let seen = try await events.wait("three service changes") { $0.changes(.services).count == 3 }
+            let seen = try await events.wait("three service changes and the slices' list") {
+                $0.changes(.services).count == 3 && !$0.of(.endpointSlices).isEmpty
+            }
             #expect(seen.described(.services) == [
                 "listed services: default/dual :80, default/web :443, kube-system/dns :53, shop/api :80, shop/headless :5432 @4711",
                 "service shop/new :8000",
