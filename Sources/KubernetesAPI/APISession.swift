@@ -75,25 +75,21 @@ final class APISession {
 
     // MARK: TLS and the client
 
+    /// The request client, and the watch client when `watchReadTimeout` is set. Only the TLS configuration can
+    /// fail, and it is built before either client exists.
     static func makeClients(_ connection: ClusterConnection, execCredential: ExecPlugin.Credential?, timeout: Duration,
                             watchReadTimeout: Duration?) throws(KubernetesAPIError) -> (HTTPClient, HTTPClient?) {
-        let client = try makeClient(connection, execCredential: execCredential, timeout: timeout)
-        guard let watchReadTimeout else { return (client, nil) }
-        do {
-            return (client, try makeClient(connection, execCredential: execCredential, timeout: timeout,
-                                           readTimeout: watchReadTimeout))
-        } catch {
-            try? client.syncShutdown()
-            throw error
-        }
+        let tls = try tlsConfiguration(connection, execCredential: execCredential)
+        return (makeClient(connection, tls: tls, timeout: timeout),
+                watchReadTimeout.map { makeClient(connection, tls: tls, timeout: timeout, readTimeout: $0) })
     }
 
     /// `readTimeout` (default: `timeout`) is AsyncHTTPClient's idle read timeout: the longest silence between
     /// two reads, which for a watch is also the longest time without an event or bookmark.
-    static func makeClient(_ connection: ClusterConnection, execCredential: ExecPlugin.Credential?,
-                           timeout: Duration, readTimeout: Duration? = nil) throws(KubernetesAPIError) -> HTTPClient {
+    static func makeClient(_ connection: ClusterConnection, tls: TLSConfiguration, timeout: Duration,
+                           readTimeout: Duration? = nil) -> HTTPClient {
         var config = HTTPClient.Configuration()
-        config.tlsConfiguration = try tlsConfiguration(connection, execCredential: execCredential)
+        config.tlsConfiguration = tls
         // The bearer token must never follow a redirect to another host; the API server does not redirect.
         config.redirectConfiguration = .disallow
         config.timeout = .init(connect: timeAmount(timeout), read: timeAmount(readTimeout ?? timeout))
