@@ -33,8 +33,13 @@ final class ResponseStream: Sendable {
     private let channel: any Channel
     /// Bytes of body written so far (without chunk framing).
     let bytesWritten = Box(0)
+    /// Bytes the connection has sent on the wire so far: TLS records, HTTP head and chunk framing included.
+    let wireBytes: Box<Int>
 
-    fileprivate init(channel: any Channel) { self.channel = channel }
+    fileprivate init(channel: any Channel, wireBytes: Box<Int>) {
+        self.channel = channel
+        self.wireBytes = wireBytes
+    }
 
     /// One chunk of the body, sent at once.
     func write(_ text: String) async {
@@ -97,12 +102,14 @@ final class TestAPIServer: Sendable {
             .childChannelInitializer { channel in
                 state.track(channel)
                 return channel.eventLoop.makeCompletedFuture {
+                    let wire = Box(0)
+                    try channel.pipeline.syncOperations.addHandler(WireCounter(count: wire))
                     try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context))
                     // Without pipelining assistance the server keeps reading while a watch body is open, as
                     // kube-apiserver does; with it, a client's TLS close_notify would sit unread until the
                     // client's shutdown timeout (1 s) and a prompt cancellation would look slow.
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(withPipeliningAssistance: false, withErrorHandling: true)
-                    try channel.pipeline.syncOperations.addHandler(RequestHandler(state: state))
+                    try channel.pipeline.syncOperations.addHandler(RequestHandler(state: state, wireBytes: wire))
                 }
             }
             .bind(host: host, port: port).get()
@@ -145,9 +152,10 @@ private final class RequestHandler: ChannelInboundHandler {
     typealias OutboundOut = HTTPServerResponsePart
 
     let state: ServerState
+    let wireBytes: Box<Int>
     var head: HTTPRequestHead?
 
-    init(state: ServerState) { self.state = state }
+    init(state: ServerState, wireBytes: Box<Int>) { self.state = state; self.wireBytes = wireBytes }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
@@ -183,7 +191,7 @@ private final class RequestHandler: ChannelInboundHandler {
                 h.add(name: "Transfer-Encoding", value: "chunked")
                 let responseHead = HTTPResponseHead(version: head.version, status: HTTPResponseStatus(statusCode: s), headers: h)
                 context.writeAndFlush(wrapOutboundOut(.head(responseHead)), promise: nil)
-                let stream = ResponseStream(channel: context.channel)
+                let stream = ResponseStream(channel: context.channel, wireBytes: wireBytes)
                 Task { await script(stream) }
                 return
             case .json(let s, let b): (status, contentType, body) = (s, "application/json", b)
@@ -203,5 +211,19 @@ private final class RequestHandler: ChannelInboundHandler {
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         context.close(promise: nil)
+    }
+}
+
+/// Counts the bytes a connection writes to its socket (it sits below TLS).
+private final class WireCounter: ChannelOutboundHandler {
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+    let count: Box<Int>
+    init(count: Box<Int>) { self.count = count }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        let n = unwrapOutboundIn(data).readableBytes
+        count.update { $0 += n }
+        context.write(data, promise: promise)
     }
 }
