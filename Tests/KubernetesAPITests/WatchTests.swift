@@ -355,6 +355,26 @@ struct WatchTests {
         }
     }
 
+    @Test("403 on the watch request (RBAC grants list but not watch): .unavailable naming the verb, the list is not repeated")
+    func forbiddenWatchIsRetried() async throws {
+        let handler = watchServing(Box(.standard)) { w in
+            guard w.resource == "services", w.number < 2 else { return nil }
+            return .json(403, status(403, "Forbidden", "services is forbidden: cannot watch resource \"services\""))
+        }
+        try await withWatch(handler) { server, events in
+            try await waitUntil("the third watch") { server.watches("services").count == 3 }
+            let seen = try await events.wait("two refusals") { $0.described(.services).count >= 3 }
+            #expect(seen.described(.services)[0].hasPrefix("listed services"))
+            for case .unavailable(.services, let error, _) in seen {
+                #expect(error.httpStatus == 403)
+                #expect(error.description.contains("cannot watch services in all namespaces"))
+                #expect(error.description.contains("grant watch on services"))
+            }
+            #expect(server.watches("services").allSatisfy { $0.query["resourceVersion"] == "4711" })
+            #expect(server.lists("services").count == 3)
+        }
+    }
+
     @Test("with namespaces, one list+watch per namespace; the first .listed waits for all of them; a relist replaces only its namespace")
     func namespacesAreWatchedSeparately() async throws {
         let shopWatches = Box(0)
