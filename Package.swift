@@ -79,7 +79,7 @@ let package = Package(
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "Yams", package: "Yams"),
         ]),
-        .testTarget(name: "OrchestrationTests", dependencies: ["Orchestration", "TestSupport", "KubeObjects", "NetAddress",
+        .testTarget(name: "OrchestrationTests", dependencies: ["Orchestration", "TestSupport", "KubeObjects", "NetAddress", "KubernetesAPI",
                                                                "ServiceResolution", "RulePlanning", "NodeBackend", "NetlinkBackend"]),
         .testTarget(name: "HostnetDNATTests", dependencies: ["hostnet-dnat", "TestSupport"]),
     ]

@@ -25,15 +25,6 @@ public enum WatchRestartReason: String, Sendable {
     case error
 }
 
-/// One object that changed, as the watch reports it.
-public enum ObjectChange: Sendable, Equatable {
-    /// Added or modified: the whole new version.
-    case service(Service)
-    case serviceDeleted(ObjectName)
-    case endpointSlice(EndpointSlice)
-    case endpointSliceDeleted(ObjectName)
-}
-
 /// What `KubernetesWatch.events()` reports.
 ///
 /// The consumer keeps one store per resource: `.listed` replaces it, `.changed` updates it. Nothing else

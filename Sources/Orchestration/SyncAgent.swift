@@ -1,30 +1,11 @@
 import Foundation
 import KubeObjects
+import KubernetesAPI
 import Logging
 import NodeBackend
 import RulePlanning
 import ServiceLifecycle
 import ServiceResolution
-
-/// The two kinds of objects the agent lists and watches.
-public enum ResourceKind: String, Sendable, Hashable, CaseIterable {
-    case services
-    case endpointSlices = "endpointslices"
-}
-
-/// What a source (a list+watch of the API, or a test) tells the agent.
-public enum SourceEvent: Sendable {
-    /// A complete list (the first, or a relist after 410): replaces every object of that kind.
-    case listed(ResourceKind, ClusterObjects)
-    case changed(ObjectChange)
-    /// One object that could not be decoded. The agent keeps its last good copy (so one bad write does not
-    /// take a working Service's rules away), reports it once, and counts it.
-    case invalidObject(ResourceKind, ObjectName?, message: String)
-    /// A watch ended and is being re-established: `timeout`, `gone` (410) or `error`.
-    case watchRestarted(ResourceKind, reason: String)
-    /// The API cannot be reached or refuses us; the agent keeps the rules it has.
-    case unavailable(ResourceKind, message: String)
-}
 
 /// How the agent runs.
 public struct SyncConfiguration: Sendable {
@@ -159,7 +140,7 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
         var store = ObjectStore()
         var planner: IncrementalPlanner? = nil
         var strategy: TargetStrategy? = nil
-        var listed: Set<ResourceKind> = []
+        var listed: Set<APIResource> = []
         var dirty: Set<ObjectName> = []
         /// What this process installed last (nil: unknown, so the next sync is a full pass).
         var installed: RulePlan? = nil
@@ -174,7 +155,7 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
         var invalid: [String: String] = [:]
         /// Warnings already logged; a warning that goes away and comes back is logged again.
         var loggedWarnings: Set<String> = []
-        var unavailableLogged: Set<ResourceKind> = []
+        var unavailableLogged: Set<APIResource> = []
 
         init(agent: SyncAgent, continuation: AsyncStream<Input>.Continuation) {
             self.agent = agent
@@ -207,7 +188,7 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
         mutating func handle(_ event: SourceEvent, seen: Date) {
             agent.observer.sourceEvent(event)
             switch event {
-            case .listed(let kind, let objects):
+            case .listed(let kind, let objects, _):
                 let affected: Set<ObjectName>
                 switch kind {
                 case .services: affected = store.replaceServices(objects.services)
@@ -243,11 +224,12 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
                 }
                 invalid[key] = message
             case .watchRestarted(let kind, let reason):
-                agent.logger.debug("watch restarted", metadata: ["resource": "\(kind.rawValue)", "reason": "\(reason)"])
-            case .unavailable(let kind, let message):
+                agent.logger.debug("watch restarted", metadata: ["resource": "\(kind.rawValue)", "reason": "\(reason.rawValue)"])
+            case .unavailable(let kind, let error, let retryIn):
                 if !unavailableLogged.contains(kind) {
                     agent.logger.warning("the API is unavailable; the rules stay as they are",
-                                         metadata: ["resource": "\(kind.rawValue)", "error": "\(message)"])
+                                         metadata: ["resource": "\(kind.rawValue)", "error": "\(error.description)",
+                                                    "retry_in_ms": "\(retryIn.components.seconds * 1000 + retryIn.components.attoseconds / 1_000_000_000_000_000)"])
                     unavailableLogged.insert(kind)
                 }
             }
@@ -266,7 +248,7 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
 
         /// When the next sync is due, or nil when there is nothing to do.
         func nextSync(now: ContinuousClock.Instant) -> ContinuousClock.Instant? {
-            guard listed.count == ResourceKind.allCases.count else { return nil }
+            guard listed.count == APIResource.allCases.count else { return nil }
             var due: ContinuousClock.Instant? = nil
             if !dirty.isEmpty || needFull || installed == nil {
                 var earliest = lastAttempt.map { $0 + configuration.minSyncPeriod } ?? now
@@ -441,7 +423,15 @@ extension RulePlan {
     }
 }
 
-/// `endpoints.kubernetes.io/last-change-trigger-time` of an EndpointSlice.
+/// `endpoints.kubernetes.io/last-change-trigger-time` of an EndpointSlice (RFC 3339, with or without
+/// fractional seconds), as kube-proxy reads it for its network-programming latency.
 enum EndpointSliceTrigger {
-    static func time(of slice: EndpointSlice) -> Date? { nil }
+    static func time(of slice: EndpointSlice) -> Date? {
+        guard let text = slice.lastChangeTriggerTime else { return nil }
+        let plain = ISO8601DateFormatter()
+        if let d = plain.date(from: text) { return d }
+        let fractional = ISO8601DateFormatter()
+        fractional.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        return fractional.date(from: text)
+    }
 }

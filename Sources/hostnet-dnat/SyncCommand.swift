@@ -89,7 +89,8 @@ struct Sync: AsyncParsableCommand {
                                                      namespaces: resolution.namespaces, labelSelector: try resolution.serverSelector())
             // Refuse what can never work before owning anything: no privilege, no configuration.
             do { try context.requirePrivileges(for: "syncing rules") } catch let e as NodeError { throw e.cliError }
-            do { _ = try KubernetesSource.describeSource(apiOptions) } catch let e as KubernetesAPIError { throw CLIError(code: e.exitCode, e.description) }
+            let watch: KubernetesWatch
+            do { watch = try KubernetesWatch(apiOptions) } catch let e as KubernetesAPIError { throw CLIError(code: e.exitCode, e.description) }
             let lock: NodeLock
             do { lock = try NodeLock.acquire(.sync, context: context, wait: .zero) } catch let e as NodeError { throw e.cliError }
             defer { withExtendedLifetime(lock) {} }
@@ -105,10 +106,10 @@ struct Sync: AsyncParsableCommand {
             let configuration = SyncConfiguration(options: options, settings: settings,
                                                   minSyncPeriod: minSyncPeriod.duration, syncPeriod: syncPeriod.duration,
                                                   cleanupOnExit: cleanupOnExit)
-            let agent = SyncAgent(configuration: configuration, source: { APIWatchSource.events(apiOptions) },
+            let agent = SyncAgent(configuration: configuration, source: { watch.events() },
                                   installer: NodeInstaller(context: context, backend: node.backend, iptablesVariant: node.iptables),
                                   logger: logger)
-            logger.info("starting", metadata: ["backend": "\(node.backend.rawValue)", "target": "\(options.target.rawValue)",
+            logger.info("starting", metadata: ["api": "\(watch.sourceDescription)","backend": "\(node.backend.rawValue)", "target": "\(options.target.rawValue)",
                                                "min_sync_period": "\(minSyncPeriod.text)", "sync_period": "\(syncPeriod.text)",
                                                "netns": "\(context.netns?.path ?? "self")"])
             let group = ServiceGroup(configuration: .init(

@@ -1,5 +1,6 @@
 import Foundation
 import KubeObjects
+import KubernetesAPI
 import Logging
 import NetAddress
 import NodeBackend
@@ -140,7 +141,7 @@ enum AgentFixtures {
     static func listed(_ services: [KubeObjects.Service], _ slices: [EndpointSlice]) -> [SourceEvent] {
         var s = ClusterObjects(); s.services = services
         var e = ClusterObjects(); e.endpointSlices = slices
-        return [.listed(.services, s), .listed(.endpointSlices, e)]
+        return [.listed(.services, s, resourceVersion: "1"), .listed(.endpointSlices, e, resourceVersion: "1")]
     }
 }
 
@@ -150,13 +151,13 @@ enum AgentFixtures {
     @Test func nothingReachesTheKernelUntilBothKindsAreListed() async {
         let h = AgentHarness()
         var s = ClusterObjects(); s.services = [F.service("web", lb: "203.0.113.10")]
-        h.send(.listed(.services, s))
-        h.send(.unavailable(.endpointSlices, message: "connection refused"))
+        h.send(.listed(.services, s, resourceVersion: "1"))
+        h.send(.unavailable(.endpointSlices, KubernetesAPIError(.unavailable, "connection refused"), retryIn: .seconds(1)))
         h.send(.changed(.service(F.service("api", lb: "203.0.113.11"))))
         try? await Task.sleep(for: .milliseconds(300))
         #expect(h.installer.calls.isEmpty, "\(h.installer.calls)")
         var e = ClusterObjects(); e.endpointSlices = [F.slice("web", ["198.51.100.5"])]
-        h.send(.listed(.endpointSlices, e))
+        h.send(.listed(.endpointSlices, e, resourceVersion: "2"))
         #expect(await h.waitFor { h.installer.calls == [.replace(rules: 1)] }, "\(h.installer.calls)")
         await h.stop()
     }
