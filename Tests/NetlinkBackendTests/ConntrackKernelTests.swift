@@ -144,6 +144,48 @@ struct ConntrackKernelTests {
         }
     }
 
+    /// `CONNTRACK_TEST_ENTRIES` (default 20,000) bystander entries; the time of the delete is printed.
+    @Test("a table of many datagrams: every entry is read (as the conntrack tool lists them) and only the matching ones go")
+    func largeTable() throws {
+        guard try requireKernelTests(tools: ["python3", "conntrack", "nft"]) else { return }
+        let a = Addresses(ipv6: false)
+        let (none, toE1) = (try a.plan(dns: nil), try a.plan(dns: [a.e1]))
+        let count = ProcessInfo.processInfo.environment["CONNTRACK_TEST_ENTRIES"].flatMap { Int($0) } ?? 20_000
+        try Self.withTopology("ct-large", a) { node in
+            try node.backend.apply(none)
+            // A socket per 50,000 of `count` other ports of the unmapped external IP, then three sockets to port 53.
+            let script = """
+            import socket, sys
+            host, count = sys.argv[1], int(sys.argv[2])
+            for i in range(count):
+                if i % 50000 == 0:
+                    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s.sendto(b'x', (host, 10000 + i % 50000))
+            for _ in range(3):
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', (host, 53))
+            """
+            try node.runChecked(["python3", "-c", script, a.ext, String(count)], timeout: 120)
+            // (`conntrack -C`: the namespace's count, without listing it into this process before the measurement.)
+            #expect(try node.runChecked(["conntrack", "-C"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines) == String(count + 3))
+
+            // Streamed: the delete keeps only the 3 matches, not the table (peak RSS measured before `entries`).
+            try node.backend.apply(toE1)
+            let conntrack = ConntrackTable(namespace: node.netns)
+            let hwm = peakResidentKiB()
+            let start = Date()
+            let report = try conntrack.delete(ConntrackCleanup.deletions(from: none, to: toE1))
+            let seconds = Date().timeIntervalSince(start)
+            let grown = peakResidentKiB() - hwm
+            #expect(report.deleted == 3 && report.scanned == count + 3 && report.dumps == 1, "\(report)")
+            let listed = try conntrackTool(node, false)
+            #expect(listed.count == count && !listed.contains { $0.original.destinationPort == 53 })
+            let ours = try conntrack.entries(family: .ipv4, limit: count + 100)
+            #expect(Set(ours.map(\.withoutIdentity)) == Set(listed))
+            #expect(try conntrack.entries(family: .ipv4, limit: 7).count == 7)
+            print(String(format: "conntrack delete over %d entries: %.3f s, peak RSS +%d KiB", count + 3, seconds, grown))
+        }
+    }
+
     @Test("no deletions: nothing is sent; a missing namespace is a namespace error")
     func edges() throws {
         guard try requireKernelTests() else { return }
@@ -292,4 +334,11 @@ for line in sys.stdin:
     }
 
     deinit { stop() }
+}
+
+/// VmHWM of this process, in KiB (0 when unknown).
+func peakResidentKiB() -> Int {
+    guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+          let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmHWM:") }) else { return 0 }
+    return Int(line.split(separator: " ")[1]) ?? 0
 }
