@@ -1,5 +1,6 @@
 import Foundation
 import NetAddress
+import RulePlanning
 
 /// What one `ConntrackTable.delete` did.
 public struct ConntrackDeletionReport: Sendable, Equatable {
@@ -49,18 +50,36 @@ public struct ConntrackTable: Sendable {
     /// already gone counts as `alreadyGone`, not as an error.
     public func delete(_ deletions: [ConntrackDeletion]) throws(NetlinkError) -> ConntrackDeletionReport {
         let selector = ConntrackSelector(deletions)
-        var report = ConntrackDeletionReport()
-        guard !selector.isEmpty else { return report }
-        var session = try ConntrackSession.open(in: namespace)
+        guard !selector.isEmpty else { return ConntrackDeletionReport() }
         // ConntrackCleanup only makes UDP deletions; let the kernel filter by protocol whenever there is one.
-        let protocolNumber = selector.protocolNumbers.count == 1 ? selector.protocolNumbers.first : nil
-        for family in IPFamily.allCases where selector.families.contains(family) {
+        return try delete(families: selector.families, protocolNumber: selector.protocolNumbers.count == 1 ? selector.protocolNumbers.first : nil) {
+            selector.match($0) != nil
+        }
+    }
+
+    /// `delete(ConntrackCleanup.deletions(from: old, to: new))`: call it once `new` is committed.
+    public func cleanUp(from old: RulePlan, to new: RulePlan) throws(NetlinkError) -> ConntrackDeletionReport {
+        try delete(ConntrackCleanup.deletions(from: old, to: new))
+    }
+
+    /// Deletes every UDP entry that `plan` makes stale (`ConntrackStaleness`): for when the previous plan is
+    /// unknown (after a restart), or as a periodic safety net, as kube-proxy reconciles. Same bounds as `delete`.
+    public func deleteStale(for plan: RulePlan) throws(NetlinkError) -> ConntrackDeletionReport {
+        let staleness = ConntrackStaleness(plan: plan)
+        guard !staleness.isEmpty else { return ConntrackDeletionReport() }
+        return try delete(families: staleness.families, protocolNumber: TransportProtocol.udp.number) { staleness.isStale($0) }
+    }
+
+    private func delete(families: Set<IPFamily>, protocolNumber: UInt8?, where selects: (ConntrackEntry) -> Bool) throws(NetlinkError) -> ConntrackDeletionReport {
+        var report = ConntrackDeletionReport()
+        var session = try ConntrackSession.open(in: namespace)
+        for family in IPFamily.allCases where families.contains(family) {
             for round in 0..<maximumRounds {
                 var matched: [ConntrackEntry] = []
                 var capped = false
                 let cap = maximumMatchesPerDump
                 report.scanned += try session.dump(family: family, protocolNumber: protocolNumber) { entry in
-                    guard selector.match(entry) != nil else { return }
+                    guard selects(entry) else { return }
                     if matched.count < cap { matched.append(entry) } else { capped = true }
                 }
                 report.dumps += 1

@@ -140,6 +140,9 @@ public struct ConntrackDeletion: Sendable, Hashable, Comparable, CustomStringCon
 /// A mapping whose target is a kube-proxy jump, in either plan, yields nothing: its destinations are
 /// kube-proxy's, unknown here, and kube-proxy cleans entries to a service's load-balancer and external IPs
 /// itself. Entries to anything but our external IP:port are never selected.
+///
+/// Delete after the new plan is committed: a datagram sent between a delete and the commit would make its
+/// entry again through the old rules.
 public enum ConntrackCleanup {
     public static func deletions(from old: RulePlan, to new: RulePlan) -> [ConntrackDeletion] {
         let before = udpMappings(old), after = udpMappings(new)
@@ -184,9 +187,43 @@ public enum ConntrackCleanup {
 }
 
 extension ConntrackCleanup {
-    fileprivate static func isJump(_ t: MappingTarget) -> Bool {
+    static func isJump(_ t: MappingTarget) -> Bool {
         if case .kubeProxyChain = t { return true }
         return false
+    }
+}
+
+/// kube-proxy's reconciling form (it lists the table and deletes every UDP entry to a service IP whose reply
+/// source is not a serving endpoint), for when the previous plan is unknown, e.g. an agent that just
+/// started: an entry is stale when its original destination is one of `plan`'s UDP external IP:port and its
+/// reply source (address and port) is not one of that mapping's destinations — DNATed to a destination the
+/// plan no longer has, or not translated at all. Kube-proxy jumps are skipped, as in `ConntrackCleanup`.
+/// Entries to an external IP:port the plan no longer maps at all are not found this way (only the
+/// `deletions(from:to:)` of the plan that dropped it finds them).
+public struct ConntrackStaleness: Sendable {
+    private struct Key: Hashable {
+        var ip: IPAddress
+        var port: Int
+    }
+    private let destinations: [Key: Set<Destination>]
+    let families: Set<IPFamily>
+
+    public init(plan: RulePlan) {
+        var destinations: [Key: Set<Destination>] = [:]
+        for r in plan.rules where r.mapping.protocol == .udp && !ConntrackCleanup.isJump(r.mapping.target) {
+            destinations[Key(ip: r.mapping.externalIP, port: r.mapping.port)] = Set(r.mapping.target.destinations)
+        }
+        self.destinations = destinations
+        families = Set(destinations.keys.map(\.ip.family))
+    }
+
+    public var isEmpty: Bool { destinations.isEmpty }
+
+    public func isStale(_ entry: ConntrackEntry) -> Bool {
+        guard entry.original.protocolNumber == TransportProtocol.udp.number, let port = entry.original.destinationPort,
+              let kept = destinations[Key(ip: entry.original.destination, port: port)],
+              let replyPort = entry.reply.sourcePort else { return false }
+        return !kept.contains(Destination(ip: entry.reply.source, port: replyPort))
     }
 }
 

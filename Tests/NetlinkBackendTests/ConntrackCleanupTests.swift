@@ -128,6 +128,21 @@ struct ConntrackCleanupTests {
         #expect(ConntrackSelector([]).isEmpty)
     }
 
+    @Test("staleness (the previous plan unknown): UDP entries to a mapping whose reply source is not one of its destinations")
+    func staleness() throws {
+        let plan = try Self.plan([Self.dns(["198.51.100.6"]), Self.web])
+        let s = ConntrackStaleness(plan: plan)
+        #expect(s.families == [.ipv4] && !s.isEmpty)
+        #expect(s.isStale(Self.entry(dst: "203.0.113.53", dport: 53, replySrc: "198.51.100.5", replySport: 5300)))   // gone endpoint
+        #expect(s.isStale(Self.entry(dst: "203.0.113.53", dport: 53, replySrc: "198.51.100.6", replySport: 5301)))   // moved port
+        #expect(s.isStale(Self.entry(dst: "203.0.113.53", dport: 53, replySrc: "203.0.113.53", replySport: 53)))     // untranslated
+        #expect(!s.isStale(Self.entry(dst: "203.0.113.53", dport: 53, replySrc: "198.51.100.6", replySport: 5300)))  // current
+        #expect(!s.isStale(Self.entry(6, dst: "203.0.113.53", dport: 53, replySrc: "198.51.100.5", replySport: 5300))) // TCP
+        #expect(!s.isStale(Self.entry(dst: "203.0.113.54", dport: 53, replySrc: "198.51.100.5", replySport: 5300)))  // not ours
+        #expect(!s.isStale(Self.entry(dst: "203.0.113.10", dport: 443, replySrc: "203.0.113.10", replySport: 443)))
+        #expect(ConntrackStaleness(plan: try Self.plan([Self.dns(["198.51.100.6"])], strategy: .kubeProxy)).isEmpty)
+    }
+
     @Test("ctnetlink messages: an entry built with libmnl decodes to itself (IPv4 and IPv6, id and zone)")
     func wireRoundTrip() throws {
         let entries = [

@@ -89,7 +89,7 @@ struct ConntrackKernelTests {
             // 4. The mapping disappears: the socket's entry to E2 goes, its traffic goes where an unmapped IP goes.
             try node.backend.apply(none)
             #expect(try client.send().server == "e2", "without the delete the socket should still reach E2")
-            report = try conntrack.delete(ConntrackCleanup.deletions(from: toE2, to: none))
+            report = try conntrack.cleanUp(from: toE2, to: none)
             #expect(report.deleted == 1, "\(report)")
             #expect(try client.send(timeout: 1).server == nil)
             #expect(try conntrackTool(node, ipv6, origDst: a.ext, replySrc: a.ext).count == 1)
@@ -103,6 +103,32 @@ struct ConntrackKernelTests {
             let ours = Set(try conntrack.entries(family: ipv6 ? .ipv6 : .ipv4).map(\.withoutIdentity))
             let tool = Set(try conntrackTool(node, ipv6))
             #expect(ours == tool && ours.count == 2)
+        }
+    }
+
+    @Test("deleteStale(for:) without the previous plan: the stale entry goes, the bystander's stays", arguments: [false, true])
+    func reconcile(ipv6: Bool) throws {
+        guard try requireKernelTests(tools: ["python3", "conntrack", "nft"]) else { return }
+        let a = Addresses(ipv6: ipv6)
+        let (toE1, toE2) = (try a.plan(dns: [a.e1]), try a.plan(dns: [a.e2]))
+        try Self.withTopology("ct-stale", a) { node in
+            try node.backend.apply(toE1)
+            let client = try PersistentUDPClient(in: node, host: a.ext, port: 53)
+            let bystander = try PersistentUDPClient(in: node, host: a.steady, port: 53)
+            defer { client.stop(); bystander.stop() }
+            #expect(try client.send().server == "e1")
+            #expect(try bystander.send().server == "e1")
+            try node.backend.apply(toE2)
+            #expect(try client.send().server == "e1")
+            let conntrack = ConntrackTable(namespace: node.netns)
+            #expect(try conntrack.deleteStale(for: toE1).deleted == 0)  // nothing is stale for the plan it was made with
+            let report = try conntrack.deleteStale(for: toE2)
+            #expect(report.deleted == 1 && report.scanned == 2, "\(report)")
+            #expect(try conntrackTool(node, ipv6, origDst: a.ext).isEmpty)
+            #expect(try conntrackTool(node, ipv6, origDst: a.steady, replySrc: a.e1).count == 1)
+            #expect(try client.send().server == "e2")
+            #expect(try bystander.send().server == "e1")
+            #expect(try conntrack.deleteStale(for: toE2) == { var r = ConntrackDeletionReport(); r.scanned = 2; r.dumps = 1; return r }())
         }
     }
 
