@@ -23,7 +23,8 @@ public struct ConntrackDeletionReport: Sendable, Equatable {
 }
 
 /// The kernel's conntrack table over netlink (ctnetlink), in `namespace` (nil: the caller's own network
-/// namespace): read entries, and delete the ones that a plan change left stale (`ConntrackCleanup`).
+/// namespace): read entries, and delete the ones that a plan change left stale (`ConntrackCleanup`, after
+/// each commit) or that a plan makes stale whatever came before (`ConntrackStaleness`, after a restart).
 ///
 /// A node can hold hundreds of thousands of entries, so nothing keeps the whole table: a dump is parsed
 /// datagram by datagram as it arrives and only matching entries are kept, at most
