@@ -69,7 +69,7 @@ public struct NodeInstaller: RuleInstaller {
     }
 
     public func cleanConntrack(from old: RulePlan?, to new: RulePlan) throws(NodeError) -> Int {
-        0
+        try applier().cleanConntrack(from: old, to: new)
     }
 
     public func detectTarget(haveEndpointSlices: Bool) throws(NodeError) -> (TargetStrategy, String) {
