@@ -16,6 +16,8 @@ let package = Package(
         .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.0"),
         .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
     ],
     targets: [
         // Pure value types: addresses, CIDRs, protocols.
@@ -45,9 +47,19 @@ let package = Package(
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "Yams", package: "Yams"),
         ]),
+        // The pipeline render, apply and sync share: input → store → resolution → plan → diff → kernel, and the
+        // agent loop that runs it on every change. Returns values; prints nothing.
+        .target(name: "Orchestration", dependencies: [
+            "KubeObjects", "ServiceResolution", "RulePlanning", "NetlinkBackend", "NodeBackend", "KubernetesAPI",
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+        ]),
         .executableTarget(name: "hostnet-dnat", dependencies: [
             "KubeObjects", "ServiceResolution", "RulePlanning", "RuleRendering", "NetlinkBackend", "NodeBackend", "KubernetesAPI",
+            "Orchestration",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),
 
         .target(name: "TestSupport", path: "Tests/TestSupport"),
@@ -67,6 +79,8 @@ let package = Package(
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "Yams", package: "Yams"),
         ]),
+        .testTarget(name: "OrchestrationTests", dependencies: ["Orchestration", "TestSupport", "KubeObjects", "NetAddress", "KubernetesAPI",
+                                                               "ServiceResolution", "RulePlanning", "NodeBackend", "NetlinkBackend"]),
         .testTarget(name: "HostnetDNATTests", dependencies: ["hostnet-dnat", "TestSupport"]),
     ]
 )

@@ -21,6 +21,8 @@
 #include <linux/netfilter.h>
 #include <linux/netfilter/nf_tables.h>
 #include <linux/netfilter/nfnetlink.h>
+/* ctnetlink (conntrack over netlink): message types and CTA_* attributes. */
+#include <linux/netfilter/nfnetlink_conntrack.h>
 
 /* Macros and GNU-only declarations that Swift cannot import directly. */
 
@@ -53,4 +55,9 @@ static inline int hnd_netlink_cap_ack(void) {
 	return 10;
 #endif
 }
+
+/* CTA_FILTER_ORIG_FLAGS bit "compare the L4 protocol number" of a filtered conntrack dump. The kernel
+ * defines it in net/netfilter/nf_internals.h, which is not exported; the value is ABI (kernel 5.8+;
+ * older kernels ignore CTA_FILTER and dump everything). */
+#define HND_CTA_FILTER_F_CTA_PROTO_NUM 8u
 #endif

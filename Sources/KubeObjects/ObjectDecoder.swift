@@ -184,6 +184,8 @@ public enum ObjectDecoder {
         var svc = Service(id: id)
         svc.labels = try root.child("metadata")?.stringMap("labels") ?? [:]
         guard let spec = root.child("spec") else { return svc }
+        // Without this, `spec: 5` would read as a spec with no fields: a Service that silently lost its ports.
+        guard case .object = spec.value else { throw spec.error("expected an object, got \(spec.value.kindDescription)") }
         svc.type = try spec.string("type") ?? "ClusterIP"
         svc.sessionAffinity = try spec.string("sessionAffinity")
 
@@ -242,6 +244,11 @@ public enum ObjectDecoder {
         }
         var slice = EndpointSlice(id: id, serviceName: labels["kubernetes.io/service-name"], addressType: addressType,
                                   ports: [], endpoints: [])
+        // Only this one annotation is read, and leniently: an annotation of another type is not the slice's fault.
+        if case .string(let t)? = value["metadata"]?["annotations"]?["endpoints.kubernetes.io/last-change-trigger-time"],
+           !t.isEmpty {
+            slice.lastChangeTriggerTime = t
+        }
         for p in try root.list("ports") {
             slice.ports.append(EndpointPort(name: try p.string("name") ?? "", port: try p.port("port"),
                                             protocol: try p.protocolValue("protocol")))

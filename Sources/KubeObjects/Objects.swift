@@ -70,10 +70,16 @@ public struct EndpointSlice: Sendable, Equatable {
     public var addressType: String
     public var ports: [EndpointPort]
     public var endpoints: [Endpoint]
+    /// The annotation `endpoints.kubernetes.io/last-change-trigger-time` as written (RFC 3339): when the change
+    /// that produced this version of the slice happened. kube-proxy's network-programming latency is "rules
+    /// in place" minus this. Kept raw: parsing it is the consumer's business, and a bad value must not make
+    /// the slice unusable.
+    public var lastChangeTriggerTime: String?
 
-    public init(id: ObjectName, serviceName: String?, addressType: String, ports: [EndpointPort], endpoints: [Endpoint]) {
+    public init(id: ObjectName, serviceName: String?, addressType: String, ports: [EndpointPort], endpoints: [Endpoint],
+                lastChangeTriggerTime: String? = nil) {
         self.id = id; self.serviceName = serviceName; self.addressType = addressType
-        self.ports = ports; self.endpoints = endpoints
+        self.ports = ports; self.endpoints = endpoints; self.lastChangeTriggerTime = lastChangeTriggerTime
     }
 
     public var family: IPFamily? {

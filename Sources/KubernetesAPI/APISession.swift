@@ -6,41 +6,52 @@ import NIOHTTP1
 import NIOPosix
 import NIOSSL
 
-/// One HTTPS client bound to one API server and one identity, for the duration of a `load`.
-/// Used from a single task; not shared.
+/// One HTTPS client bound to one API server and one identity, for the duration of a `load` or of one
+/// list+watch loop. Used from a single task; not shared.
 final class APISession {
     let connection: ClusterConnection
     let timeout: Duration
     let environment: [String: String]
+    /// How long a watch may stay silent before its connection counts as dead (nil: this session does not watch).
+    let watchReadTimeout: Duration?
     private var client: HTTPClient
+    /// A second client for watches: the same TLS and identity, but a read timeout longer than the watch's
+    /// `timeoutSeconds`, so the request timeout does not cut a quiet watch short.
+    private var watchClient: HTTPClient?
     private var execCredential: ExecPlugin.Credential?
     /// Secrets that must never appear in a message.
     private var secrets: [String] = []
 
     private init(connection: ClusterConnection, timeout: Duration, environment: [String: String],
-                 client: HTTPClient, execCredential: ExecPlugin.Credential?) {
+                 watchReadTimeout: Duration?, client: HTTPClient, watchClient: HTTPClient?,
+                 execCredential: ExecPlugin.Credential?) {
         self.connection = connection
         self.timeout = timeout
         self.environment = environment
+        self.watchReadTimeout = watchReadTimeout
         self.client = client
+        self.watchClient = watchClient
         self.execCredential = execCredential
         rememberSecrets()
     }
 
-    static func open(_ connection: ClusterConnection, timeout: Duration,
-                     environment: [String: String]) async throws(KubernetesAPIError) -> APISession {
+    static func open(_ connection: ClusterConnection, timeout: Duration, environment: [String: String],
+                     watchReadTimeout: Duration? = nil) async throws(KubernetesAPIError) -> APISession {
         var cred: ExecPlugin.Credential? = nil
         if let exec = connection.auth.exec {
             cred = try await ExecPlugin.run(exec, cluster: connection.clusterInfoForExec, environment: environment,
                                             timeout: max(timeout, .seconds(10)))
         }
-        let client = try makeClient(connection, execCredential: cred, timeout: timeout)
-        return APISession(connection: connection, timeout: timeout, environment: environment, client: client,
+        let (client, watchClient) = try makeClients(connection, execCredential: cred, timeout: timeout,
+                                                    watchReadTimeout: watchReadTimeout)
+        return APISession(connection: connection, timeout: timeout, environment: environment,
+                          watchReadTimeout: watchReadTimeout, client: client, watchClient: watchClient,
                           execCredential: cred)
     }
 
     func close() async {
         try? await client.shutdown()
+        try? await watchClient?.shutdown()
     }
 
     private func rememberSecrets() {
@@ -54,23 +65,37 @@ final class APISession {
         secrets = s
     }
 
-    private func redact(_ e: KubernetesAPIError) -> KubernetesAPIError {
+    func redact(_ e: KubernetesAPIError) -> KubernetesAPIError {
         var all = secrets
         if let t = try? currentFileToken() { all.append(t) }
         return e.redacting(all)
     }
 
+    /// `text` with every secret of this session replaced (for messages built outside a KubernetesAPIError).
+    func redacted(_ text: String) -> String {
+        redact(KubernetesAPIError(.badData, text)).description
+    }
+
     // MARK: TLS and the client
 
-    static func makeClient(_ connection: ClusterConnection, execCredential: ExecPlugin.Credential?,
-                           timeout: Duration) throws(KubernetesAPIError) -> HTTPClient {
+    /// The request client, and the watch client when `watchReadTimeout` is set. Only the TLS configuration can
+    /// fail, and it is built before either client exists.
+    static func makeClients(_ connection: ClusterConnection, execCredential: ExecPlugin.Credential?, timeout: Duration,
+                            watchReadTimeout: Duration?) throws(KubernetesAPIError) -> (HTTPClient, HTTPClient?) {
+        let tls = try tlsConfiguration(connection, execCredential: execCredential)
+        return (makeClient(connection, tls: tls, timeout: timeout),
+                watchReadTimeout.map { makeClient(connection, tls: tls, timeout: timeout, readTimeout: $0) })
+    }
+
+    /// `readTimeout` (default: `timeout`) is AsyncHTTPClient's idle read timeout: the longest silence between
+    /// two reads, which for a watch is also the longest time without an event or bookmark.
+    static func makeClient(_ connection: ClusterConnection, tls: TLSConfiguration, timeout: Duration,
+                           readTimeout: Duration? = nil) -> HTTPClient {
         var config = HTTPClient.Configuration()
-        config.tlsConfiguration = try tlsConfiguration(connection, execCredential: execCredential)
+        config.tlsConfiguration = tls
         // The bearer token must never follow a redirect to another host; the API server does not redirect.
         config.redirectConfiguration = .disallow
-        let amount = TimeAmount.nanoseconds(Int64(timeout.components.seconds) * 1_000_000_000
-                                            + Int64(timeout.components.attoseconds / 1_000_000_000))
-        config.timeout = .init(connect: amount, read: amount)
+        config.timeout = .init(connect: timeAmount(timeout), read: timeAmount(readTimeout ?? timeout))
         // Fail at once when the server refuses; the pool would otherwise retry until the deadline.
         config.connectionPool.retryConnectionEstablishment = false
         if let sni = sniOverride(connection) {
@@ -190,26 +215,35 @@ final class APISession {
         while true {
             attempts += 1
             let response = try await getOnce(pathAndQuery)
-            if response.status == 401, !refreshedExec, let exec = connection.auth.exec {
-                // client-go runs the plugin again once when the server rejects its credential.
-                refreshedExec = true
-                execCredential = try await ExecPlugin.run(exec, cluster: connection.clusterInfoForExec,
-                                                          environment: environment, timeout: max(timeout, .seconds(10)))
-                rememberSecrets()
-                let old = client
-                client = try Self.makeClient(connection, execCredential: execCredential, timeout: timeout)
-                try? await old.shutdown()
-                continue
-            }
-            if (response.status == 429 || response.status == 503), attempts < 4, let wait = response.retryAfter {
-                try? await Task.sleep(for: .seconds(min(max(wait, 1), 10)))
-                continue
-            }
+            if try await shouldRetry(response, refreshedExec: &refreshedExec, attempts: attempts) { continue }
             return response
         }
     }
 
-    private func getOnce(_ pathAndQuery: String) async throws(KubernetesAPIError) -> Response {
+    /// 401 with an exec plugin: client-go runs the plugin again once when the server rejects its credential.
+    /// 429/503 with Retry-After: wait (at most 10 s) and ask again, three times at most.
+    private func shouldRetry(_ response: Response, refreshedExec: inout Bool,
+                             attempts: Int) async throws(KubernetesAPIError) -> Bool {
+        if response.status == 401, !refreshedExec, let exec = connection.auth.exec {
+            refreshedExec = true
+            execCredential = try await ExecPlugin.run(exec, cluster: connection.clusterInfoForExec,
+                                                      environment: environment, timeout: max(timeout, .seconds(10)))
+            rememberSecrets()
+            let old = (client, watchClient)
+            (client, watchClient) = try Self.makeClients(connection, execCredential: execCredential, timeout: timeout,
+                                                         watchReadTimeout: watchReadTimeout)
+            try? await old.0.shutdown()
+            try? await old.1?.shutdown()
+            return true
+        }
+        if (response.status == 429 || response.status == 503), attempts < 4, let wait = response.retryAfter {
+            try? await Task.sleep(for: .seconds(min(max(wait, 1), 10)))
+            return !Task.isCancelled
+        }
+        return false
+    }
+
+    private func makeRequest(_ pathAndQuery: String) throws(KubernetesAPIError) -> HTTPClientRequest {
         let server = connection.server
         let host = Self.sniOverride(connection) ?? server.hostForURL
         var request = HTTPClientRequest(url: "\(server.scheme)://\(host):\(server.port)\(server.basePath)\(pathAndQuery)")
@@ -220,19 +254,101 @@ final class APISession {
         if let u = connection.auth.impersonateUser { request.headers.add(name: "Impersonate-User", value: u) }
         if let u = connection.auth.impersonateUID { request.headers.add(name: "Impersonate-Uid", value: u) }
         for g in connection.auth.impersonateGroups { request.headers.add(name: "Impersonate-Group", value: g) }
+        return request
+    }
 
+    private func getOnce(_ pathAndQuery: String) async throws(KubernetesAPIError) -> Response {
+        let req = try makeRequest(pathAndQuery)
         let client = self.client
         let timeout = self.timeout
-        let req = request
         do {
             return try await withTimeout(timeout) {
-                let response = try await client.execute(req, timeout: .nanoseconds(Int64(timeout.components.seconds) * 1_000_000_000 + Int64(timeout.components.attoseconds / 1_000_000_000)))
+                let response = try await client.execute(req, timeout: timeAmount(timeout))
                 let body = try await response.body.collect(upTo: 1 << 30)
                 let retryAfter = response.headers.first(name: "Retry-After").flatMap { Int($0.trimmingCharacters(in: .whitespaces)) }
                 return Response(status: Int(response.status.code), body: Array(body.readableBytesView), retryAfter: retryAfter)
             }
         } catch {
             throw redact(TransportErrors.describe(error, pathAndQuery: pathAndQuery, connection: connection, timeout: timeout))
+        }
+    }
+
+    // MARK: watch (a long GET whose body is read as it arrives)
+
+    /// How a streamed GET ended.
+    enum StreamEnd {
+        /// A non-2xx answer (its body read whole, at most 1 MiB): the caller decides what it means.
+        case answered(Response)
+        /// A 2xx body that the server ended, or that `onChunk` stopped reading.
+        case ended
+        /// A 2xx body that broke off: the connection dropped, the server fell silent for longer than
+        /// `watchReadTimeout`, or `onChunk` threw.
+        case broken(KubernetesAPIError)
+    }
+
+    /// GETs `pathAndQuery` with the watch client and hands each body chunk of a 2xx answer to `onChunk` as it
+    /// arrives (`onChunk` returns false to stop reading). Throws only when there is no answer at all (the
+    /// connection or TLS failed, no response head within the request timeout, cancelled). The credential
+    /// refresh and Retry-After handling of `get` apply.
+    func stream(_ pathAndQuery: String,
+                onChunk: (ByteBuffer) throws(KubernetesAPIError) -> Bool) async throws(KubernetesAPIError) -> StreamEnd {
+        var refreshedExec = false
+        var attempts = 0
+        while true {
+            attempts += 1
+            let end = try await streamOnce(pathAndQuery, onChunk: onChunk)
+            if case .answered(let response) = end,
+               try await shouldRetry(response, refreshedExec: &refreshedExec, attempts: attempts) { continue }
+            return end
+        }
+    }
+
+    private func streamOnce(_ pathAndQuery: String,
+                            onChunk: (ByteBuffer) throws(KubernetesAPIError) -> Bool) async throws(KubernetesAPIError) -> StreamEnd {
+        guard let client = watchClient, let silence = watchReadTimeout else {
+            preconditionFailure("stream(_:) needs a session opened with a watchReadTimeout")
+        }
+        let req = try makeRequest(pathAndQuery)
+        let response: HTTPClientResponse
+        do {
+            // The deadline covers the wait for the response head only (AsyncHTTPClient's rule); the body is
+            // bounded by the idle read timeout and by the server's timeoutSeconds.
+            response = try await client.execute(req, timeout: timeAmount(timeout))
+        } catch {
+            throw redact(TransportErrors.describe(error, pathAndQuery: pathAndQuery, connection: connection, timeout: timeout))
+        }
+        let status = Int(response.status.code)
+        guard (200..<300).contains(status) else {
+            let timeout = self.timeout
+            let body: [UInt8]
+            do {
+                body = try await withTimeout(timeout) { Array(try await response.body.collect(upTo: 1 << 20).readableBytesView) }
+            } catch {
+                body = []  // the status alone says enough
+            }
+            let retryAfter = response.headers.first(name: "Retry-After").flatMap { Int($0.trimmingCharacters(in: .whitespaces)) }
+            return .answered(Response(status: status, body: body, retryAfter: retryAfter))
+        }
+        do {
+            for try await chunk in response.body {
+                if try !onChunk(chunk) { break }
+            }
+            return .ended
+        } catch let error as KubernetesAPIError {
+            return .broken(redact(error))
+        } catch {
+            let cause: String
+            if let e = error as? HTTPClientError, e == .readTimeout {
+                cause = "the server sent nothing (not even a bookmark) for \(seconds(silence)); the connection counts as dead"
+            } else if let e = error as? HTTPClientError, e == .remoteConnectionClosed {
+                cause = "the connection closed in the middle of the watch"
+            } else if case .uncleanShutdown? = error as? NIOSSLError {
+                cause = "the connection closed in the middle of the watch"
+            } else {
+                cause = TransportErrors.cause(error, connection: connection, timeout: silence)
+            }
+            return .broken(redact(KubernetesAPIError(.unavailable,
+                "the watch from the API server at \(connection.server.display) (GET \(pathAndQuery)) broke off: \(cause)")))
         }
     }
 
@@ -281,7 +397,13 @@ struct StatusObject {
     var code: Int?
 
     init?(_ body: [UInt8]) {
-        guard let doc = try? JSONParser.parse(body), case .string("Status")? = doc["kind"] else { return nil }
+        guard let doc = try? JSONParser.parse(body) else { return nil }
+        self.init(doc)
+    }
+
+    /// From a parsed object (the `object` of a watch ERROR event).
+    init?(_ doc: JSONValue) {
+        guard case .string("Status")? = doc["kind"] else { return nil }
         if case .string(let m)? = doc["message"], !m.isEmpty { message = InputErrorText.printable(m) }
         if case .string(let r)? = doc["reason"], !r.isEmpty { reason = r }
         if case .int(let c)? = doc["code"] { code = c }
@@ -307,4 +429,9 @@ func withTimeout<T: Sendable>(_ limit: Duration, _ operation: @escaping @Sendabl
         guard let first = try await group.next() else { throw TimeoutError() }
         return first
     }
+}
+
+/// `Duration` as NIO's `TimeAmount` (nanoseconds).
+func timeAmount(_ d: Duration) -> TimeAmount {
+    .nanoseconds(Int64(d.components.seconds) * 1_000_000_000 + Int64(d.components.attoseconds / 1_000_000_000))
 }

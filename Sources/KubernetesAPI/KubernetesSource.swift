@@ -11,7 +11,8 @@ public struct KubernetesSourceOptions: Sendable {
     /// `--namespace` (repeatable); empty means all namespaces.
     public var namespaces: [String]
     /// `-l`: sent to the server with the Services list. EndpointSlices are not filtered by it on the server;
-    /// they are kept when their `kubernetes.io/service-name` label names a Service that was listed.
+    /// `load` keeps them when their `kubernetes.io/service-name` label names a Service that was listed.
+    /// `KubernetesWatch` passes every slice on (a slice may arrive before its Service).
     public var labelSelector: String?
     /// Limit for each request (and for an exec credential plugin, at least 10 s).
     public var requestTimeout: Duration

@@ -31,14 +31,14 @@ struct Lister {
     var listTimeout: Duration = .seconds(600)
 
     func listAll(_ options: KubernetesSourceOptions) async throws(KubernetesAPIError) -> ClusterObjects {
-        let scopes: [String?] = options.namespaces.isEmpty ? [nil] : dedup(options.namespaces).map { Optional($0) }
+        let scopes = Self.scopes(options)
         var result = ClusterObjects()
         for ns in scopes {
-            result.merge(try await list(.services, namespace: ns, labelSelector: options.labelSelector))
+            result.merge(try await list(.services, namespace: ns, labelSelector: options.labelSelector).objects)
         }
         var slices = ClusterObjects()
         for ns in scopes {
-            slices.merge(try await list(.endpointSlices, namespace: ns, labelSelector: nil))
+            slices.merge(try await list(.endpointSlices, namespace: ns, labelSelector: nil).objects)
         }
         if options.labelSelector != nil {
             // Only the slices of the Services the selector chose.
@@ -52,19 +52,40 @@ struct Lister {
         return result
     }
 
-    private func dedup(_ items: [String]) -> [String] {
+    /// The scopes lists and watches run in: nil (all namespaces) or each `--namespace` once.
+    static func scopes(_ options: KubernetesSourceOptions) -> [String?] {
         var seen = Set<String>()
-        return items.filter { seen.insert($0).inserted }
+        let unique = options.namespaces.filter { seen.insert($0).inserted }
+        return unique.isEmpty ? [nil] : unique.map { Optional($0) }
     }
 
-    func list(_ resource: Resource, namespace: String?, labelSelector: String?) async throws(KubernetesAPIError) -> ClusterObjects {
+    /// One object left out of a lenient list: its name when `metadata.namespace`/`name` could be read, and the
+    /// decoder's message (source, object, field).
+    struct InvalidItem: Sendable, Equatable {
+        var name: ObjectName?
+        var message: String
+    }
+
+    /// A complete list of one resource in one scope.
+    struct ListResult: Sendable {
+        var objects: ClusterObjects
+        /// The list's `metadata.resourceVersion`: where a watch continues from.
+        var resourceVersion: String
+        /// Only in lenient mode: the items that could not be decoded (and are not in `objects`).
+        var invalid: [InvalidItem] = []
+    }
+
+    /// Lists all pages. Strict (the one-shot `load`): the first item that cannot be decoded fails the list.
+    /// Lenient (the watch): such items are left out and reported in `invalid`, the rest is kept.
+    func list(_ resource: Resource, namespace: String?, labelSelector: String?,
+              lenient: Bool = false) async throws(KubernetesAPIError) -> ListResult {
         let base = resource.path(namespace: namespace)
         let what = "listing \(resource.plural) \(namespace.map { "in namespace \"\($0)\"" } ?? "in all namespaces") at \(session.displayURL(base))"
         let deadline = ContinuousClock.now + listTimeout
         var expiries = 0
         var pages = 0
         restart: while true {
-            var result = ClusterObjects()
+            var result = ListResult(objects: ClusterObjects(), resourceVersion: "")
             var continueToken: String? = nil
             var seenTokens = Set<String>()
             let paged = expiries < 2
@@ -80,7 +101,7 @@ struct Lister {
                 if let labelSelector { query.append(("labelSelector", labelSelector)) }
                 if paged { query.append(("limit", String(pageSize))) }
                 if let continueToken { query.append(("continue", continueToken)) }
-                let pathAndQuery = base + (query.isEmpty ? "" : "?" + query.map { "\($0.0)=\(percentEncode($0.1))" }.joined(separator: "&"))
+                let pathAndQuery = base + queryString(query)
                 let response = try await session.get(pathAndQuery)
                 if response.status == 410, continueToken != nil {
                     expiries += 1
@@ -91,15 +112,15 @@ struct Lister {
                                           pathAndQuery: pathAndQuery)
                 }
                 let next = try decodePage(response.body, resource: resource, source: session.displayURL(base),
-                                          into: &result)
-                let items = result.services.count + result.endpointSlices.count
+                                          lenient: lenient, into: &result)
+                let items = result.objects.services.count + result.objects.endpointSlices.count + result.invalid.count
                 guard items <= maxItems else {
                     throw session.badData("\(what): the server sent more than \(maxItems) items; stopped (the item limit)")
                 }
                 guard let next, paged else {
                     // The server's list is authoritative: no items means an empty cluster, not a failed read.
-                    if items == 0 { result.sawEmptyList = true }
-                    result.documents += 1
+                    if items == 0 { result.objects.sawEmptyList = true }
+                    result.objects.documents += 1
                     return result
                 }
                 guard seenTokens.insert(next).inserted else {
@@ -112,10 +133,11 @@ struct Lister {
 
     /// Decodes one page with KubeObjects' decoders (the ones `DocumentLoader` uses) while it is parsed: each
     /// item is turned into a Service or EndpointSlice as soon as it is read and never kept as a tree.
-    /// Returns `metadata.continue` when there is a next page.
-    func decodePage(_ body: [UInt8], resource: Resource, source: String,
-                    into result: inout ClusterObjects) throws(KubernetesAPIError) -> String? {
+    /// Returns `metadata.continue` when there is a next page; sets the result's resource version.
+    func decodePage(_ body: [UInt8], resource: Resource, source: String, lenient: Bool = false,
+                    into result: inout ListResult) throws(KubernetesAPIError) -> String? {
         var page = ClusterObjects()
+        var invalid: [InvalidItem] = []
         var index = 0
         var itemError: InputError? = nil
         let parsed: JSONValue?
@@ -131,6 +153,10 @@ struct Lister {
                     }
                     return .consumed
                 } catch {
+                    if lenient {
+                        invalid.append(InvalidItem(name: looseObjectName(item), message: session.redacted(error.description)))
+                        return .consumed
+                    }
                     itemError = error
                     return .stop
                 }
@@ -145,8 +171,24 @@ struct Lister {
             if case .string(let k)? = document["kind"] { got = "kind \(InputErrorText.printable(k))" }
             throw session.badData("\(source): expected a \(resource.listKind), got \(got)")
         }
-        result.merge(page)
+        result.objects.merge(page)
+        result.invalid += invalid
+        if case .string(let rv)? = document["metadata"]?["resourceVersion"] { result.resourceVersion = rv }
         if case .string(let c)? = document["metadata"]?["continue"], !c.isEmpty { return c }
         return nil
     }
+}
+
+/// `metadata.namespace`/`metadata.name` of an object that may not decode, when both are strings (a missing
+/// namespace reads as "default", as the decoder does); nil when the name cannot be read.
+func looseObjectName(_ object: JSONValue) -> ObjectName? {
+    guard case .string(let name)? = object["metadata"]?["name"], !name.isEmpty else { return nil }
+    var namespace = "default"
+    if case .string(let ns)? = object["metadata"]?["namespace"], !ns.isEmpty { namespace = ns }
+    return ObjectName(namespace: namespace, name: name)
+}
+
+/// `?k=v&k=v` with each value %-encoded; "" for no parameters.
+func queryString(_ query: [(String, String)]) -> String {
+    query.isEmpty ? "" : "?" + query.map { "\($0.0)=\(percentEncode($0.1))" }.joined(separator: "&")
 }

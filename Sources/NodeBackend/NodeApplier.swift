@@ -51,6 +51,27 @@ public struct NodeApplier: Sendable {
         }
     }
 
+    /// Turns `old` (what this process installed last) into `new`, sending only what differs where the backend
+    /// can (see each backend); a failure leaves the kernel as it was and calls for a full `apply`.
+    public func update(from old: RulePlan, to new: RulePlan) throws(NodeError) -> ApplyResult {
+        try apply(new, dryRun: false)
+    }
+
+    /// Deletes the UDP conntrack entries that the change from `old` to `new` left pointing at an endpoint
+    /// that no longer serves (or at the load balancer, for a mapping that just appeared); with no `old` (an
+    /// agent that just started), every UDP entry to one of `new`'s addresses whose reply comes from anything
+    /// but a current destination. Call it after the new rules are committed. Returns how many were deleted.
+    /// Either backend: conntrack is shared by iptables and nftables.
+    public func cleanConntrack(from old: RulePlan?, to new: RulePlan) throws(NodeError) -> Int {
+        let table = ConntrackTable(namespace: context.netns)
+        do throws(NetlinkError) {
+            if let old { return try table.cleanUp(from: old, to: new).deleted }
+            return try table.deleteStale(for: new).deleted
+        } catch {
+            throw NodeError(netlink: error, action: "deleting stale UDP conntrack entries in \(context.place)")
+        }
+    }
+
     /// Differences between the kernel and `plan`, one line each; empty when the kernel matches the plan.
     public func diff(_ plan: RulePlan) throws(NodeError) -> [String] {
         switch backend {

@@ -12,9 +12,17 @@ public struct ApplyResult: Sendable {
     /// Mappings the backend left out, one line each (e.g. `--target kube-proxy` for a service kube-proxy
     /// has no chain for); also at the end of `summary`. Not differences: re-applying does not change them.
     public var warnings: [String]
+    /// Kernel objects added and removed (an incremental update counts elements, chains and rules; a full
+    /// apply counts the differences it found).
+    public var added: Int = 0
+    public var removed: Int = 0
+    /// True when only the differences were sent (`update(from:to:)`), false for a full replacement.
+    public var incremental: Bool = false
 
     public init(changed: Bool, differences: [String], summary: String, warnings: [String] = []) {
         self.changed = changed; self.differences = differences; self.summary = summary; self.warnings = warnings
+        self.added = differences.filter { $0.hasPrefix("+") }.count
+        self.removed = differences.filter { $0.hasPrefix("-") }.count
     }
 }
 

@@ -113,3 +113,10 @@ enum Capabilities {
         }
     }
 }
+
+extension NodeContext {
+    /// Throws exit 77 naming the capability when this process may not change netfilter here.
+    public func requirePrivileges(for action: String) throws(NodeError) {
+        try Capabilities.require(for: action, context: self)
+    }
+}

@@ -34,10 +34,9 @@ public struct Planner: Sendable {
     public func plan(_ resolution: Resolution, strategy: TargetStrategy) throws(PlanningError) -> RulePlan {
         try Planner.validate(settings)
         // Group by dispatch key; more than one distinct service on a key is a conflict.
-        struct Key: Hashable { let ip: IPAddress; let proto: TransportProtocol; let port: Int }
-        var byKey: [Key: [Mapping]] = [:]
+        var byKey: [DispatchKey: [Mapping]] = [:]
         for m in resolution.mappings {
-            byKey[Key(ip: m.externalIP, proto: m.protocol, port: m.port), default: []].append(m)
+            byKey[DispatchKey(m), default: []].append(m)
         }
         var conflicts: [Conflict] = []
         var skipped = resolution.skipped
@@ -45,38 +44,71 @@ public struct Planner: Sendable {
         kept.reserveCapacity(resolution.mappings.count)
         for (key, group) in byKey {
             if group.count == 1 { kept.append(group[0]); continue }
-            let names = Set(group.map { "\($0.service)" + ($0.portName.isEmpty ? "" : ":\($0.portName)") }).sorted()
-            let conflict = Conflict(externalIP: key.ip, protocol: key.proto, port: key.port,
-                                    services: names.count > 1 ? names : names + names)
+            let (conflict, items) = Planner.conflict(key, group)
             conflicts.append(conflict)
-            for m in group {
-                skipped.append(SkippedItem(service: m.service, port: m.portName.isEmpty ? String(m.port) : m.portName,
-                                           address: m.externalIP.description,
-                                           reason: "conflict: \(conflict)"))
-            }
+            skipped += items
         }
         conflicts.sort()
         if !conflicts.isEmpty && settings.onConflict == .fail {
             throw .conflicts(conflicts)
         }
-        kept.sort { a, b in
+        var chains = ChainCache()
+        return assemble(kept: kept, skipped: skipped, conflicts: conflicts, warnings: resolution.warnings,
+                        strategy: strategy, chains: &chains)
+    }
+
+    /// The conflict on `key` and one skipped item per mapping that claims it.
+    static func conflict(_ key: DispatchKey, _ group: [Mapping]) -> (Conflict, [SkippedItem]) {
+        let names = Set(group.map { "\($0.service)" + ($0.portName.isEmpty ? "" : ":\($0.portName)") }).sorted()
+        let conflict = Conflict(externalIP: key.ip, protocol: key.proto, port: key.port,
+                                services: names.count > 1 ? names : names + names)
+        let items = group.map { m in
+            SkippedItem(service: m.service, port: m.portName.isEmpty ? String(m.port) : m.portName,
+                        address: m.externalIP.description, code: .conflict, reason: "conflict: \(conflict)")
+        }
+        return (conflict, items)
+    }
+
+    /// Names and comments of target chains already made, so that re-planning does not hash every chain
+    /// again. Pruned when it holds far more than the last plan used.
+    struct ChainCache {
+        var names: [ChainKey: (iptablesName: String, comment: String)] = [:]
+    }
+
+    /// A service port in one family: the identity of a target chain.
+    struct ChainKey: Hashable {
+        let service: ObjectName; let port: String; let proto: TransportProtocol; let family: IPFamily
+        init(_ m: Mapping) { service = m.service; port = m.portName; proto = m.protocol; family = m.family }
+    }
+
+    /// Conflict-free mappings → the ordered plan: rules sorted by family, address, protocol and port; one
+    /// target chain per service port and family, sorted by family, service, port name and protocol.
+    func assemble(kept unsorted: [Mapping], skipped: [SkippedItem], conflicts: [Conflict], warnings: [Diagnostic],
+                  strategy: TargetStrategy, chains cache: inout ChainCache) -> RulePlan {
+        let kept = unsorted.sorted { a, b in
             (a.externalIP, a.protocol, a.port) < (b.externalIP, b.protocol, b.port)
         }
-
-        // One target chain per service port and family.
-        struct ChainKey: Hashable { let service: ObjectName; let port: String; let proto: TransportProtocol; let family: IPFamily }
         var chainIndex: [ChainKey: Int] = [:]
         var chains: [TargetChain] = []
         var rulesUnordered: [(Mapping, Int)] = []
+        rulesUnordered.reserveCapacity(kept.count)
         for m in kept {
-            let ck = ChainKey(service: m.service, port: m.portName, proto: m.protocol, family: m.family)
+            let ck = ChainKey(m)
             let index: Int
             if let i = chainIndex[ck] {
                 index = i
             } else {
                 index = chains.count
                 chainIndex[ck] = index
-                chains.append(makeChain(for: m))
+                let named: (iptablesName: String, comment: String)
+                if let cached = cache.names[ck] {
+                    named = cached
+                } else {
+                    named = chainName(for: m)
+                    cache.names[ck] = named
+                }
+                chains.append(TargetChain(service: m.service, portName: m.portName, family: m.family, protocol: m.protocol,
+                                          iptablesName: named.iptablesName, comment: named.comment, target: m.target))
             }
             rulesUnordered.append((m, index))
         }
@@ -85,28 +117,24 @@ public struct Planner: Sendable {
             let (a, b) = (chains[$0], chains[$1])
             return (a.family, a.service, a.portName, a.protocol) < (b.family, b.service, b.portName, b.protocol)
         }
+        if cache.names.count > 2 * chains.count + 1024 {
+            cache.names = cache.names.filter { chainIndex[$0.key] != nil }
+        }
         var newIndex = [Int](repeating: 0, count: chains.count)
         for (new, old) in order.enumerated() { newIndex[old] = new }
         let sortedChains = order.map { chains[$0] }
         let rules = rulesUnordered.map { PlannedRule(mapping: $0.0, targetIndex: newIndex[$0.1]) }
 
         return RulePlan(settings: settings, strategy: strategy, rules: rules, targetChains: sortedChains,
-                        skipped: skipped.sorted(), conflicts: conflicts, warnings: resolution.warnings)
+                        skipped: skipped.sorted(), conflicts: conflicts, warnings: warnings)
     }
 
-    private func makeChain(for m: Mapping) -> TargetChain {
+    private func chainName(for m: Mapping) -> (iptablesName: String, comment: String) {
         let portLabel = m.portName.isEmpty ? String(m.port) : m.portName
         let identity = "\(m.family.rawValue)|\(m.service.namespace)/\(m.service.name):\(m.portName)|\(m.protocol.rawValue)"
         // The --chain prefix is part of the hash, so two instances with different --chain never share a chain.
         let hash = ServiceResolution.ChainHash.hash16(settings.chain + "|" + identity)
-        return TargetChain(
-            service: m.service,
-            portName: m.portName,
-            family: m.family,
-            protocol: m.protocol,
-            iptablesName: "HNDNAT-\(hash)",
-            comment: RuleText.comment("\(m.service.namespace)/\(m.service.name):\(portLabel)"),
-            target: m.target)
+        return ("HNDNAT-\(hash)", RuleText.comment("\(m.service.namespace)/\(m.service.name):\(portLabel)"))
     }
 }
 

@@ -90,7 +90,7 @@ public struct RulePlan: Sendable {
     public let skipped: [SkippedItem]
     /// Conflicts resolved by `--on-conflict skip` (with `fail` the planner throws instead).
     public let conflicts: [Conflict]
-    public let warnings: [String]
+    public let warnings: [Diagnostic]
 
     /// External addresses whose DNATed connections are masqueraded, per family, sorted.
     public func externalAddresses(_ family: IPFamily) -> [IPAddress] {
@@ -160,4 +160,17 @@ public enum PlanningError: Error, Sendable, Equatable, CustomStringConvertible {
             return s
         }
     }
+}
+
+/// `external IP . protocol . port`: what a connection is dispatched on. At most one mapping per key.
+public struct DispatchKey: Sendable, Hashable, Comparable, CustomStringConvertible {
+    public let ip: IPAddress
+    public let proto: TransportProtocol
+    public let port: Int
+
+    public init(ip: IPAddress, proto: TransportProtocol, port: Int) { self.ip = ip; self.proto = proto; self.port = port }
+    public init(_ m: Mapping) { self.init(ip: m.externalIP, proto: m.protocol, port: m.port) }
+
+    public static func < (a: DispatchKey, b: DispatchKey) -> Bool { (a.ip, a.proto, a.port) < (b.ip, b.proto, b.port) }
+    public var description: String { "\(ip.bracketed):\(port)/\(proto.lowercased)" }
 }

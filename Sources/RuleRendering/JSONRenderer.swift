@@ -49,6 +49,7 @@ public enum JSONRenderer {
                     w.key("service"); w.string(s.service.description)
                     if let p = s.port { w.key("port"); w.string(p) }
                     if let a = s.address { w.key("address"); w.string(a) }
+                    w.key("code"); w.string(s.code.rawValue)
                     w.key("reason"); w.string(s.reason)
                 }
             }
@@ -64,7 +65,7 @@ public enum JSONRenderer {
                     w.key("services"); w.array(c.services) { w.string($0) }
                 }
             }
-            w.key("warnings"); w.array(plan.warnings) { w.string($0) }
+            w.key("warnings"); w.array(plan.warnings) { w.string($0.message) }
         }
         return w.output + "\n"
     }

@@ -81,10 +81,13 @@ public struct SkippedItem: Sendable, Hashable, Comparable {
     public let port: String?
     /// The external address, when the reason is about one address.
     public let address: String?
+    /// Machine-readable: JSON `code`, metric label.
+    public let code: SkipReason
+    /// The sentence people read.
     public let reason: String
 
-    public init(service: ObjectName, port: String? = nil, address: String? = nil, reason: String) {
-        self.service = service; self.port = port; self.address = address; self.reason = reason
+    public init(service: ObjectName, port: String? = nil, address: String? = nil, code: SkipReason, reason: String) {
+        self.service = service; self.port = port; self.address = address; self.code = code; self.reason = reason
     }
 
     public static func < (a: SkippedItem, b: SkippedItem) -> Bool {
@@ -101,23 +104,39 @@ public struct ResolutionOptions: Sendable {
     /// Only these namespaces; empty means all.
     public var namespaces: Set<String>
     public var selector: LabelSelector?
+    /// `--service-proxy-name`: map the Services of that alternative proxy (labelled
+    /// `service.kubernetes.io/service-proxy-name: <name>`) instead of kube-proxy's (which carry no such label).
+    public var serviceProxyName: String?
 
     public init(target: TargetStrategy = .auto, externalIPAllowlist: [CIDR] = [], includeProxyMode: Bool = false,
-                namespaces: Set<String> = [], selector: LabelSelector? = nil) {
+                namespaces: Set<String> = [], selector: LabelSelector? = nil, serviceProxyName: String? = nil) {
         self.target = target; self.externalIPAllowlist = externalIPAllowlist
         self.includeProxyMode = includeProxyMode; self.namespaces = namespaces; self.selector = selector
+        self.serviceProxyName = serviceProxyName
+    }
+
+    /// The label that hands a Service to another proxy, and the one that marks it headless (kube-proxy lists
+    /// with `!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless`).
+    public static let serviceProxyNameLabel = "service.kubernetes.io/service-proxy-name"
+    public static let headlessLabel = "service.kubernetes.io/headless"
+
+    /// The label selector a proxy with these options lists Services and EndpointSlices with: what the API
+    /// source sends to the server, so that other proxies' objects never travel.
+    public var proxySelector: String {
+        let proxy = serviceProxyName.map { "\(Self.serviceProxyNameLabel)=\($0)" } ?? "!\(Self.serviceProxyNameLabel)"
+        return "\(proxy),!\(Self.headlessLabel)"
     }
 }
 
 public struct Resolution: Sendable {
     public var mappings: [Mapping]
     public var skipped: [SkippedItem]
-    /// Things a user should know even though nothing failed (for stderr).
-    public var warnings: [String]
+    /// Things a user should know even though nothing failed (for stderr, logs and metrics).
+    public var warnings: [Diagnostic]
     /// Services that `auto` sent to their ClusterIP because no EndpointSlices were given.
     public var autoFellBackToClusterIP: [ObjectName]
 
-    public init(mappings: [Mapping], skipped: [SkippedItem] = [], warnings: [String] = [], autoFellBackToClusterIP: [ObjectName] = []) {
+    public init(mappings: [Mapping], skipped: [SkippedItem] = [], warnings: [Diagnostic] = [], autoFellBackToClusterIP: [ObjectName] = []) {
         self.mappings = mappings; self.skipped = skipped; self.warnings = warnings
         self.autoFellBackToClusterIP = autoFellBackToClusterIP
     }
@@ -142,41 +161,70 @@ public struct ServiceResolver: Sendable {
         var seen = Set<ObjectName>()
         for service in services {
             if !seen.insert(service.id).inserted {
-                result.warnings.append("\(service.id) appears more than once in the input; the first copy is used")
+                result.warnings.append(Diagnostic(.warning, .duplicateObject, service: service.id,
+                                                  "\(service.id) appears more than once in the input; the first copy is used"))
                 continue
             }
             resolve(service, slices: slicesByService[service.id], into: &result)
         }
-        if !result.autoFellBackToClusterIP.isEmpty {
-            let names = result.autoFellBackToClusterIP.prefix(5).map(\.description).joined(separator: ", ")
-            let more = result.autoFellBackToClusterIP.count > 5 ? " and \(result.autoFellBackToClusterIP.count - 5) more" : ""
-            result.warnings.append(
-                "target auto: no EndpointSlices in the input for \(names)\(more); their rules DNAT to the ClusterIP. "
-                + "Netfilter applies one DNAT per connection, so with kube-proxy in iptables or nftables mode that "
-                + "ClusterIP is never translated and connections time out. Include EndpointSlices "
-                + "(kubectl get services,endpointslices -A -o json) or choose --target explicitly.")
-        }
+        if let w = Self.autoFallbackWarning(result.autoFellBackToClusterIP) { result.warnings.append(w) }
         result.skipped.sort()
         return result
     }
 
-    private func skip(_ r: inout Resolution, _ s: Service, port: String? = nil, address: String? = nil, _ reason: String) {
-        r.skipped.append(SkippedItem(service: s.id, port: port, address: address, reason: reason))
+    /// One service on its own: what the agent re-resolves when that service or one of its slices changes.
+    /// The cluster-wide `autoFallbackWarning` is left to the caller, which knows every service.
+    public func resolve(_ service: Service, slices: [EndpointSlice]) -> Resolution {
+        var result = Resolution(mappings: [], skipped: [], warnings: [], autoFellBackToClusterIP: [])
+        resolve(service, slices: slices, into: &result)
+        result.skipped.sort()
+        return result
+    }
+
+    /// The one warning for every service `auto` sent to its ClusterIP for lack of EndpointSlices (nil: none).
+    public static func autoFallbackWarning(_ services: [ObjectName]) -> Diagnostic? {
+        guard !services.isEmpty else { return nil }
+        let names = services.prefix(5).map(\.description).joined(separator: ", ")
+        let more = services.count > 5 ? " and \(services.count - 5) more" : ""
+        return Diagnostic(.warning, .autoFellBackToClusterIP, service: services.count == 1 ? services[0] : nil,
+            "target auto: no EndpointSlices in the input for \(names)\(more); their rules DNAT to the ClusterIP. "
+            + "Netfilter applies one DNAT per connection, so with kube-proxy in iptables or nftables mode that "
+            + "ClusterIP is never translated and connections time out. Include EndpointSlices "
+            + "(kubectl get services,endpointslices -A -o json) or choose --target explicitly.")
+    }
+
+    private func skip(_ r: inout Resolution, _ s: Service, port: String? = nil, address: String? = nil,
+                      _ code: SkipReason, _ reason: String) {
+        r.skipped.append(SkippedItem(service: s.id, port: port, address: address, code: code, reason: reason))
     }
 
     private func resolve(_ service: Service, slices: [EndpointSlice]?, into result: inout Resolution) {
         let skippedBefore = result.skipped.count
         if !options.namespaces.isEmpty && !options.namespaces.contains(service.id.namespace) {
-            return skip(&result, service, "filtered out by --namespace")
+            return skip(&result, service, .filteredByNamespace, "filtered out by --namespace")
         }
         if let selector = options.selector, !selector.matches(service.labels) {
-            return skip(&result, service, "filtered out by --selector \(selector)")
+            return skip(&result, service, .filteredBySelector, "filtered out by --selector \(selector)")
+        }
+        let owner = service.labels[ResolutionOptions.serviceProxyNameLabel]
+        if owner != options.serviceProxyName {
+            if let owner {
+                return skip(&result, service, .otherProxy,
+                            "labelled \(ResolutionOptions.serviceProxyNameLabel)=\(owner): another proxy's service"
+                            + " (--service-proxy-name \(owner) selects it)")
+            }
+            return skip(&result, service, .otherProxy,
+                        "no \(ResolutionOptions.serviceProxyNameLabel)=\(options.serviceProxyName ?? "") label: kube-proxy's service, not --service-proxy-name's")
+        }
+        if service.labels[ResolutionOptions.headlessLabel] != nil {
+            return skip(&result, service, .headlessLabel,
+                        "labelled \(ResolutionOptions.headlessLabel): kube-proxy programs nothing for it")
         }
         if service.type == "ExternalName" {
-            return skip(&result, service, "ExternalName service: kube-proxy programs nothing for it")
+            return skip(&result, service, .externalName, "ExternalName service: kube-proxy programs nothing for it")
         }
         if service.headless {
-            return skip(&result, service, "headless service (clusterIP: None): no virtual IP to translate")
+            return skip(&result, service, .headless, "headless service (clusterIP: None): no virtual IP to translate")
         }
 
         // External addresses, in a stable order, deduplicated.
@@ -185,12 +233,12 @@ public struct ServiceResolver: Sendable {
         for ingress in service.loadBalancerIngress {
             guard let ip = ingress.ip else {
                 if let host = ingress.hostname {
-                    skip(&result, service, address: host, "load-balancer ingress has a hostname only, no IP to match")
+                    skip(&result, service, address: host, .hostnameOnlyIngress, "load-balancer ingress has a hostname only, no IP to match")
                 }
                 continue
             }
             if ingress.ipMode == "Proxy" && !options.includeProxyMode {
-                skip(&result, service, address: ip.description,
+                skip(&result, service, address: ip.description, .proxyMode,
                      "ipMode Proxy: the load balancer must see this traffic (kube-proxy skips it too); --include-proxy-mode maps it anyway")
                 continue
             }
@@ -198,24 +246,24 @@ public struct ServiceResolver: Sendable {
         }
         for ip in service.externalIPs {
             if options.externalIPAllowlist.isEmpty {
-                skip(&result, service, address: ip.description,
+                skip(&result, service, address: ip.description, .externalIPNotAllowed,
                      "spec.externalIPs are honoured only inside an allowlist (CVE-2020-8554); pass --external-ip-cidr")
                 continue
             }
             guard options.externalIPAllowlist.contains(where: { $0.contains(ip) }) else {
-                skip(&result, service, address: ip.description, "external IP is outside every --external-ip-cidr")
+                skip(&result, service, address: ip.description, .externalIPOutsideAllowlist, "external IP is outside every --external-ip-cidr")
                 continue
             }
             if seenIPs.insert(ip).inserted { candidates.append((ip, .externalIP)) }
         }
         if candidates.isEmpty {
             if result.skipped.count == skippedBefore {
-                skip(&result, service, "no external IP: no load-balancer ingress IP and no spec.externalIPs")
+                skip(&result, service, .noExternalIP, "no external IP: no load-balancer ingress IP and no spec.externalIPs")
             }
             return
         }
         if service.ports.isEmpty {
-            return skip(&result, service, "no ports")
+            return skip(&result, service, .noPorts, "no ports")
         }
 
         // The service's families: spec.ipFamilies, else the ClusterIPs' families; unknown means no filter.
@@ -225,7 +273,7 @@ public struct ServiceResolver: Sendable {
         for (ip, source) in candidates {
             if !families.isEmpty && !families.contains(ip.family) {
                 let have = families.map(\.rawValue).joined(separator: ", ")
-                skip(&result, service, address: ip.description,
+                skip(&result, service, address: ip.description, .familyMismatch,
                      "family mismatch: \(ip.family.rawValue) external IP, but the service is \(have) only")
                 continue
             }
@@ -240,8 +288,9 @@ public struct ServiceResolver: Sendable {
         }
 
         if service.sessionAffinity == "ClientIP" && strategy == .endpoints {
-            result.warnings.append("\(service.id) has sessionAffinity ClientIP; the endpoints target spreads connections at random "
-                                   + "and does not keep a client on one endpoint")
+            result.warnings.append(Diagnostic(.warning, .sessionAffinityIgnored, service: service.id,
+                                              "\(service.id) has sessionAffinity ClientIP; the endpoints target spreads connections at random "
+                                              + "and does not keep a client on one endpoint"))
         }
         for port in service.ports {
             let portLabel = port.name.isEmpty ? String(port.port) : port.name
@@ -267,7 +316,7 @@ public struct ServiceResolver: Sendable {
             // kube-proxy creates no KUBE-SVC chain for a port without usable endpoints; when the input has
             // the service's slices, say so here instead of failing later on a missing chain.
             if !slices.isEmpty && endpoints(for: port, family: family, slices: slices).destinations.isEmpty {
-                skip(&result, service, port: portLabel,
+                skip(&result, service, port: portLabel, .noReadyEndpoints,
                      "no ready endpoints for port \(portLabel) (\(family.rawValue)): kube-proxy has no KUBE-SVC chain for it")
                 return nil
             }
@@ -275,7 +324,7 @@ public struct ServiceResolver: Sendable {
                 namespace: service.id.namespace, name: service.id.name, portName: port.name, protocol: port.protocol.rawValue))
         case .clusterIP:
             guard let vip = clusterIP(of: service, family: family) else {
-                skip(&result, service, port: portLabel, "no \(family.rawValue) ClusterIP to send \(family.rawValue) traffic to")
+                skip(&result, service, port: portLabel, .noClusterIP, "no \(family.rawValue) ClusterIP to send \(family.rawValue) traffic to")
                 return nil
             }
             return .clusterIP(Destination(ip: vip, port: port.port))
@@ -283,7 +332,7 @@ public struct ServiceResolver: Sendable {
             let (chosen, sawSliceOfFamily) = endpoints(for: port, family: family, slices: slices)
             if chosen.isEmpty {
                 let why = sawSliceOfFamily ? "no ready endpoints" : "no \(family.rawValue) EndpointSlices"
-                skip(&result, service, port: portLabel, "\(why) for port \(portLabel) (\(family.rawValue))")
+                skip(&result, service, port: portLabel, sawSliceOfFamily ? .noReadyEndpoints : .noEndpointSlicesOfFamily, "\(why) for port \(portLabel) (\(family.rawValue))")
                 return nil
             }
             return .endpoints(chosen)

@@ -25,5 +25,5 @@ struct HostnetDNAT: AsyncParsableCommand {
         stdout); 75 try again later; 77 no permission.
         """,
         version: "0.1.0",
-        subcommands: [Render.self, Apply.self, Diff.self, Status.self, Remove.self])
+        subcommands: [Render.self, Apply.self, Sync.self, Diff.self, Status.self, Remove.self])
 }

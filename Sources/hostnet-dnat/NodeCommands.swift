@@ -6,6 +6,7 @@ import NodeBackend
 import RulePlanning
 import RuleRendering
 import ServiceResolution
+import Orchestration
 
 extension Backend: ExpressibleByArgument {}
 extension IptablesVariant: ExpressibleByArgument {}
@@ -59,7 +60,7 @@ extension NodeError {
     var cliError: CLIError { CLIError(code: exitCode, description) }
 }
 
-/// Loads the input, decides what `auto` means on this node, and plans.
+/// Loads the input, decides what `auto` means on this node, and plans (Orchestration.Planning).
 struct NodePlanning {
     let plan: RulePlan
     let strategy: TargetStrategy
@@ -70,31 +71,21 @@ struct NodePlanning {
 
     static func make(source: SourceOptions, resolution: ResolutionFlags, planFlags: PlanFlags, node: NodeFlags) async throws(CLIError) -> NodePlanning {
         let settings = try planFlags.settings(onConflict: resolution.onConflict)
-        var options = try resolution.resolutionOptions()
+        let options = try resolution.resolutionOptions()
         let context = NodeContext(netns: try node.namespace())
-        let objects = try await Pipeline.loadObjects(source, namespaces: resolution.namespaces, selector: resolution.selector)
-        var reason: String? = nil
-        var detection: ProxyDetection? = nil
-        if options.target == .auto {
-            let found: ProxyDetection
-            do { found = try ProxyDetection.detect(in: context) } catch { throw error.cliError }
-            let (picked, why) = found.strategy(backend: node.backend, haveEndpointSlices: !objects.endpointSlices.isEmpty)
-            options.target = picked
-            reason = why
-            detection = found
-        }
-        let plan = try Pipeline.plan(objects: objects, resolution: options, settings: settings, requested: options.target)
-        if node.backend == .nftables, let why = plan.nftablesRefusal {
-            throw CLIError(.usage, why)  // before anything reaches the kernel
-        }
-        return NodePlanning(plan: plan, strategy: options.target, reason: reason, detection: detection,
-                            inputDeclaresNoServices: objects.declaresNoServices)
+        let objects = try await Pipeline.loadObjects(source, namespaces: resolution.namespaces, selector: try resolution.serverSelector())
+        let planned: Planning.NodePlan
+        do {
+            planned = try Planning.planForNode(objects, options: options, settings: settings, backend: node.backend, context: context)
+        } catch { throw CLIError(error) }
+        return NodePlanning(plan: planned.plan, strategy: planned.target.strategy, reason: planned.target.reason,
+                            detection: planned.target.detection, inputDeclaresNoServices: objects.declaresNoServices)
     }
 
     func announce(_ output: OutputFormat) {
         guard output == .text else { return }
         if let reason { Console.note("target auto: picked \(strategy.rawValue): \(reason)") }
-        for w in plan.warnings { Console.warning(w) }
+        for w in plan.warnings { Console.warning(w.message) }
     }
 }
 
@@ -132,16 +123,20 @@ struct Apply: AsyncParsableCommand {
             let planning = try await NodePlanning.make(source: source, resolution: resolution, planFlags: planFlags, node: node)
             planning.announce(node.output)
             let applier = try node.applier(detection: planning.detection)
-            if planning.plan.rules.isEmpty, !allowEmpty, !planning.inputDeclaresNoServices {
-                // A wrong file, a typo in --namespace or -l: don't take every DNAT off the node on its word.
-                let installed: Int
-                do { installed = try applier.status(planning.plan.settings).mappings.count } catch let e as NodeError { throw e.cliError }
-                if installed > 0 {
-                    throw CLIError(.dataError, "refusing to remove all \(installed) installed mapping(s): the input yields no mapping and is not an empty List (kind: List, items: []); pass --allow-empty to remove them")
-                }
-            }
             let result: ApplyResult
-            do { result = try applier.apply(planning.plan, dryRun: dryRun) } catch let e as NodeError { throw e.cliError }
+            do {
+                // One owner at a time: a running `sync` owns the rules (exit 75 at once); another apply is waited for.
+                let lock = dryRun ? nil : try NodeLock.acquire(.apply, context: NodeContext(netns: try node.namespace()))
+                defer { withExtendedLifetime(lock) {} }
+                if planning.plan.rules.isEmpty, !allowEmpty, !planning.inputDeclaresNoServices {
+                    // A wrong file, a typo in --namespace or -l: don't take every DNAT off the node on its word.
+                    let installed = try applier.status(planning.plan.settings).mappings.count
+                    if installed > 0 {
+                        throw CLIError(.dataError, "refusing to remove all \(installed) installed mapping(s): the input yields no mapping and is not an empty List (kind: List, items: []); pass --allow-empty to remove them")
+                    }
+                }
+                result = try applier.apply(planning.plan, dryRun: dryRun)
+            } catch let e as NodeError { throw e.cliError }
             do throws(CLIError) {
                 try report(result, planning)
             } catch {
@@ -251,7 +246,11 @@ struct Remove: AsyncParsableCommand {
         try await Console.run {
             let settings = try planFlags.settings(onConflict: .fail)
             let removed: Bool
-            do { removed = try node.applier().remove(settings) } catch let e as NodeError { throw e.cliError }
+            do {
+                let lock = try NodeLock.acquire(.remove, context: NodeContext(netns: try node.namespace()))
+                defer { withExtendedLifetime(lock) {} }
+                removed = try node.applier().remove(settings)
+            } catch let e as NodeError { throw e.cliError }
             if node.output == .json {
                 try Console.out("{\n  \"removed\": \(removed)\n}\n")
             } else {

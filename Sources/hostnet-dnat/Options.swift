@@ -1,6 +1,7 @@
 import ArgumentParser
 import KubeObjects
 import NetAddress
+import Orchestration
 import RulePlanning
 import ServiceResolution
 
@@ -47,8 +48,19 @@ struct ResolutionFlags: ParsableArguments {
     @Flag(help: "Also map load-balancer ingress IPs with ipMode: Proxy (kube-proxy leaves them to the load balancer).")
     var includeProxyMode = false
 
+    @Option(help: ArgumentHelp("Map the Services of this alternative proxy (labelled service.kubernetes.io/service-proxy-name=NAME) instead of kube-proxy's.", valueName: "name"))
+    var serviceProxyName: String?
+
     @Option(help: ArgumentHelp("Two services on the same external IP, protocol and port: fail (exit 65) or skip both.", valueName: "fail|skip"))
     var onConflict: ConflictPolicy = .fail
+
+    /// The label selector Services are listed (and watched) with on the server: the user's `-l` and the
+    /// proxy selection (`!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless`, as
+    /// kube-proxy lists), so that other proxies' Services never travel. Resolution checks the labels again.
+    func serverSelector() throws(CLIError) -> String {
+        let proxy = try resolutionOptions().proxySelector
+        return [selector, proxy].compactMap { $0 }.joined(separator: ",")
+    }
 
     func resolutionOptions() throws(CLIError) -> ResolutionOptions {
         var cidrs: [CIDR] = []
@@ -62,8 +74,16 @@ struct ResolutionFlags: ParsableArguments {
         if let selector {
             do { labelSelector = try LabelSelector(selector) } catch { throw CLIError(.usage, "-l/--selector: \(error.message)") }
         }
+        if let name = serviceProxyName {
+            let ok = (1...63).contains(name.utf8.count) && name.utf8.allSatisfy {
+                ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x41 && $0 <= 0x5A) || ($0 >= 0x61 && $0 <= 0x7A) || $0 == 0x2D || $0 == 0x5F || $0 == 0x2E
+            }
+            guard ok else {
+                throw CLIError(.usage, "--service-proxy-name \"\(name)\" is not a label value (1-63 letters, digits, '-', '_' or '.')")
+            }
+        }
         return ResolutionOptions(target: target, externalIPAllowlist: cidrs, includeProxyMode: includeProxyMode,
-                                 namespaces: Set(namespaces), selector: labelSelector)
+                                 namespaces: Set(namespaces), selector: labelSelector, serviceProxyName: serviceProxyName)
     }
 }
 
@@ -94,24 +114,11 @@ struct PlanFlags: ParsableArguments {
     }
 }
 
-/// sysexits(3) codes, so scripts can tell a typo from bad data from a missing permission.
-enum ExitStatus: Int32 {
-    case differs = 1
-    case usage = 64
-    case dataError = 65
-    case noInput = 66
-    case unavailable = 69
-    case software = 70
-    case cantCreate = 73
-    case ioError = 74
-    case tempFail = 75
-    case noPermission = 77
-}
-
 struct CLIError: Error, CustomStringConvertible {
     let status: Int32
     let message: String
     init(_ status: ExitStatus, _ message: String) { self.status = status.rawValue; self.message = message }
     init(code: Int32, _ message: String) { self.status = code; self.message = message }
+    init(_ e: PipelineError) { self.status = e.exitCode; self.message = e.message }
     var description: String { message }
 }

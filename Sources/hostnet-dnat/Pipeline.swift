@@ -6,69 +6,31 @@ import Glibc
 import KubeObjects
 import RulePlanning
 import ServiceResolution
+import Orchestration
+import KubernetesAPI
 
-/// source → resolution → plan; the only place the CLI reads input.
+/// The CLI's door to the pipeline (Orchestration): flags in, values out.
 enum Pipeline {
     static func loadObjects(_ source: SourceOptions, namespaces: [String], selector: String?) async throws(CLIError) -> ClusterObjects {
-        if source.filenames.isEmpty {
-            return try await APISource.load(source, namespaces: namespaces, selector: selector)
-        }
-        var objects = ClusterObjects()
-        var readStdin = false
-        for name in source.filenames {
-            let bytes: [UInt8]
-            if name == "-" {
-                if readStdin { throw CLIError(.usage, "-f - given more than once: standard input can be read only once") }
-                readStdin = true
-                bytes = try readAll(fd: 0, name: "<stdin>", limit: source.maxInputBytes)
-            } else {
-                let fd = open(name, O_RDONLY | O_CLOEXEC)
-                guard fd >= 0 else {
-                    var isDir: ObjCBool = false
-                    if FileManager.default.fileExists(atPath: name, isDirectory: &isDir) {
-                        throw CLIError(.noInput, "\(name): cannot read \(isDir.boolValue ? "a directory" : "the file (permission denied?)")")
-                    }
-                    throw CLIError(.noInput, "\(name): no such file")
-                }
-                defer { close(fd) }
-                bytes = try readAll(fd: fd, name: name, limit: source.maxInputBytes)
-            }
-            do {
-                try DocumentLoader.load(bytes, source: name == "-" ? "<stdin>" : name, into: &objects)
-            } catch {
-                throw CLIError(.dataError, error.description)
-            }
-        }
-        return objects
-    }
-
-    /// Reads a whole file or pipe into one buffer, never more than `--max-input-bytes`.
-    static func readAll(fd: Int32, name: String, limit: Int) throws(CLIError) -> [UInt8] {
-        do {
-            return try InputReader.readAll(fd: fd, name: name, limit: limit)
-        } catch {
-            switch error {
-            case .tooLarge: throw CLIError(.dataError, error.description)
-            case .isDirectory, .failed: throw CLIError(.noInput, error.description)
-            }
+        let objectSource = source.objectSource(namespaces: namespaces, selector: selector)
+        for w in ObjectLoading.warnings(objectSource) { Console.warning(w) }
+        do { return try await ObjectLoading.load(objectSource, maxInputBytes: source.maxInputBytes) } catch {
+            throw CLIError(error)
         }
     }
 
-    static func plan(objects: ClusterObjects, resolution options: ResolutionOptions, settings: PlanSettings,
-                     requested: TargetStrategy) throws(CLIError) -> RulePlan {
-        var resolution = ServiceResolver(options: options).resolve(objects)
-        if !objects.ignoredKinds.isEmpty {
-            let kinds = objects.ignoredKinds.sorted { $0.key < $1.key }.map { "\($0.key) (\($0.value))" }.joined(separator: ", ")
-            resolution.warnings.append("ignored \(objects.ignoredKinds.values.reduce(0, +)) object(s) of other kinds: \(kinds)")
+    static func plan(objects: ClusterObjects, resolution options: ResolutionOptions, settings: PlanSettings) throws(CLIError) -> RulePlan {
+        do { return try Planning.plan(objects, options: options, settings: settings) } catch { throw CLIError(error) }
+    }
+}
+
+extension SourceOptions {
+    func objectSource(namespaces: [String], selector: String?) -> ObjectSource {
+        if filenames.isEmpty {
+            return .api(KubernetesSourceOptions(kubeconfig: kubeconfig, context: context, namespaces: namespaces,
+                                                labelSelector: selector))
         }
-        do {
-            return try Planner(settings: settings).plan(resolution, strategy: requested)
-        } catch {
-            switch error {
-            case .conflicts: throw CLIError(.dataError, error.description)
-            case .invalidSetting: throw CLIError(.usage, error.description)
-            }
-        }
+        return .files(filenames)
     }
 }
 

@@ -42,9 +42,8 @@ struct Render: AsyncParsableCommand {
         try await Console.run {
             let settings = try planFlags.settings(onConflict: resolution.onConflict)
             let options = try resolution.resolutionOptions()
-            let objects = try await Pipeline.loadObjects(source, namespaces: resolution.namespaces, selector: resolution.selector)
-            let plan = try Pipeline.plan(objects: objects, resolution: options, settings: settings,
-                                         requested: resolution.target)
+            let objects = try await Pipeline.loadObjects(source, namespaces: resolution.namespaces, selector: try resolution.serverSelector())
+            let plan = try Pipeline.plan(objects: objects, resolution: options, settings: settings)
             let text: String
             switch format {
             case .nft:
@@ -54,7 +53,7 @@ struct Render: AsyncParsableCommand {
             case .json: text = JSONRenderer.render(plan)
             }
             if format != .json {
-                for w in plan.warnings { Console.warning(w) }
+                for w in plan.warnings { Console.warning(w.message) }
             }
             if let outputFile {
                 try OutputFile.write(text, to: outputFile)

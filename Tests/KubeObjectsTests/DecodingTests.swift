@@ -138,6 +138,30 @@ private func loadError(_ text: String, source: String = "in.yaml") -> InputError
         #expect(!e.description.contains("\n"))
     }
 
+    @Test func aSpecThatIsNotAnObjectIsAnError() throws {
+        let e = try #require(loadError("""
+        {"kind":"Service","metadata":{"name":"web","namespace":"shop"},"spec":5}
+        """))
+        #expect(e.object == "Service shop/web")
+        #expect(e.field == "spec")
+        #expect(e.message == "expected an object, got a number")
+    }
+
+    @Test func sliceLastChangeTriggerTimeIsTheRawAnnotation() throws {
+        let o = try load("""
+        [{"kind":"EndpointSlice","metadata":{"name":"a","namespace":"n","annotations":
+           {"endpoints.kubernetes.io/last-change-trigger-time":"2026-12-01T14:00:00Z"}},"addressType":"IPv4"},
+         {"kind":"EndpointSlice","metadata":{"name":"b","namespace":"n","annotations":
+           {"endpoints.kubernetes.io/last-change-trigger-time":7}},"addressType":"IPv4"},
+         {"kind":"EndpointSlice","metadata":{"name":"c","namespace":"n"},"addressType":"IPv4"}]
+        """)
+        #expect(o.endpointSlices.map(\.lastChangeTriggerTime) == ["2026-12-01T14:00:00Z", nil, nil])
+        // Two versions of a slice that differ only in the trigger time are different versions.
+        var later = o.endpointSlices[0]
+        later.lastChangeTriggerTime = "2026-12-01T14:00:05Z"
+        #expect(later != o.endpointSlices[0])
+    }
+
     @Test func fqdnSlicesCarryNoAddresses() throws {
         let o = try load("""
         {"kind":"EndpointSlice","metadata":{"name":"s-1","namespace":"n"},"addressType":"FQDN","endpoints":[{"addresses":["db.example.com"]}]}

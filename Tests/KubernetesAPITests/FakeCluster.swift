@@ -8,10 +8,11 @@ struct FakeObject: Sendable {
     var name: String
     var labels: [String: String] = [:]
     var body: String
+    var resourceVersion = "4711"
 
     func json(withKind: Bool) -> String {
         let labelText = labels.sorted { $0.key < $1.key }.map { "\"\($0.key)\":\"\($0.value)\"" }.joined(separator: ",")
-        let meta = "\"metadata\":{\"name\":\"\(name)\",\"namespace\":\"\(namespace)\",\"uid\":\"\(UUID().uuidString.lowercased())\",\"resourceVersion\":\"4711\",\"labels\":{\(labelText)}}"
+        let meta = "\"metadata\":{\"name\":\"\(name)\",\"namespace\":\"\(namespace)\",\"uid\":\"\(UUID().uuidString.lowercased())\",\"resourceVersion\":\"\(resourceVersion)\",\"labels\":{\(labelText)}}"
         let head = withKind ? "\"kind\":\"\(kind)\",\"apiVersion\":\"\(apiVersion)\"," : ""
         return "{\(head)\(meta),\(body)}"
     }
@@ -24,6 +25,8 @@ struct FakeCluster: Sendable {
     var slices: [FakeObject]
     /// Items per page, whatever `limit` the client asks (a server may return fewer).
     var pageSize = 2
+    /// The lists' `metadata.resourceVersion`.
+    var resourceVersion = "4711"
 
     static let standard = FakeCluster(services: [
         FakeObject(kind: "Service", apiVersion: "v1", namespace: "default", name: "web", labels: ["app": "web", "tier": "front"],
@@ -112,7 +115,7 @@ struct FakeCluster: Sendable {
         let cont = next.map { ",\"continue\":\"\($0)\",\"remainingItemCount\":\(objects.count - start - page.count)" } ?? ""
         let apiVersion = listKind == "ServiceList" ? "v1" : "discovery.k8s.io/v1"
         let items = page.map { $0.json(withKind: false) }.joined(separator: ",")
-        return .json(200, "{\"kind\":\"\(listKind)\",\"apiVersion\":\"\(apiVersion)\",\"metadata\":{\"resourceVersion\":\"4711\"\(cont)},\"items\":[\(items)]}")
+        return .json(200, "{\"kind\":\"\(listKind)\",\"apiVersion\":\"\(apiVersion)\",\"metadata\":{\"resourceVersion\":\"\(resourceVersion)\"\(cont)},\"items\":[\(items)]}")
     }
 }
 

@@ -23,6 +23,50 @@ enum Reply: Sendable {
     case jsonHeaders(Int, String, [String: String])
     /// Read the request and never answer.
     case hang
+    /// A chunked answer (a watch) whose body `script` writes over time through the `ResponseStream`. When
+    /// the script returns without `end()` or `drop()`, the connection stays open.
+    case stream(Int, @Sendable (ResponseStream) async -> Void)
+}
+
+/// The body of a `.stream` reply, written while the client reads it.
+final class ResponseStream: Sendable {
+    private let channel: any Channel
+    /// Bytes of body written so far (without chunk framing).
+    let bytesWritten = Box(0)
+    /// Bytes the connection has sent on the wire so far: TLS records, HTTP head and chunk framing included.
+    let wireBytes: Box<Int>
+
+    fileprivate init(channel: any Channel, wireBytes: Box<Int>) {
+        self.channel = channel
+        self.wireBytes = wireBytes
+    }
+
+    /// One chunk of the body, sent at once.
+    func write(_ text: String) async {
+        bytesWritten.update { $0 += text.utf8.count }
+        try? await channel.writeAndFlush(HTTPServerResponsePart.body(.byteBuffer(ByteBuffer(string: text)))).get()
+    }
+
+    /// One chunk of raw bytes (to split a UTF-8 character between chunks).
+    func write(bytes: [UInt8]) async {
+        bytesWritten.update { $0 += bytes.count }
+        try? await channel.writeAndFlush(HTTPServerResponsePart.body(.byteBuffer(ByteBuffer(bytes: bytes)))).get()
+    }
+
+    /// Ends the chunked body properly (what kube-apiserver does at `timeoutSeconds`).
+    func end() async {
+        try? await channel.writeAndFlush(HTTPServerResponsePart.end(nil)).get()
+    }
+
+    /// Closes the connection in the middle of the body.
+    func drop() async {
+        try? await channel.close()
+    }
+
+    /// Returns when the connection is closed (by either side).
+    func closed() async {
+        try? await channel.closeFuture.get()
+    }
 }
 
 /// A real HTTPS server on loopback (swift-nio + NIOSSL), answering with whatever the test's handler says.
@@ -41,7 +85,7 @@ final class TestAPIServer: Sendable {
         self.port = port; self.host = host; self.channel = channel; self.state = state
     }
 
-    static func start(host: String = "127.0.0.1", certificate: String = PKI.shared.serverCert,
+    static func start(host: String = "127.0.0.1", port: Int = 0, certificate: String = PKI.shared.serverCert,
                       key: String = PKI.shared.serverKey, clientCA: String? = nil,
                       handler: @escaping @Sendable (RecordedRequest) -> Reply) async throws -> TestAPIServer {
         var tls = TLSConfiguration.makeServerConfiguration(
@@ -58,12 +102,17 @@ final class TestAPIServer: Sendable {
             .childChannelInitializer { channel in
                 state.track(channel)
                 return channel.eventLoop.makeCompletedFuture {
+                    let wire = Box(0)
+                    try channel.pipeline.syncOperations.addHandler(WireCounter(count: wire))
                     try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context))
-                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
-                    try channel.pipeline.syncOperations.addHandler(RequestHandler(state: state))
+                    // Without pipelining assistance the server keeps reading while a watch body is open, as
+                    // kube-apiserver does; with it, a client's TLS close_notify would sit unread until the
+                    // client's shutdown timeout (1 s) and a prompt cancellation would look slow.
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withPipeliningAssistance: false, withErrorHandling: true)
+                    try channel.pipeline.syncOperations.addHandler(RequestHandler(state: state, wireBytes: wire))
                 }
             }
-            .bind(host: host, port: 0).get()
+            .bind(host: host, port: port).get()
         guard let port = channel.localAddress?.port else { throw TestServerError.noPort }
         return TestAPIServer(port: port, host: host, channel: channel, state: state)
     }
@@ -103,9 +152,10 @@ private final class RequestHandler: ChannelInboundHandler {
     typealias OutboundOut = HTTPServerResponsePart
 
     let state: ServerState
+    let wireBytes: Box<Int>
     var head: HTTPRequestHead?
 
-    init(state: ServerState) { self.state = state }
+    init(state: ServerState, wireBytes: Box<Int>) { self.state = state; self.wireBytes = wireBytes }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
@@ -135,6 +185,15 @@ private final class RequestHandler: ChannelInboundHandler {
             var extra: [String: String] = [:]
             switch reply {
             case .hang: return
+            case .stream(let s, let script):
+                var h = HTTPHeaders()
+                h.add(name: "Content-Type", value: "application/json")
+                h.add(name: "Transfer-Encoding", value: "chunked")
+                let responseHead = HTTPResponseHead(version: head.version, status: HTTPResponseStatus(statusCode: s), headers: h)
+                context.writeAndFlush(wrapOutboundOut(.head(responseHead)), promise: nil)
+                let stream = ResponseStream(channel: context.channel, wireBytes: wireBytes)
+                Task { await script(stream) }
+                return
             case .json(let s, let b): (status, contentType, body) = (s, "application/json", b)
             case .raw(let s, let ct, let b): (status, contentType, body) = (s, ct, b)
             case .jsonHeaders(let s, let b, let h): (status, contentType, body, extra) = (s, "application/json", b, h)
@@ -152,5 +211,19 @@ private final class RequestHandler: ChannelInboundHandler {
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         context.close(promise: nil)
+    }
+}
+
+/// Counts the bytes a connection writes to its socket (it sits below TLS).
+private final class WireCounter: ChannelOutboundHandler {
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+    let count: Box<Int>
+    init(count: Box<Int>) { self.count = count }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        let n = unwrapOutboundIn(data).readableBytes
+        count.update { $0 += n }
+        context.write(data, promise: promise)
     }
 }

@@ -76,7 +76,7 @@ private func resolve(_ services: [Service], _ slices: [EndpointSlice] = [], _ op
         svc.sessionAffinity = "ClientIP"
         let r = resolve([svc], [httpsSlice], ResolutionOptions(target: .endpoints))
         #expect(r.mappings.count == 1)
-        #expect(r.warnings.contains { $0.contains("sessionAffinity ClientIP") })
+        #expect(r.warnings.contains { $0.message.contains("sessionAffinity ClientIP") && $0.code == .sessionAffinityIgnored })
     }
 
     @Test func noReadyEndpointsIsSkippedWithAReason() {
@@ -84,6 +84,7 @@ private func resolve(_ services: [Service], _ slices: [EndpointSlice] = [], _ op
         let r = resolve([lbService(["203.0.113.10"])], [s], ResolutionOptions(target: .endpoints))
         #expect(r.mappings.isEmpty)
         #expect(r.skipped.map(\.reason) == ["no ready endpoints for port https (IPv4)"])
+        #expect(r.skipped.map(\.code) == [.noReadyEndpoints])
     }
 
     @Test func slicesAreMatchedByPortNameWithPerSlicePortNumbers() {
@@ -124,6 +125,7 @@ private func resolve(_ services: [Service], _ slices: [EndpointSlice] = [], _ op
         #expect(r.mappings.map(\.externalIP) == [ip("203.0.113.10")])
         #expect(r.skipped.first?.address == "2001:db8:100::10")
         #expect(r.skipped.first?.reason.hasPrefix("family mismatch") == true)
+        #expect(r.skipped.first?.code == .familyMismatch)
     }
 
     @Test func ipModeProxyIsSkippedUnlessAskedFor() {
@@ -131,6 +133,7 @@ private func resolve(_ services: [Service], _ slices: [EndpointSlice] = [], _ op
         let r = resolve([svc], [httpsSlice])
         #expect(r.mappings.isEmpty)
         #expect(r.skipped.first?.reason.contains("ipMode Proxy") == true)
+        #expect(r.skipped.first?.code == .proxyMode)
         let forced = resolve([svc], [httpsSlice], ResolutionOptions(includeProxyMode: true))
         #expect(forced.mappings.count == 1)
     }
@@ -141,6 +144,7 @@ private func resolve(_ services: [Service], _ slices: [EndpointSlice] = [], _ op
         let r = resolve([svc], [httpsSlice])
         #expect(r.mappings.isEmpty)
         #expect(r.skipped.map(\.reason) == ["load-balancer ingress has a hostname only, no IP to match"])
+        #expect(r.skipped.map(\.code) == [.hostnameOnlyIngress])
     }
 
     @Test func externalIPsNeedTheAllowlist() {
@@ -153,6 +157,7 @@ private func resolve(_ services: [Service], _ slices: [EndpointSlice] = [], _ op
         #expect(allowed.mappings.map(\.externalIP) == [ip("192.0.2.20")])
         #expect(allowed.mappings.first?.source == .externalIP)
         #expect(allowed.skipped.map(\.reason) == ["external IP is outside every --external-ip-cidr"])
+        #expect(allowed.skipped.map(\.code) == [.externalIPOutsideAllowlist])
     }
 
     @Test func headlessExternalNameAndNoExternalIPAreSkipped() {
@@ -163,6 +168,7 @@ private func resolve(_ services: [Service], _ slices: [EndpointSlice] = [], _ op
         #expect(r.mappings.isEmpty)
         #expect(r.skipped.map(\.service.name) == ["db", "ext", "plain"])
         #expect(r.skipped[0].reason.contains("headless"))
+        #expect(r.skipped[0].code == .headless)
         #expect(r.skipped[1].reason.contains("ExternalName"))
         #expect(r.skipped[2].reason.contains("no external IP"))
     }
@@ -183,7 +189,7 @@ private func resolve(_ services: [Service], _ slices: [EndpointSlice] = [], _ op
         let without = resolve([lbService(["203.0.113.10"])])
         #expect(without.mappings.first?.target == .clusterIP(Destination(ip: ip("198.18.0.10"), port: 443)))
         #expect(without.warnings.count == 1)
-        #expect(without.warnings[0].contains("one DNAT per connection"))
+        #expect(without.warnings[0].message.contains("one DNAT per connection"))
     }
 
     @Test func kubeProxyTargetUsesKubeProxysChainName() {
@@ -223,5 +229,43 @@ private func resolve(_ services: [Service], _ slices: [EndpointSlice] = [], _ op
                 == "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1")
         #expect(hex(SHA256.hash([UInt8](repeating: 0x61, count: 1000)))
                 == "41edece42d63e8d9bf515a9ba6932e1c20cbc9f5a5d134645adb5db1b9737ea3")
+    }
+}
+
+@Suite struct ProxyNameTests {
+    static func service(_ name: String, labels: [String: String]) -> Service {
+        Service(id: ObjectName(namespace: "ns", name: name), labels: labels, type: "LoadBalancer",
+                clusterIPs: [IPAddress("192.0.2.1")!], ports: [ServicePort(port: 80)],
+                loadBalancerIngress: [LoadBalancerIngress(ip: IPAddress("203.0.113.1"))])
+    }
+
+    static let objects: ClusterObjects = {
+        var o = ClusterObjects()
+        o.services = [service("plain", labels: [:]),
+                      service("cilium", labels: ["service.kubernetes.io/service-proxy-name": "cilium"]),
+                      service("headless-label", labels: ["service.kubernetes.io/headless": ""])]
+        return o
+    }()
+
+    @Test func kubeProxysServicesByDefault() {
+        let r = ServiceResolver(options: ResolutionOptions(target: .clusterIP)).resolve(Self.objects)
+        #expect(r.mappings.map(\.service.name) == ["plain"])
+        #expect(Dictionary(uniqueKeysWithValues: r.skipped.map { ($0.service.name, $0.code) })
+                == ["cilium": .otherProxy, "headless-label": .headlessLabel])
+        #expect(r.skipped.first { $0.service.name == "cilium" }?.reason.contains("--service-proxy-name cilium") == true)
+    }
+
+    @Test func serviceProxyNameSelectsThatProxysServicesInstead() {
+        let r = ServiceResolver(options: ResolutionOptions(target: .clusterIP, serviceProxyName: "cilium")).resolve(Self.objects)
+        #expect(r.mappings.map(\.service.name) == ["cilium"])
+        #expect(Set(r.skipped.map(\.service.name)) == ["plain", "headless-label"])
+    }
+
+    @Test func theServerSideSelectorIsKubeProxys() throws {
+        #expect(ResolutionOptions().proxySelector == "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless")
+        #expect(ResolutionOptions(serviceProxyName: "x").proxySelector == "service.kubernetes.io/service-proxy-name=x,!service.kubernetes.io/headless")
+        // It parses as a selector and matches as resolution does.
+        let selector = try LabelSelector(ResolutionOptions().proxySelector)
+        #expect(Self.objects.services.filter { selector.matches($0.labels) }.map(\.id.name) == ["plain"])
     }
 }

@@ -1,0 +1,320 @@
+import Foundation
+import Testing
+import TestSupport
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `hostnet-dnat sync` run as a user would: a real process watching a kube-apiserver stand-in
+/// (scripts/fake-apiserver: TLS, list + watch, bookmarks, 410) and programming a "node" namespace, with
+/// real TCP and UDP from the node to "pods" behind a veth. Documentation addresses only.
+@Suite(.serialized) struct SyncCLIKernelTests {
+    static let echoSlice4 = #"{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{"name":"echo-4","namespace":"test","labels":{"kubernetes.io/service-name":"echo"}},"addressType":"IPv4","ports":[{"name":"tcp","port":8080,"protocol":"TCP"},{"name":"udp","port":5353,"protocol":"UDP"}],"endpoints":ENDPOINTS}"#
+
+    static func slice4(_ addresses: [String]) -> String {
+        echoSlice4.replacingOccurrences(of: "ENDPOINTS", with: "[" + addresses.map { #"{"addresses":["\#($0)"]}"# }.joined(separator: ",") + "]")
+    }
+
+    static func service(_ name: String, lb: String, port: Int, targetPort: Int, extra: String = "") -> String {
+        #"{"apiVersion":"v1","kind":"Service","metadata":{"name":"\#(name)","namespace":"test"\#(extra)},"spec":{"type":"LoadBalancer","clusterIP":"203.0.113.201","ports":[{"name":"tcp","protocol":"TCP","port":\#(port),"targetPort":\#(targetPort)}]},"status":{"loadBalancer":{"ingress":[{"ip":"\#(lb)"}]}}}"#
+    }
+
+    static func slice(for service: String, _ addresses: [String], port: Int) -> String {
+        #"{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{"name":"\#(service)-1","namespace":"test","labels":{"kubernetes.io/service-name":"\#(service)"}},"addressType":"IPv4","ports":[{"name":"tcp","port":\#(port),"protocol":"TCP"}],"endpoints":["# + addresses.map { #"{"addresses":["\#($0)"]}"# }.joined(separator: ",") + "]}"
+    }
+
+    /// A running `hostnet-dnat sync` against `api`, programming `node`.
+    final class Agent {
+        let process: LoggingProcess
+        init(api: FakeKubeAPI, node: TestNamespace, backend: String, extra: [String] = []) throws {
+            process = try LoggingProcess([CLI.binary.path, "sync", "--kubeconfig", api.kubeconfig, "--netns", node.name,
+                                          "--backend", backend, "--target", "endpoints", "--min-sync-period", "0s",
+                                          "--log-format", "json", "--log-level", "debug"] + extra,
+                                         logPath: api.directory.appendingPathComponent("sync.log").path)
+        }
+
+        /// Log lines that are JSON objects.
+        var records: [[String: Any]] {
+            process.lines.compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+        }
+        var syncs: [[String: Any]] { records.filter { $0["msg"] as? String == "synced" } }
+
+        /// Waits for a sync that changed the kernel after the first `after` syncs; returns it.
+        @discardableResult
+        func waitForSync(after count: Int, changed: Bool = true, timeout: Double = 20) -> [String: Any]? {
+            let deadline = Date().addingTimeInterval(timeout)
+            while Date() < deadline {
+                let s = syncs
+                if let hit = s.dropFirst(count).first(where: { !changed || $0["changed"] as? String == "true" }) { return hit }
+                if process.exited != nil { return nil }
+                usleep(20_000)
+            }
+            return nil
+        }
+    }
+
+    /// node + pods + API + agent, torn down whatever happens.
+    func withAgent(backend: String = "nftables", extra: [String] = [],
+                   _ body: (FakeKubeAPI, TestNamespace, TestNamespace, Agent) throws -> Void) throws {
+        try withNodeAndPods { node, pod in
+            try FakeKubeAPI.with(data: trafficCluster) { api in
+                let agent = try Agent(api: api, node: node, backend: backend, extra: extra)
+                defer { agent.process.stop() }
+                let first = agent.waitForSync(after: 0, changed: false, timeout: 60)
+                try #require(first != nil, "no first sync: \(agent.process.log)")
+                #expect(first?["kind"] as? String == "full")
+                try body(api, node, pod, agent)
+            }
+        }
+    }
+
+    /// Polls `condition` for up to `timeout` seconds (the agent syncs in the background).
+    func eventually(timeout: Double = 10, _ condition: () throws -> Bool) throws -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if try condition() { return true }
+            usleep(100_000)
+        }
+        return try condition()
+    }
+
+    func servers(_ node: TestNamespace, _ transport: TestTransport = .tcp, host: String = "203.0.113.10", port: Int? = nil,
+                 count: Int = 24, timeout: Double = 2) throws -> Set<String> {
+        let replies = try exchange(from: node, transport, host: host, port: port ?? (transport == .tcp ? 80 : 53),
+                                   count: count, timeout: timeout)
+        return Set(replies.map { $0.server ?? "failed" })
+    }
+
+    @Test(arguments: ["nftables", "iptables"])
+    func followsEndpointAndServiceChanges(backend: String) throws {
+        guard try requireKernelTests(tools: ["nft", "iptables-restore", "python3", "openssl"]) else { return }
+        try withAgent(backend: backend) { api, node, _, agent in
+            #expect(try servers(node) == ["ep1", "ep2"])
+            // An endpoint removed from the slice: new connections avoid it.
+            var n = agent.syncs.count
+            try api.apply(Self.slice4(["198.51.100.12"]))
+            #expect(agent.waitForSync(after: n) != nil, "\(agent.process.log)")
+            #expect(try servers(node) == ["ep2"])
+            #expect(try servers(node, .udp) == ["ep2"])
+            // A new Service is reachable; a deleted one is not.
+            n = agent.syncs.count
+            try api.apply(Self.service("late", lb: "203.0.113.20", port: 80, targetPort: 8080))
+            try api.apply(Self.slice(for: "late", ["198.51.100.11"], port: 8080))
+            #expect(agent.waitForSync(after: n) != nil)
+            #expect(try eventually { try servers(node, host: "203.0.113.20", count: 4, timeout: 0.5) == ["ep1"] })
+            n = agent.syncs.count
+            try api.delete(kind: "Service", namespace: "test", name: "late")
+            #expect(agent.waitForSync(after: n) != nil)
+            #expect(try servers(node, host: "203.0.113.20", count: 2, timeout: 0.5) == ["failed"])
+            // Each of those syncs was partial, and touched few kernel objects.
+            let partial = agent.syncs.dropFirst()
+            #expect(partial.allSatisfy { $0["kind"] as? String == "partial" }, "\(partial)")
+        }
+    }
+
+    @Test func anEstablishedConnectionSurvivesAHundredSyncs() throws {
+        guard try requireKernelTests(tools: ["nft", "python3", "openssl"]) else { return }
+        try withAgent { api, node, pod, agent in
+            // A long-lived echo service on 9090 in the pod namespace, mapped from 203.0.113.30:9000.
+            let server = try pod.spawn(["python3", "-c", Self.streamServer], readyMarker: "ready")
+            defer { server.stop() }
+            var n = agent.syncs.count
+            try api.apply(Self.service("stream", lb: "203.0.113.30", port: 9000, targetPort: 9090))
+            try api.apply(Self.slice(for: "stream", ["198.51.100.11", "198.51.100.12"], port: 9090))
+            #expect(agent.waitForSync(after: n) != nil)
+            usleep(300_000)
+            let log = api.directory.appendingPathComponent("client.log").path
+            let client = try LoggingProcess(["ip", "netns", "exec", node.name, "python3", "-c", Self.streamClient, "203.0.113.30", "9000", "400"],
+                                            logPath: log)
+            defer { client.stop() }
+            let first = client.waitForLine(timeout: 10) { $0.hasPrefix("OK ") }
+            let name = try #require(first?.split(separator: " ").dropFirst().first.map(String.init), "\(client.log)")
+            let other = name == "s11" ? "198.51.100.12" : "198.51.100.11"
+            let remaining = name == "s11" ? "198.51.100.11" : "198.51.100.12"
+            // Take the other endpoint away, then make 100 more changes elsewhere: 100 syncs.
+            n = agent.syncs.count
+            try api.apply(Self.slice(for: "stream", [remaining], port: 9090))
+            #expect(agent.waitForSync(after: n) != nil)
+            for i in 0..<100 {
+                try api.apply(Self.slice4(i % 2 == 0 ? ["198.51.100.11"] : ["198.51.100.11", "198.51.100.12"]))
+            }
+            #expect(agent.waitForSync(after: n + 100, changed: true, timeout: 60) != nil, "fewer than 100 syncs: \(agent.syncs.count - n)")
+            #expect(client.exited == nil, "the client finished before the 100th sync: the connection was not tested across them")
+            _ = other
+            #expect(client.waitForExit(timeout: 60) == 0, "\(client.log)")
+            let lines = client.lines
+            #expect(!lines.contains { $0.hasPrefix("ERR") }, "\(lines.filter { $0.hasPrefix("ERR") })")
+            #expect(lines.filter { $0 == "OK \(name)" }.count >= 100, "\(lines.suffix(5))")
+            #expect(Set(lines.filter { $0.hasPrefix("OK") }.map { $0.split(separator: " ")[1] }) == [Substring(name)])
+        }
+    }
+
+    @Test func aUDPClientKeepingItsSocketFollowsTheEndpoint() throws {
+        guard try requireKernelTests(tools: ["nft", "python3", "openssl", "conntrack"]) else { return }
+        try withAgent { api, node, _, agent in
+            try api.apply(Self.slice4(["198.51.100.11"]))
+            #expect(agent.waitForSync(after: agent.syncs.count - 1) != nil)
+            usleep(300_000)
+            let log = api.directory.appendingPathComponent("udp.log").path
+            let client = try LoggingProcess(["ip", "netns", "exec", node.name, "python3", "-c", Self.udpClient, "203.0.113.10", "53", "600"],
+                                            logPath: log)
+            defer { client.stop() }
+            #expect(client.waitForLine(timeout: 10) { $0 == "OK ep1" } != nil, "\(client.log)")
+            let n = agent.syncs.count
+            try api.apply(Self.slice4(["198.51.100.12"]))
+            #expect(agent.waitForSync(after: n) != nil)
+            // The same socket now reaches the new endpoint: its conntrack entry to the old one was deleted.
+            #expect(client.waitForLine(timeout: 10, after: client.lines.count) { $0 == "OK ep2" } != nil, "\(client.lines.suffix(5))")
+            #expect((agent.syncs.last?["conntrack_deleted"] as? String).flatMap(Int.init).map { $0 >= 1 } == true, "\(agent.syncs.last ?? [:])")
+        }
+    }
+
+    @Test(arguments: ["nftables", "iptables"])
+    func rulesRemovedByHandAreRestored(backend: String) throws {
+        guard try requireKernelTests(tools: ["nft", "iptables-restore", "python3", "openssl"]) else { return }
+        try withAgent(backend: backend, extra: ["--sync-period", "2s"]) { _, node, _, agent in
+            #expect(try servers(node, count: 4) != ["failed"])
+            if backend == "nftables" {
+                _ = try node.nft("delete", "table", "inet", "hostnet-dnat")
+            } else {
+                try node.runChecked(["iptables", "-t", "nat", "-F", "HOSTNET-DNAT"])
+                try node.runChecked(["iptables", "-t", "nat", "-D", "OUTPUT", "-j", "HOSTNET-DNAT"])
+            }
+            #expect(try servers(node, count: 2, timeout: 0.5) == ["failed"])
+            let deadline = Date().addingTimeInterval(10)
+            var back: Set<String> = []
+            while Date() < deadline {
+                back = try servers(node, count: 4, timeout: 0.5)
+                if back == ["ep1", "ep2"] || back == ["ep1"] || back == ["ep2"] { break }
+                usleep(200_000)
+            }
+            #expect(!back.contains("failed") && !back.isEmpty, "not restored within the sync period: \(agent.process.log.suffix(2000))")
+        }
+    }
+
+    @Test func anAPIOutageLeavesTheRulesThenTheyConverge() throws {
+        guard try requireKernelTests(tools: ["nft", "python3", "openssl"]) else { return }
+        try withAgent { api, node, _, agent in
+            let before = try node.nft("list", "table", "inet", "hostnet-dnat")
+            try api.post("/down")
+            // While the API is down for 20 s the rules stay and keep carrying traffic.
+            try api.apply(Self.slice4(["198.51.100.12"]))  // stored, not yet seen by the agent
+            let downSince = Date()
+            #expect(agent.process.waitForLine(timeout: 20) { $0.contains("unavailable") || $0.contains("restarted") } != nil)
+            while Date().timeIntervalSince(downSince) < 20 { usleep(500_000) }
+            #expect(try node.nft("list", "table", "inet", "hostnet-dnat") == before)
+            #expect(try servers(node).isSubset(of: ["ep1", "ep2"]))
+            let n = agent.syncs.count
+            try api.post("/up")
+            #expect(agent.waitForSync(after: n, timeout: 60) != nil, "\(agent.process.log.suffix(3000))")
+            #expect(try servers(node) == ["ep2"])
+        }
+    }
+
+    @Test func anUndecodableObjectLeavesTheOthersSynced() throws {
+        guard try requireKernelTests(tools: ["nft", "python3", "openssl"]) else { return }
+        try withAgent { api, node, _, agent in
+            let n = agent.syncs.count
+            try api.apply(#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"broken","namespace":"test"},"spec":5}"#)
+            try api.apply(Self.service("late", lb: "203.0.113.20", port: 80, targetPort: 8080))
+            try api.apply(Self.slice(for: "late", ["198.51.100.11"], port: 8080))
+            #expect(agent.waitForSync(after: n) != nil)
+            #expect(try eventually { try servers(node, host: "203.0.113.20", count: 4, timeout: 0.5) == ["ep1"] })
+            #expect(try servers(node) == ["ep1", "ep2"])
+            let errors = agent.records.filter { $0["level"] as? String == "error" }
+            #expect(errors.contains { "\($0)".contains("test/broken") && "\($0)".contains("spec") }, "\(errors)")
+            #expect(agent.process.exited == nil)
+        }
+    }
+
+    @Test(arguments: [false, true])
+    func sigtermExitsZeroLeavingOrRemovingTheRules(cleanup: Bool) throws {
+        guard try requireKernelTests(tools: ["nft", "python3", "openssl"]) else { return }
+        try withAgent(extra: cleanup ? ["--cleanup-on-exit"] : []) { _, node, _, agent in
+            let started = Date()
+            #expect(agent.process.signal(SIGTERM, wait: 5) == 0, "\(agent.process.log.suffix(2000))")
+            #expect(Date().timeIntervalSince(started) < 5)
+            let tables = try node.nft("list", "tables")
+            #expect(tables.contains("hostnet-dnat") == !cleanup, "\(tables)")
+        }
+    }
+
+    @Test func aOneShotApplyOrASecondSyncWhileSyncRunsExits75() throws {
+        guard try requireKernelTests(tools: ["nft", "python3", "openssl"]) else { return }
+        try withAgent { api, node, _, agent in
+            let before = try node.nft("list", "table", "inet", "hostnet-dnat")
+            let apply = try CLI.run(["apply", "-f", "examples/cluster.yaml", "--netns", node.name])
+            #expect(apply.status == 75, "\(apply.stderr)")
+            #expect(apply.stderr.contains("hostnet-dnat sync` (pid \(agent.process.pid))"), "\(apply.stderr)")
+            let remove = try CLI.run(["remove", "--netns", node.name])
+            #expect(remove.status == 75, "\(remove.stderr)")
+            let second = try CLI.run(["sync", "--kubeconfig", api.kubeconfig, "--netns", node.name])
+            #expect(second.status == 75, "\(second.stderr)")
+            #expect(try node.nft("list", "table", "inet", "hostnet-dnat") == before)
+            // A dry run takes no lock.
+            #expect(try CLI.run(["apply", "--dry-run", "-f", "examples/cluster.yaml", "--netns", node.name]).status == 0)
+        }
+    }
+
+    @Test func aCompactedWatchRelistsAndConverges() throws {
+        guard try requireKernelTests(tools: ["nft", "python3", "openssl"]) else { return }
+        try withAgent { api, node, _, agent in
+            try api.post("/compact")
+            try api.post("/drop-watches")
+            let n = agent.syncs.count
+            try api.apply(Self.slice4(["198.51.100.11"]))
+            #expect(agent.waitForSync(after: n, timeout: 30) != nil, "\(agent.process.log.suffix(2000))")
+            #expect(try servers(node) == ["ep1"])
+        }
+    }
+
+    /// Answers every line on a connection with "<name> <line>", forever; one thread per connection.
+    static let streamServer = #"""
+    import socket, threading
+    def serve(addr, name):
+        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((addr, 9090)); s.listen(16)
+        while True:
+            c, _ = s.accept()
+            def run(c=c):
+                f = c.makefile('rwb')
+                for line in f:
+                    f.write(name.encode() + b' ' + line); f.flush()
+            threading.Thread(target=run, daemon=True).start()
+    for a, n in (('198.51.100.11', 's11'), ('198.51.100.12', 's12')):
+        threading.Thread(target=serve, args=(a, n), daemon=True).start()
+    print('ready', flush=True)
+    threading.Event().wait()
+    """#
+
+    /// One TCP connection, one exchange every 50 ms for `count` rounds; prints OK <server> or ERR and exits 1.
+    static let streamClient = #"""
+    import socket, sys, time
+    host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    s = socket.create_connection((host, port), timeout=5)
+    f = s.makefile('rwb')
+    for i in range(count):
+        try:
+            f.write(b'%d\n' % i); f.flush()
+            line = f.readline().decode().split()
+            if len(line) != 2 or line[1] != str(i): raise Exception('bad reply %r' % line)
+            print('OK ' + line[0], file=sys.stderr, flush=True)
+        except Exception as e:
+            print('ERR %s' % e, file=sys.stderr, flush=True); sys.exit(1)
+        time.sleep(0.05)
+    """#
+
+    /// One UDP socket for its whole life, one datagram every 100 ms; prints OK <server> or ERR.
+    static let udpClient = #"""
+    import socket, sys, time
+    host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.5)
+    for i in range(count):
+        try:
+            s.sendto(b'x', (host, port))
+            data, _ = s.recvfrom(1024)
+            print('OK ' + data.decode().split()[0], file=sys.stderr, flush=True)
+        except Exception as e:
+            print('ERR ' + type(e).__name__, file=sys.stderr, flush=True)
+        time.sleep(0.1)
+    """#
+}
