@@ -127,9 +127,13 @@ import Testing
         }
         let pid = try #require(Int32(try String(contentsOfFile: "\(ws.path)/grandchild", encoding: .utf8)
             .trimmingCharacters(in: .whitespacesAndNewlines)))
-        // Gone, or a zombie waiting for its new parent to reap it.
-        let state = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8))?.split(separator: " ").dropFirst(2).first
-        #expect(state == nil || state == "Z", "grandchild \(pid) is still running: \(state ?? "")")
+        // Gone, or a zombie waiting for its new parent to reap it. SIGKILL is delivered asynchronously, so
+        // give the kernel a moment to finish it off (a live process stays alive for the whole wait).
+        func state() -> Substring? {
+            (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8))?.split(separator: " ").dropFirst(2).first
+        }
+        for _ in 0..<50 where !(state() == nil || state() == "Z") { try await Task.sleep(for: .milliseconds(100)) }
+        #expect(state() == nil || state() == "Z", "grandchild \(pid) is still running: \(state() ?? "")")
     }
 
     @Test("a plugin that exits but leaves a background helper on stdout is not waited for")
