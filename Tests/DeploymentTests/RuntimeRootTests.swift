@@ -97,9 +97,15 @@ struct Dockerfile {
             .map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.hasPrefix("#") }
         guard let lastFrom = logical.lastIndex(where: { $0.hasPrefix("FROM ") }) else { throw TestSupportError("Dockerfile: no FROM") }
         let base = String(logical[lastFrom].split(separator: " ")[1])
+        /// Each `RUN`'s `&&`-separated commands, as words.
         func commands(_ lines: ArraySlice<String>) -> [[String]] {
-            lines.filter { $0.hasPrefix("RUN ") }.flatMap { $0.dropFirst(4).components(separatedBy: "&&") }
-                .map { $0.split(separator: " ").map(String.init) }
+            var out: [[String]] = []
+            for line in lines where line.hasPrefix("RUN ") {
+                for part in line.dropFirst(4).components(separatedBy: "&&") {
+                    out.append(part.split(separator: " ").map { String($0) })
+                }
+            }
+            return out
         }
         var packages: [String] = []
         for cmd in commands(logical[lastFrom...]) {
@@ -154,7 +160,7 @@ final class RuntimeRoot: @unchecked Sendable {
 
     /// `swift build <the Dockerfile's arguments> --scratch-path .build-release`, from the package root.
     private static func buildRelease(arguments: [String]) throws -> String {
-        FileManager.default.changeCurrentDirectoryPath(packageRoot.path)
+        _ = FileManager.default.changeCurrentDirectoryPath(packageRoot.path)
         let args = ["build"] + arguments + ["--scratch-path", ".build-release"]
         try Tools.runChecked("swift", args, timeout: 3600)
         let binPath = try Tools.runChecked("swift", ["build"] + arguments.filter { $0 != "--product" && $0 != "hostnet-dnat" }
@@ -233,7 +239,7 @@ final class RuntimeRoot: @unchecked Sendable {
         }
         // The mount point for the node lock (a host file in the pod, a scratch file here).
         if !fm.fileExists(atPath: root + "/run/hostnet-dnat.lock") {
-            fm.createFile(atPath: root + "/run/hostnet-dnat.lock", contents: nil)
+            _ = fm.createFile(atPath: root + "/run/hostnet-dnat.lock", contents: nil)
         }
     }
 
@@ -242,7 +248,7 @@ final class RuntimeRoot: @unchecked Sendable {
     /// lock file is writable. With `netns`, inside that network namespace.
     func run(_ args: [String], netns: TestNamespace?, timeout: Double) throws -> ProcessResult {
         let lock = FileManager.default.temporaryDirectory.appendingPathComponent("hnd-rootfs-lock-\(getpid())").path
-        if !FileManager.default.fileExists(atPath: lock) { FileManager.default.createFile(atPath: lock, contents: nil) }
+        if !FileManager.default.fileExists(atPath: lock) { _ = FileManager.default.createFile(atPath: lock, contents: nil) }
         let script = """
             set -e
             root=$1; lock=$2; shift 2
