@@ -20,6 +20,8 @@ import Glibc
         /// Run inside a fresh network namespace (as the pod's hostNetwork: the node's namespace).
         var inNamespace = false
         var timeout: Double = 120
+        /// Extra inputs written to the root's /work before the run (name → contents), e.g. a kubeconfig.
+        var files: [String: String] = [:]
         /// Checks the result; `ns` is the namespace when `inNamespace`.
         let check: @Sendable (ProcessResult, TestNamespace?) throws -> Void
         var description: String { args.joined(separator: " ") }
@@ -59,6 +61,9 @@ import Glibc
         for command in Self.commands {
             let ns = command.inNamespace ? try makeNamespace("rootfs") : nil
             defer { if let ns { _ = try? Tools.run("ip", ["netns", "delete", ns.name]) } }
+            for (name, contents) in command.files {
+                try contents.write(toFile: root.root + "/work/" + name, atomically: false, encoding: .utf8)
+            }
             let r = try root.run(command.args, netns: ns, timeout: command.timeout)
             try command.check(r, ns)
         }
