@@ -23,9 +23,10 @@ public final class LogSink: Sendable {
         lock.withLock { write(line) }
     }
 
-    /// Standard error, unbuffered.
+    /// Standard error, unbuffered. A failed write (stderr closed, a broken pipe) drops the line: logging
+    /// must never take the agent down.
     public static let standardError = LogSink { line in
-        FileHandle.standardError.write(Data(line.utf8))
+        try? FileHandle.standardError.write(contentsOf: Data(line.utf8))
     }
 }
 
