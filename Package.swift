@@ -53,7 +53,7 @@ let package = Package(
         // The pipeline render, apply and sync share: input → store → resolution → plan → diff → kernel, and the
         // agent loop that runs it on every change. Returns values; prints nothing.
         .target(name: "Orchestration", dependencies: [
-            "KubeObjects", "ServiceResolution", "RulePlanning", "NetlinkBackend", "NodeBackend", "KubernetesAPI",
+            "KubeObjects", "ServiceResolution", "RulePlanning", "NetlinkBackend", "NodeBackend", "KubernetesAPI", "AgentOperations",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),
