@@ -118,10 +118,12 @@ func requireTool(_ path: String?, _ what: String, function: String = #function) 
         let resources = try #require(c["resources"] as? [String: Any])
         #expect((resources["requests"] as? [String: Any])?["memory"] != nil)
         #expect((resources["limits"] as? [String: Any])?["memory"] != nil)
-        // The lock is the host's file (a pod-private /run would let the DaemonSet and the Job both "own" the node).
+        // The locks are in the host's directory (a pod-private /run would let the DaemonSet and the Job both
+        // "own" the node).
         for manifest in ["daemonset.yaml", "job.yaml"] {
             let t = try String(contentsOf: deployFolder.appendingPathComponent(manifest), encoding: .utf8)
-            #expect(t.contains("mountPath: /run/hostnet-dnat.lock") && t.contains("path: /run/hostnet-dnat.lock"), "\(manifest)")
+            #expect(t.contains("mountPath: /run/hostnet-dnat\n") && t.contains("path: /run/hostnet-dnat\n")
+                    && t.contains("type: DirectoryOrCreate"), "\(manifest)")
         }
     }
 }

@@ -8,11 +8,11 @@ import Glibc
 /// What the image's runtime stage promises, checked without a container engine: the release binary, built
 /// with the Dockerfile's own `swift build` line (static Swift stdlib), runs from a Debian root made by
 /// `debootstrap --variant=minbase` plus exactly the packages the Dockerfile's runtime stage installs, with
-/// the root mounted read-only as the DaemonSet does (only the node lock file writable).
+/// the root mounted read-only as the DaemonSet does (only the node lock directory writable).
 ///
 /// The root is cached under /var/cache/hostnet-dnat-rootfs, keyed by suite, mirror and package list; the
-/// release build is incremental in .build-release. A missing shared library, a package the Dockerfile
-/// forgot, or a write outside the mounted lock fails here.
+/// release build is incremental in /var/cache/hostnet-dnat-build/release. A missing shared library, a
+/// package the Dockerfile forgot, or a write outside the mounted lock directory fails here.
 @Suite(.serialized) struct RuntimeRootTests {
     /// One run of the binary inside the root. Add a command with one more line in `commands`.
     struct RootCommand: Sendable, CustomStringConvertible {
@@ -66,6 +66,34 @@ import Glibc
             }
             let r = try root.run(command.args, netns: ns, timeout: command.timeout)
             try command.check(r, ns)
+        }
+    }
+
+    /// The node agent in the root: `sync` against a kube-apiserver stand-in (TLS, list + watch), programming a
+    /// namespace it enters through /proc (as a pod reaches the node's), until it is stopped.
+    @Test func syncRunsInTheRoot() throws {
+        guard try requireKernelTests(tools: Self.tools + ["python3", "openssl"]) else { return }
+        let root = try RuntimeRoot.shared()
+        let cluster = try String(contentsOf: packageRoot.appendingPathComponent("examples/cluster.json"), encoding: .utf8)
+        try withNamespace("rootsync") { ns in
+            try FakeKubeAPI.with(data: cluster) { api in
+                for name in ["kubeconfig", "ca.crt"] {
+                    _ = try? FileManager.default.removeItem(atPath: root.root + "/work/" + name)
+                    try FileManager.default.copyItem(atPath: api.directory.appendingPathComponent(name).path, toPath: root.root + "/work/" + name)
+                }
+                // A process in the namespace, whose /proc/PID/ns/net the chrooted agent enters.
+                let holder = try LoggingProcess(["ip", "netns", "exec", ns.name, "sleep", "300"],
+                                                logPath: api.directory.appendingPathComponent("holder.log").path)
+                defer { holder.stop() }
+                usleep(300_000)
+                let r = try root.run(["sync", "--kubeconfig", "/work/kubeconfig", "--netns", "/proc/\(holder.pid)/ns/net",
+                                      "--metrics-bind-address", "0", "--healthz-bind-address", "0", "--min-sync-period", "0s",
+                                      "--log-format", "json", "--external-ip-cidr", "192.0.2.0/24"], netns: nil, timeout: 20)
+                #expect(r.timedOut, "sync should run until stopped: \(r)")
+                #expect(r.stderr.contains("\"msg\":\"synced\""), "\(r.stderr)")
+                let table = try ns.nft("list", "table", "inet", "hostnet-dnat")
+                #expect(table.contains("203.0.113.10 . tcp . 443"), "\(table)")
+            }
         }
     }
 
@@ -164,12 +192,17 @@ final class RuntimeRoot: @unchecked Sendable {
     }
 
     /// `swift build <the Dockerfile's arguments> --scratch-path .build-release`, from the package root.
+    /// The release build's folder: outside the checkout and kept on the machine (like the root), so that a
+    /// fresh clone (CI) rebuilds only this package's modules, not its dependencies. HOSTNET_DNAT_RELEASE_BUILD
+    /// overrides it.
+    static let releaseScratch = ProcessInfo.processInfo.environment["HOSTNET_DNAT_RELEASE_BUILD"] ?? "/var/cache/hostnet-dnat-build/release"
+
     private static func buildRelease(arguments: [String]) throws -> String {
         _ = FileManager.default.changeCurrentDirectoryPath(packageRoot.path)
-        let args = ["build"] + arguments + ["--scratch-path", ".build-release"]
+        let args = ["build"] + arguments + ["--scratch-path", releaseScratch]
         try Tools.runChecked("swift", args, timeout: 3600)
         let binPath = try Tools.runChecked("swift", ["build"] + arguments.filter { $0 != "--product" && $0 != "hostnet-dnat" }
-                                            + ["--scratch-path", ".build-release", "--show-bin-path"], timeout: 600)
+                                            + ["--scratch-path", releaseScratch, "--show-bin-path"], timeout: 600)
             .stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         let binary = binPath + "/hostnet-dnat"
         guard FileManager.default.isExecutableFile(atPath: binary) else { throw TestSupportError("no binary at \(binary) after \(args)") }
@@ -242,18 +275,16 @@ final class RuntimeRoot: @unchecked Sendable {
             _ = try? fm.removeItem(atPath: root + to)
             try fm.copyItem(atPath: from, toPath: root + to)
         }
-        // The mount point for the node lock (a host file in the pod, a scratch file here).
-        if !fm.fileExists(atPath: root + "/run/hostnet-dnat.lock") {
-            _ = fm.createFile(atPath: root + "/run/hostnet-dnat.lock", contents: nil)
-        }
+        // The mount point for the node locks (the host's directory in the pod, a scratch directory here).
+        try fm.createDirectory(atPath: root + "/run/hostnet-dnat", withIntermediateDirectories: true)
     }
 
     /// Runs `hostnet-dnat <args>` chrooted in the root, in a private mount namespace where the root is
     /// read-only (readOnlyRootFilesystem), /proc and /dev are mounted as a container has them, and only the
-    /// lock file is writable. With `netns`, inside that network namespace.
+    /// lock directory is writable. With `netns`, inside that network namespace.
     func run(_ args: [String], netns: TestNamespace?, timeout: Double) throws -> ProcessResult {
         let lock = FileManager.default.temporaryDirectory.appendingPathComponent("hnd-rootfs-lock-\(getpid())").path
-        if !FileManager.default.fileExists(atPath: lock) { _ = FileManager.default.createFile(atPath: lock, contents: nil) }
+        try FileManager.default.createDirectory(atPath: lock, withIntermediateDirectories: true)
         let script = """
             set -e
             root=$1; lock=$2; shift 2
@@ -261,7 +292,7 @@ final class RuntimeRoot: @unchecked Sendable {
             mount -o remount,bind,ro "$root"
             mount -t proc proc "$root/proc"
             mount --bind /dev "$root/dev"
-            mount --bind "$lock" "$root/run/hostnet-dnat.lock"
+            mount --bind "$lock" "$root/run/hostnet-dnat"
             exec chroot "$root" /usr/local/bin/hostnet-dnat "$@"
             """
         let command = ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script, "sh", root, lock] + args
