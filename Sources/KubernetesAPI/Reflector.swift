@@ -96,7 +96,8 @@ struct Reflector: Sendable {
         var progressed = false
         var ending: WatchEnd.Kind? = nil
         var current = version
-        let end = try await session.stream(pathAndQuery) { chunk throws(KubernetesAPIError) -> Bool in
+        let store = self.store, resourceKind = self.resource
+        let end = try await session.stream(pathAndQuery, onOpen: { store.emit(.connected(resourceKind)) }) { chunk throws(KubernetesAPIError) -> Bool in
             do {
                 try lines.feed(chunk.readableBytesView) { line in
                     switch handle(line, source: source, session: session, version: &current, progressed: &progressed) {
