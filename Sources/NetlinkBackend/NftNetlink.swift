@@ -241,8 +241,9 @@ struct NftEncoder {
                 return nlh
             }
         case .newChain(let c):
+            let excl = op.exclusive ? Int32(NLM_F_EXCL) : 0
             build(into: &out) { buf in
-                let nlh = hdr(buf, NFT_MSG_NEWCHAIN, c.family, Int32(NLM_F_CREATE))
+                let nlh = hdr(buf, NFT_MSG_NEWCHAIN, c.family, Int32(NLM_F_CREATE) | excl)
                 let o = nftnl_chain_alloc()!
                 nftnl_chain_set_str(o, NftEncoder.attr(NFTNL_CHAIN_TABLE.rawValue), c.table)
                 nftnl_chain_set_str(o, NftEncoder.attr(NFTNL_CHAIN_NAME.rawValue), c.name)
@@ -254,6 +255,29 @@ struct NftEncoder {
                 }
                 nftnl_chain_nlmsg_build_payload(nlh, o)
                 nftnl_chain_free(o)
+                return nlh
+            }
+        case .deleteChain(let c):
+            build(into: &out) { buf in
+                let nlh = hdr(buf, NFT_MSG_DELCHAIN, c.family, 0)
+                let o = nftnl_chain_alloc()!
+                nftnl_chain_set_str(o, NftEncoder.attr(NFTNL_CHAIN_TABLE.rawValue), c.table)
+                nftnl_chain_set_str(o, NftEncoder.attr(NFTNL_CHAIN_NAME.rawValue), c.name)
+                nftnl_chain_nlmsg_build_payload(nlh, o)
+                nftnl_chain_free(o)
+                return nlh
+            }
+        case .deleteElements(let s, let elements):
+            build(into: &out) { buf in
+                let nlh = hdr(buf, NFT_MSG_DELSETELEM, s.family, 0)
+                let o = NftEncoder.makeSet(s)
+                for e in elements {
+                    let x = nftnl_set_elem_alloc()!
+                    e.key.withUnsafeBytes { _ = nftnl_set_elem_set(x, NftEncoder.attr(NFTNL_SET_ELEM_KEY), $0.baseAddress, UInt32($0.count)) }
+                    nftnl_set_elem_add(o, x)
+                }
+                nftnl_set_elems_nlmsg_build_payload(nlh, o)
+                nftnl_set_free(o)
                 return nlh
             }
         case .newSet(let s):
@@ -274,8 +298,9 @@ struct NftEncoder {
                 return nlh
             }
         case .newElements(let s, let elements):
+            let excl = op.exclusive ? Int32(NLM_F_EXCL) : 0
             build(into: &out) { buf in
-                let nlh = hdr(buf, NFT_MSG_NEWSETELEM, s.family, Int32(NLM_F_CREATE))
+                let nlh = hdr(buf, NFT_MSG_NEWSETELEM, s.family, Int32(NLM_F_CREATE) | excl)
                 let o = NftEncoder.makeSet(s)
                 for e in elements {
                     let x = nftnl_set_elem_alloc()!
