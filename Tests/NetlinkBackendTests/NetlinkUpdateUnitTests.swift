@@ -128,7 +128,7 @@ struct NetlinkUpdateUnitTests {
         let ops = try Self.changes(old, try Self.plan(Self.specs(extra: [port])))
         #expect(!Self.summary(ops).contains { $0.contains("masquerade") })
         let c = RulesetProgram.counts(ops)
-        #expect([c.elementsAdded, c.elementsDeleted, c.chainsAdded, c.chainsDeleted] == [2, 0, 1, 0])
+        #expect([c.elementsAdded, c.elementsDeleted, c.chainsAdded, c.chainsDeleted] == [2, 0, 1, 0] as [Int])
         // Without masquerading there are no masquerade sets to change.
         let noMasq = PlanSettings(masquerade: false)
         let ops2 = try Self.changes(try Self.plan(Self.specs(), settings: noMasq), try Self.plan(Self.specs(extra: [extra]), settings: noMasq))
