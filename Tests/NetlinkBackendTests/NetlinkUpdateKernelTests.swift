@@ -228,6 +228,53 @@ struct NetlinkUpdateKernelTests {
     }
 }
 
+extension NetlinkUpdateKernelTests {
+    @Test("the change monitor reports other processes' changes to our table, not our own nor other tables'")
+    func changeMonitor() async throws {
+        guard try requireKernelTests(tools: ["nft"]) else { return }
+        typealias U = NetlinkUpdateUnitTests
+        let a = try Self.plan(U.specs())
+        let b = try Self.plan(U.specs(web4: ["198.51.100.5", "198.51.100.7"]))
+        try await withNamespace("upd-monitor") { ns in
+            let connection = try NftablesConnection(namespace: ns.netns)
+            try connection.apply(a)
+            let monitor = try NftablesChangeMonitor(namespace: ns.netns, table: Self.table)
+            defer { monitor.stop() }
+            // Our own changes, from a lasting connection, the one-shot form and full applies, on other threads too.
+            try connection.update(from: a, to: b)
+            try ns.backend.update(from: b, to: a)
+            try connection.apply(b)
+            try await Task.detached { try NftablesNetlink(namespace: ns.netns).apply(a) }.value
+            // Another table changed by nft.
+            try ns.nft("add", "table", "inet", "hnd-other")
+            try ns.nft("add", "set", "inet", "hnd-other", "s", "{ type ipv4_addr; }")
+            #expect(try monitor.next(timeout: 0.3) == nil)
+
+            // nft (another process) deletes an element of ours: one change, named after nft.
+            try ns.nft("delete", "element", "inet", Self.table, "endpoints4", "{ 203.0.113.10 . tcp . 443 . 1 }")
+            let change = try #require(try monitor.next(timeout: 5))
+            #expect(change.processName == "nft" && !change.lostNotifications && change.generation > 0, "\(change)")
+            #expect(try monitor.next(timeout: 0.2) == nil)
+            // Repairing it ourselves is not reported.
+            try connection.apply(a)
+            #expect(try monitor.next(timeout: 0.2) == nil)
+
+            // Through events(), on the monitor's own thread: the table deleted by hand.
+            let watchdog = Task { try await Task.sleep(nanoseconds: 10_000_000_000); monitor.stop() }
+            defer { watchdog.cancel() }
+            let stream = monitor.events()
+            try ns.nft("delete", "table", "inet", Self.table)
+            var seen: [NftablesChange] = []
+            for try await c in stream {
+                seen.append(c)
+                monitor.stop()  // the stream finishes at once
+            }
+            #expect(seen.count == 1 && seen.first?.processName == "nft", "\(seen)")
+            #expect(try monitor.next(timeout: 1) == nil)  // stopped: returns at once
+        }
+    }
+}
+
 // MARK: - helpers
 
 /// A table listing with its chains sorted by name: nft lists chains in creation order, and an update adds

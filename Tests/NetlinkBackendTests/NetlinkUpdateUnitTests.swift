@@ -229,6 +229,50 @@ struct NetlinkUpdateUnitTests {
     }
 }
 
+extension NetlinkUpdateUnitTests {
+    /// One nf_tables notification as the kernel sends it: nlmsghdr, nfgenmsg, attributes.
+    static func notification(_ message: UInt16, family: UInt8 = 1, port: UInt32, attributes: [(UInt16, [UInt8])]) -> [UInt8] {
+        func le(_ v: UInt32) -> [UInt8] { Nft.hostOrder(v) }
+        var body: [UInt8] = [family, 0, 0, 0]
+        for (type, value) in attributes {
+            let len = UInt32(4 + value.count)
+            body += Array(le(len).prefix(2)) + Array(le(UInt32(type)).prefix(2)) + value
+            body += [UInt8](repeating: 0, count: NetlinkWire.align4(value.count) - value.count)
+        }
+        return le(UInt32(16 + body.count)) + Array(le(UInt32(10 << 8 | message)).prefix(2)) + [0, 0] + le(7) + le(port) + body
+    }
+
+    @Test("notifications: a transaction that names our inet table and was committed by a foreign socket is a change")
+    func notificationFilter() throws {
+        let ours: UInt32 = 4242
+        var filter = NftChangeFilter(table: "hnd", isOwnPort: { $0 == ours })
+        func feed(_ bytes: [UInt8]) -> [NftablesChange] {
+            NetlinkParse.messages(in: bytes).compactMap { NftNotification.parse($0, in: bytes) }.compactMap { filter.consume($0) }
+        }
+        let name = Array("hnd\0".utf8)
+        let gen = { (port: UInt32) in
+            Self.notification(15, family: 0, port: port, attributes: [(1, [0, 0, 1, 2]), (2, [0, 0, 0x30, 0x39]), (3, Array("nft\0".utf8))])
+        }
+        let delElement = Self.notification(14, port: 99, attributes: [(1, name), (2, Array("endpoints4\0".utf8))])
+        let parsed = try #require(NftNotification.parse(NetlinkParse.messages(in: delElement)[0], in: delElement))
+        #expect(parsed == NftNotification(message: 14, family: 1, table: "hnd", portID: 99, generation: nil, processID: nil, processName: nil))
+        // Foreign: reported once, at its NEWGEN.
+        #expect(feed(delElement) == [])
+        #expect(feed(gen(99)) == [NftablesChange(generation: 258, processID: 12345, processName: "nft", lostNotifications: false)])
+        // Ours (several messages in one datagram): nothing.
+        #expect(feed(delElement + Self.notification(3, port: ours, attributes: [(1, name)]) + gen(ours)) == [])
+        // Another table, or our table's name in another family: nothing.
+        #expect(feed(Self.notification(0, port: 99, attributes: [(1, Array("other\0".utf8))]) + gen(99)) == [])
+        #expect(feed(Self.notification(2, family: 2, port: 99, attributes: [(1, name)]) + gen(99)) == [])
+        // A generation that touched nothing of ours after one that did: only the first counts.
+        #expect(feed(Self.notification(2, port: 99, attributes: [(1, name)]) + gen(99) + gen(99)).count == 1)
+        // Not nf_tables (another subsystem): ignored.
+        var ct = delElement
+        ct[5] = 1
+        #expect(NftNotification.parse(NetlinkParse.messages(in: ct)[0], in: ct) == nil)
+    }
+}
+
 /// What the kernel checks for the operations of an incremental batch, on a dumped table: deletes need the
 /// key, exclusive adds need its absence, a new chain must not exist, a deleted chain must exist and no
 /// dispatch element may still jump to it. All or nothing, like the kernel.
