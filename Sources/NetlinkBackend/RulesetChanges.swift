@@ -49,7 +49,8 @@ extension RulesetProgram {
     /// of pick chains that no element uses any more (after the deletes of every element that jumped to them;
     /// the kernel deletes a chain's rule with the chain). Empty when the plans install the same table. nil
     /// when the table's shape differs (`sameShape`), or `old` is not a plan this backend could have
-    /// installed: the caller replaces the whole table instead. O(mappings + slots) with hashing.
+    /// installed (or holds a key twice; no planner output does): the caller replaces the whole table
+    /// instead. O(mappings + slots): one hash index of `old`, one pass over each plan.
     ///
     /// Adds are exclusive and deletes name exact keys, so a kernel table that is not what `old` says (an
     /// element deleted or added by hand, a missing table) makes the kernel refuse the whole batch (ENOENT,
@@ -77,66 +78,80 @@ extension RulesetProgram {
                                              description: "deleting chain \(p.name) (with its rule)"))
         }
 
-        // Elements, per family: deletes first (in `old`'s order), then adds (in `new`'s order).
+        // Elements. One index of `old` by key; one pass over `new` finds what to add and, for keys in both,
+        // what to delete; the `old` entries that no `new` entry matched are deleted whole. Deletes come
+        // before adds in the batch (a changed element is deleted and added again).
+        let oldRules = old.rules, newRules = new.rules
+        var oldIndex: [MappingKey: Int32] = [:]
+        oldIndex.reserveCapacity(oldRules.count)
+        for (i, r) in oldRules.enumerated() where oldIndex.updateValue(Int32(i), forKey: MappingKey(r.mapping)) != nil { return nil }
+        var matched = [Bool](repeating: false, count: oldRules.count)
+        // Per family (0: IPv4, 1: IPv6): dispatch entries by rule index, slots by (rule index, slot).
+        var goneDispatch: [[Int32]] = [[], []], comingDispatch: [[Int32]] = [[], []]
+        var goneSlots: [[(rule: Int32, slot: Int32)]] = [[], []], comingSlots: [[(rule: Int32, slot: Int32)]] = [[], []]
+        for (j, n) in newRules.enumerated() {
+            let m = n.mapping, theirs = m.target.destinations, fi = m.family == .ipv4 ? 0 : 1, j32 = Int32(j)
+            guard let i32 = oldIndex[MappingKey(m)] else {
+                comingDispatch[fi].append(j32)
+                for s in theirs.indices { comingSlots[fi].append((j32, Int32(s))) }
+                continue
+            }
+            let i = Int(i32)
+            if matched[i] { return nil }  // the same key twice in `new` (see index(_:))
+            matched[i] = true
+            let o = oldRules[i], mine = o.mapping.target.destinations
+            if mine.count != theirs.count || old.targetChains[o.targetIndex].comment != new.targetChains[n.targetIndex].comment {
+                goneDispatch[fi].append(i32)
+                comingDispatch[fi].append(j32)
+            }
+            for s in 0..<max(mine.count, theirs.count) {
+                let inOld = s < mine.count, inNew = s < theirs.count
+                if inOld && inNew && mine[s] == theirs[s] { continue }
+                if inOld { goneSlots[fi].append((i32, Int32(s))) }
+                if inNew { comingSlots[fi].append((j32, Int32(s))) }
+            }
+        }
+        for (i, r) in oldRules.enumerated() where !matched[i] {
+            let fi = r.mapping.family == .ipv4 ? 0 : 1
+            goneDispatch[fi].append(Int32(i))
+            for s in r.mapping.target.destinations.indices { goneSlots[fi].append((Int32(i), Int32(s))) }
+        }
+
         var deletes: [[NftOperation]] = [[], [], [], [], [], []]  // dispatch4, dispatch6, endpoints4, endpoints6, masquerade4, masquerade6
         var adds: [[NftOperation]] = [[], [], [], [], [], []]
         for (fi, f) in [IPFamily.ipv4, .ipv6].enumerated() {
-            let oldRules = old.rules(f), newRules = new.rules(f)
-            guard let oldIndex = index(oldRules), let newIndex = index(newRules) else { return nil }
-            let oldComments = oldRules.map { old.targetChains[$0.targetIndex].comment }
-            let newComments = newRules.map { new.targetChains[$0.targetIndex].comment }
-
-            /// Walks `rules` of one plan against the other plan's index: the dispatch elements and endpoint
-            /// slots of `rules` that the other plan does not hold exactly so.
-            func differing(_ rules: [PlannedRule], _ comments: [String], against otherRules: [PlannedRule], _ otherComments: [String],
-                           _ otherIndex: [MappingKey: Int]) -> (dispatch: [Int32], slots: [(rule: Int32, slot: Int32)]) {
-                var dispatch: [Int32] = [], slots: [(rule: Int32, slot: Int32)] = []
-                for (i, r) in rules.enumerated() {
-                    let m = r.mapping, mine = m.target.destinations
-                    guard let j = otherIndex[MappingKey(m)] else {
-                        dispatch.append(Int32(i))
-                        for s in mine.indices { slots.append((Int32(i), Int32(s))) }
-                        continue
-                    }
-                    let theirs = otherRules[j].mapping.target.destinations
-                    if mine.count != theirs.count || comments[i] != otherComments[j] { dispatch.append(Int32(i)) }
-                    for s in mine.indices where s >= theirs.count || mine[s] != theirs[s] { slots.append((Int32(i), Int32(s))) }
-                }
-                return (dispatch, slots)
-            }
-            let gone = differing(oldRules, oldComments, against: newRules, newComments, newIndex)
-            let coming = differing(newRules, newComments, against: oldRules, oldComments, oldIndex)
-
             let dispatch = dispatchSet(table, f, id: nil), endpoints = endpointsSet(table, f, id: nil)
+            let gd = goneDispatch[fi], cd = comingDispatch[fi], gs = goneSlots[fi], cs = comingSlots[fi]
             deletes[fi] = elementOperations(
-                set: dispatch, kind: "map", elements: gone.dispatch.map { i in
+                set: dispatch, kind: "map", elements: gd.map { i in
                     let m = oldRules[Int(i)].mapping
                     return NftElement(key: dispatchKey(m.externalIP, m.protocol, m.port))
-                }, delete: true) { [gone] k in
-                    let i = Int(gone.dispatch[k])
-                    return dispatchText(oldRules[i].mapping, comment: oldComments[i])
+                }, delete: true) { k in
+                    let r = oldRules[Int(gd[k])]
+                    return dispatchText(r.mapping, comment: comment(old, r))
                 }
             adds[fi] = elementOperations(
-                set: dispatch, kind: "map", elements: coming.dispatch.map { i in
-                    dispatchElement(newRules[Int(i)].mapping, comment: newComments[Int(i)])
-                }, exclusive: true) { [coming] k in
-                    let i = Int(coming.dispatch[k])
-                    return dispatchText(newRules[i].mapping, comment: newComments[i])
+                set: dispatch, kind: "map", elements: cd.map { j in
+                    let r = newRules[Int(j)]
+                    return dispatchElement(r.mapping, comment: comment(new, r))
+                }, exclusive: true) { k in
+                    let r = newRules[Int(cd[k])]
+                    return dispatchText(r.mapping, comment: comment(new, r))
                 }
             deletes[2 + fi] = elementOperations(
-                set: endpoints, kind: "map", elements: gone.slots.map { o in
+                set: endpoints, kind: "map", elements: gs.map { o in
                     let m = oldRules[Int(o.rule)].mapping
                     return NftElement(key: endpointKey(m.externalIP, m.protocol, m.port, slot: Int(o.slot)))
-                }, delete: true) { [gone] k in
-                    endpointText(oldRules[Int(gone.slots[k].rule)].mapping, slot: Int(gone.slots[k].slot))
+                }, delete: true) { k in
+                    endpointText(oldRules[Int(gs[k].rule)].mapping, slot: Int(gs[k].slot))
                 }
             adds[2 + fi] = elementOperations(
-                set: endpoints, kind: "map", elements: coming.slots.map { o in
+                set: endpoints, kind: "map", elements: cs.map { o in
                     let m = newRules[Int(o.rule)].mapping
                     return NftElement(key: endpointKey(m.externalIP, m.protocol, m.port, slot: Int(o.slot)),
                                       data: destinationData(m.target.destinations[Int(o.slot)]))
-                }, exclusive: true) { [coming] k in
-                    endpointText(newRules[Int(coming.slots[k].rule)].mapping, slot: Int(coming.slots[k].slot))
+                }, exclusive: true) { k in
+                    endpointText(newRules[Int(cs[k].rule)].mapping, slot: Int(cs[k].slot))
                 }
 
             if new.settings.masquerade {
@@ -153,14 +168,7 @@ extension RulesetProgram {
         return chainAdds + deletes.flatMap { $0 } + adds.flatMap { $0 } + chainDeletes
     }
 
-    /// Key → position in `rules`; nil when a key occurs twice (no planner output does; a full apply then
-    /// reports whatever the kernel makes of it).
-    private static func index(_ rules: [PlannedRule]) -> [MappingKey: Int]? {
-        var out: [MappingKey: Int] = [:]
-        out.reserveCapacity(rules.count)
-        for (i, r) in rules.enumerated() where out.updateValue(i, forKey: MappingKey(r.mapping)) != nil { return nil }
-        return out
-    }
+    private static func comment(_ plan: RulePlan, _ r: PlannedRule) -> String { plan.targetChains[r.targetIndex].comment }
 
     /// What a batch changes: elements added and deleted, chains added and deleted.
     static func counts(_ ops: [NftOperation]) -> (elementsAdded: Int, elementsDeleted: Int, chainsAdded: Int, chainsDeleted: Int) {
