@@ -214,12 +214,15 @@ struct NetlinkUpdateKernelTests {
             try connection.apply(c)
             #expect(try connection.read(table: Self.table) == NftablesNetlink.expected(c))
 
+            // A refused batch keeps the socket (its leftover answers are drained before the next batch).
+            let port = try #require(connection.portID)
             // The table deleted by hand: ENOENT, and the same connection applies it again.
             try ns.nft("delete", "table", "inet", Self.table)
             #expect(netlinkError({ try connection.update(from: c, to: a) })?.isOutOfSync == true)
             #expect(try connection.read(table: Self.table) == nil)
             try connection.apply(a)
             #expect(try connection.read(table: Self.table) == NftablesNetlink.expected(a))
+            #expect(connection.portID == port)
             // The one-shot form behaves the same.
             #expect(try ns.backend.update(from: a, to: b).incremental)
             #expect(try ns.backend.read(table: Self.table) == NftablesNetlink.expected(b))
