@@ -99,7 +99,7 @@ public struct NftablesNetlink: Sendable {
     }
 
     static func unchanged(_ plan: RulePlan, start: Date) -> ApplyReport {
-        ApplyReport(table: plan.settings.table, mappings: plan.rules.count, pickChains: plan.nftPickChains.count,
+        ApplyReport(table: plan.settings.table, mappings: plan.rules.count, pickChains: RulesetProgram.pickChains(plan).count,
                     elements: elementCount(plan), messages: 0, bytes: 0, seconds: Date().timeIntervalSince(start), incremental: true)
     }
 
@@ -107,7 +107,7 @@ public struct NftablesNetlink: Sendable {
                               start: Date) throws(NetlinkError) -> ApplyReport {
         let result = try NetlinkBatch(ops).commit(on: session.socket)
         let c = RulesetProgram.counts(ops)
-        return ApplyReport(table: new.settings.table, mappings: new.rules.count, pickChains: new.nftPickChains.count,
+        return ApplyReport(table: new.settings.table, mappings: new.rules.count, pickChains: RulesetProgram.pickChains(new).count,
                            elements: elementCount(new), messages: result.messages, bytes: result.bytes,
                            seconds: Date().timeIntervalSince(start), incremental: true, elementsAdded: c.elementsAdded,
                            elementsDeleted: c.elementsDeleted, chainsAdded: c.chainsAdded, chainsDeleted: c.chainsDeleted)
@@ -115,8 +115,11 @@ public struct NftablesNetlink: Sendable {
 
     /// Elements of the installed plan: dispatch entries, endpoint slots, masquerade addresses.
     static func elementCount(_ plan: RulePlan) -> Int {
-        let slots = plan.rules.reduce(0) { $0 + $1.mapping.target.destinations.count }
-        let masq = plan.settings.masquerade ? plan.externalAddresses(.ipv4).count + plan.externalAddresses(.ipv6).count : 0
+        let rules = plan.rules
+        var slots = 0
+        for i in rules.indices { slots += rules[i].mapping.target.destinations.count }
+        let masq = plan.settings.masquerade
+            ? RulesetProgram.externalAddresses(plan, .ipv4).count + RulesetProgram.externalAddresses(plan, .ipv6).count : 0
         return plan.rules.count + slots + masq
     }
 

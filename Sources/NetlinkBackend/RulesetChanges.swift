@@ -12,12 +12,15 @@ import ServiceResolution
 /// data, verdict or comment changes is deleted and added again (the kernel cannot change an element in place).
 extension RulesetProgram {
     /// A mapping's key: one dispatch element (and the prefix of its endpoint slots).
-    struct MappingKey: Hashable {
+    struct MappingKey: Hashable, Comparable {
         var address: IPAddress
         var `protocol`: TransportProtocol
         var port: Int
 
         init(_ m: Mapping) { address = m.externalIP; `protocol` = m.protocol; port = m.port }
+
+        /// The planner's order of rules.
+        static func < (a: MappingKey, b: MappingKey) -> Bool { (a.address, a.protocol, a.port) < (b.address, b.protocol, b.port) }
     }
 
     /// Whether `new` can be reached from `old` by changing elements and pick chains only. The table name,
@@ -50,7 +53,7 @@ extension RulesetProgram {
     /// the kernel deletes a chain's rule with the chain). Empty when the plans install the same table. nil
     /// when the table's shape differs (`sameShape`), or `old` is not a plan this backend could have
     /// installed (or holds a key twice; no planner output does): the caller replaces the whole table
-    /// instead. O(mappings + slots): one hash index of `old`, one pass over each plan.
+    /// instead. O(mappings + slots): keys are matched by `partners`, then one pass over each plan.
     ///
     /// Adds are exclusive and deletes name exact keys, so a kernel table that is not what `old` says (an
     /// element deleted or added by hand, a missing table) makes the kernel refuse the whole batch (ENOENT,
@@ -58,12 +61,14 @@ extension RulesetProgram {
     static func changes(from old: RulePlan, to new: RulePlan) throws(NetlinkError) -> [NftOperation]? {
         try validate(new)
         guard sameShape(old.settings, new.settings) else { return nil }
-        do { try validate(old) } catch { return nil }
+        // `old` was validated when it was applied; only a plan no table can carry is checked again.
+        let oldChains = old.targetChains
+        if oldChains.indices.contains(where: { oldChains[$0].isKubeProxyJump }) { return nil }
         let table = new.settings.table
 
         // Pick chains.
         var chainAdds: [NftOperation] = [], chainDeletes: [NftOperation] = []
-        let oldPicks = old.nftPickChains, newPicks = new.nftPickChains
+        let oldPicks = pickChains(old), newPicks = pickChains(new)
         let oldPickSet = Set(oldPicks), newPickSet = Set(newPicks)
         for p in newPicks where !oldPickSet.contains(p) {
             chainAdds.append(NftOperation(kind: .newChain(NftChain(family: .inet, table: table, name: p.name, base: nil)),
@@ -78,29 +83,29 @@ extension RulesetProgram {
                                              description: "deleting chain \(p.name) (with its rule)"))
         }
 
-        // Elements. One index of `old` by key; one pass over `new` finds what to add and, for keys in both,
-        // what to delete; the `old` entries that no `new` entry matched are deleted whole. Deletes come
-        // before adds in the batch (a changed element is deleted and added again).
+        // Elements. Each `new` rule's partner in `old` (same key); one pass over `new` finds what to add
+        // and, for keys in both, what to delete; the `old` rules no `new` rule matched are deleted whole.
+        // Deletes come before adds in the batch (a changed element is deleted and added again).
+        // (Indexing instead of iterating copies: a PlannedRule copy retains half a dozen strings and arrays.)
         let oldRules = old.rules, newRules = new.rules
-        var oldIndex: [MappingKey: Int32] = [:]
-        oldIndex.reserveCapacity(oldRules.count)
-        for (i, r) in oldRules.enumerated() where oldIndex.updateValue(Int32(i), forKey: MappingKey(r.mapping)) != nil { return nil }
+        guard let partner = partners(old: oldRules, new: newRules) else { return nil }
         var matched = [Bool](repeating: false, count: oldRules.count)
         // Per family (0: IPv4, 1: IPv6): dispatch entries by rule index, slots by (rule index, slot).
         var goneDispatch: [[Int32]] = [[], []], comingDispatch: [[Int32]] = [[], []]
         var goneSlots: [[(rule: Int32, slot: Int32)]] = [[], []], comingSlots: [[(rule: Int32, slot: Int32)]] = [[], []]
-        for (j, n) in newRules.enumerated() {
-            let m = n.mapping, theirs = m.target.destinations, fi = m.family == .ipv4 ? 0 : 1, j32 = Int32(j)
-            guard let i32 = oldIndex[MappingKey(m)] else {
+        for j in newRules.indices {
+            let theirs = newRules[j].mapping.target.destinations, fi = newRules[j].mapping.externalIP.family == .ipv4 ? 0 : 1
+            let j32 = Int32(j), i32 = partner[j]
+            guard i32 >= 0 else {
                 comingDispatch[fi].append(j32)
                 for s in theirs.indices { comingSlots[fi].append((j32, Int32(s))) }
                 continue
             }
             let i = Int(i32)
-            if matched[i] { return nil }  // the same key twice in `new` (see index(_:))
             matched[i] = true
-            let o = oldRules[i], mine = o.mapping.target.destinations
-            if mine.count != theirs.count || old.targetChains[o.targetIndex].comment != new.targetChains[n.targetIndex].comment {
+            let mine = oldRules[i].mapping.target.destinations
+            if mine.count != theirs.count
+                || old.targetChains[oldRules[i].targetIndex].comment != new.targetChains[newRules[j].targetIndex].comment {
                 goneDispatch[fi].append(i32)
                 comingDispatch[fi].append(j32)
             }
@@ -111,10 +116,10 @@ extension RulesetProgram {
                 if inNew { comingSlots[fi].append((j32, Int32(s))) }
             }
         }
-        for (i, r) in oldRules.enumerated() where !matched[i] {
-            let fi = r.mapping.family == .ipv4 ? 0 : 1
+        for i in oldRules.indices where !matched[i] {
+            let fi = oldRules[i].mapping.externalIP.family == .ipv4 ? 0 : 1
             goneDispatch[fi].append(Int32(i))
-            for s in r.mapping.target.destinations.indices { goneSlots[fi].append((Int32(i), Int32(s))) }
+            for s in oldRules[i].mapping.target.destinations.indices { goneSlots[fi].append((Int32(i), Int32(s))) }
         }
 
         var deletes: [[NftOperation]] = [[], [], [], [], [], []]  // dispatch4, dispatch6, endpoints4, endpoints6, masquerade4, masquerade6
@@ -155,7 +160,7 @@ extension RulesetProgram {
                 }
 
             if new.settings.masquerade {
-                let oldAddresses = old.externalAddresses(f), newAddresses = new.externalAddresses(f)
+                let oldAddresses = externalAddresses(old, f), newAddresses = externalAddresses(new, f)
                 let oldSet = Set(oldAddresses), newSet = Set(newAddresses)
                 let removed = oldAddresses.filter { !newSet.contains($0) }, added = newAddresses.filter { !oldSet.contains($0) }
                 let masq = masqSet(table, f, id: nil)
@@ -168,7 +173,72 @@ extension RulesetProgram {
         return chainAdds + deletes.flatMap { $0 } + adds.flatMap { $0 } + chainDeletes
     }
 
+    /// For each rule of `new`, the index of the rule of `old` with the same key, or -1; nil when a plan holds
+    /// a key twice. The planner sorts rules by key, so this is normally a merge of two sorted lists (no
+    /// hashing); rules in any other order are matched through a hash index of `old`. O(n) either way.
+    static func partners(old: [PlannedRule], new: [PlannedRule]) -> [Int32]? {
+        func increasing(_ rules: [PlannedRule]) -> Bool {
+            rules.indices.dropFirst().allSatisfy { MappingKey(rules[$0 - 1].mapping) < MappingKey(rules[$0].mapping) }
+        }
+        var out = [Int32](repeating: -1, count: new.count)
+        if increasing(old) && increasing(new) {
+            var i = 0
+            for j in new.indices {
+                let k = MappingKey(new[j].mapping)
+                while i < old.count && MappingKey(old[i].mapping) < k { i += 1 }
+                if i < old.count && MappingKey(old[i].mapping) == k { out[j] = Int32(i); i += 1 }
+            }
+            return out
+        }
+        var index: [MappingKey: Int32] = [:]
+        index.reserveCapacity(old.count)
+        for i in old.indices where index.updateValue(Int32(i), forKey: MappingKey(old[i].mapping)) != nil { return nil }
+        var seen = Set<MappingKey>()
+        seen.reserveCapacity(new.count)
+        for j in new.indices {
+            let k = MappingKey(new[j].mapping)
+            guard seen.insert(k).inserted else { return nil }
+            out[j] = index[k] ?? -1
+        }
+        return out
+    }
+
     private static func comment(_ plan: RulePlan, _ r: PlannedRule) -> String { plan.targetChains[r.targetIndex].comment }
+
+    // `RulePlan.nftPickChains` and `externalAddresses(_:)` walk copies of every rule (a copy retains half a
+    // dozen strings and arrays): most of the cost of a diff of 26k mappings. These read the rules in place.
+
+    /// `plan.nftPickChains`.
+    static func pickChains(_ plan: RulePlan) -> [NftPickChain] {
+        // Which counts occur, per family and protocol (6 short bit lists instead of hashing every rule).
+        let protocols = TransportProtocol.allCases.sorted()
+        var used = [[Bool]](repeating: [], count: 2 * protocols.count)
+        let rules = plan.rules
+        for i in rules.indices {
+            let n = rules[i].mapping.target.destinations.count
+            guard n > 0, let p = protocols.firstIndex(of: rules[i].mapping.protocol) else { continue }
+            let slot = (rules[i].mapping.externalIP.family == .ipv4 ? 0 : protocols.count) + p
+            if used[slot].count <= n { used[slot] += [Bool](repeating: false, count: n + 1 - used[slot].count) }
+            used[slot][n] = true
+        }
+        var out: [NftPickChain] = []
+        for (k, counts) in used.enumerated() {
+            for n in counts.indices where counts[n] {
+                out.append(NftPickChain(family: k < protocols.count ? .ipv4 : .ipv6, protocol: protocols[k % protocols.count], count: n))
+            }
+        }
+        return out.sorted()  // (already in order unless NftPickChain's order changes)
+    }
+
+    /// `plan.externalAddresses(f)` (rules are sorted by address within a family).
+    static func externalAddresses(_ plan: RulePlan, _ f: IPFamily) -> [IPAddress] {
+        var out: [IPAddress] = []
+        let rules = plan.rules
+        for i in rules.indices where rules[i].mapping.externalIP.family == f {
+            if out.last != rules[i].mapping.externalIP { out.append(rules[i].mapping.externalIP) }
+        }
+        return out
+    }
 
     /// What a batch changes: elements added and deleted, chains added and deleted.
     static func counts(_ ops: [NftOperation]) -> (elementsAdded: Int, elementsDeleted: Int, chainsAdded: Int, chainsDeleted: Int) {

@@ -24,10 +24,13 @@ struct RulesetProgram {
 
     /// Refuses what an nftables table cannot express, before anything touches the kernel.
     static func validate(_ plan: RulePlan) throws(NetlinkError) {
-        if let why = plan.nftablesRefusal {
+        // (Index loops read rules and chains in place; `first(where:)` would copy each one: see pickChains.)
+        let chains = plan.targetChains, rules = plan.rules
+        if chains.indices.contains(where: { chains[$0].isKubeProxyJump }), let why = plan.nftablesRefusal {
             throw NetlinkError(kind: .unsupportedPlan, operation: nil, errno: 0, message: why)
         }
-        if let r = plan.rules.first(where: { $0.mapping.target.destinations.isEmpty }) {
+        if let i = rules.indices.first(where: { rules[$0].mapping.target.destinations.isEmpty }) {
+            let r = rules[i]
             throw NetlinkError(kind: .unsupportedPlan, operation: nil, errno: 0,
                                message: "mapping \(r.mapping.externalIP.bracketed):\(r.mapping.port)/\(r.mapping.protocol.lowercased) "
                                    + "(\(plan.targetChains[r.targetIndex].comment)) has no destination")
@@ -36,7 +39,8 @@ struct RulesetProgram {
             throw NetlinkError(kind: .unsupportedPlan, operation: nil, errno: 0,
                                message: "priority \(plan.settings.priority) is out of range")
         }
-        if let chain = plan.targetChains.first(where: { $0.comment.utf8.count > maxCommentLength }) {
+        if let i = chains.indices.first(where: { chains[$0].comment.utf8.count > maxCommentLength }) {
+            let chain = chains[i]
             throw NetlinkError(kind: .unsupportedPlan, operation: nil, errno: 0,
                                message: "comment \"\(chain.comment)\" is longer than \(maxCommentLength) bytes")
         }

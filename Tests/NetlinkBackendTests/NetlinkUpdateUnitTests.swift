@@ -196,11 +196,15 @@ struct NetlinkUpdateUnitTests {
         fewer.remove(at: 2)
         let new = try plan(fewer)
         #expect(old.rules.count == 10_001)
+        // The in-place walks equal the planner's own.
+        #expect(RulesetProgram.pickChains(old) == old.nftPickChains)
+        #expect(RulesetProgram.externalAddresses(old, .ipv4) == old.externalAddresses(.ipv4))
+        #expect(RulesetProgram.externalAddresses(old, .ipv6) == old.externalAddresses(.ipv6))
         let start = Date()
         let ops = try #require(try RulesetProgram.changes(from: old, to: new))
         let seconds = Date().timeIntervalSince(start)
         let c = RulesetProgram.counts(ops)
-        print("10k mappings, one endpoint less: \(ops.count) operations, \(c) in \(String(format: "%.3f", seconds)) s (debug build)")
+        print("10k mappings, one endpoint less: \(ops.count) operations, \(c) in \(String(format: "%.3f", seconds)) s")
         // Dispatch entry out and in (pick4-tcp-8 → pick4-tcp-7, both used by other services), slots 2…7 out,
         // 2…6 in: 2 + 6 + 5 elements, in 4 messages.
         #expect(c.elementsAdded == 6 && c.elementsDeleted == 7 && c.chainsAdded == 0 && c.chainsDeleted == 0)
@@ -209,6 +213,29 @@ struct NetlinkUpdateUnitTests {
         var model = try KernelModel(NetlinkUnitTests.simulatedDump(old))
         try model.commit(ops)
         #expect(RulesetDecoder.decode(model.dump) == NftablesNetlink.expected(new))
+    }
+
+    @Test("keys are matched by merging the planner's sorted rules, or through a hash index in any other order")
+    func partners() throws {
+        let old = try Self.plan(Self.specs()).rules
+        var specs = Self.specs()
+        specs[0].ips = ["203.0.113.10"]  // web's IPv6 mapping goes
+        let new = try Self.plan(specs + [ServiceSpec(name: "mail", ips: ["192.0.2.25"], ports: [("smtp", .tcp, 25, 2525)],
+                                                     endpoints4: ["198.51.100.25"])]).rules
+        let merged = try #require(RulesetProgram.partners(old: old, new: new))
+        // Every new rule's partner has its key; the keys without a partner are the new ones.
+        func key(_ r: PlannedRule) -> String { "\(r.mapping.externalIP) \(r.mapping.protocol) \(r.mapping.port)" }
+        #expect(new.indices.filter { merged[$0] < 0 }.map { key(new[$0]) } == ["192.0.2.25 tcp 25"])
+        #expect(new.indices.allSatisfy { merged[$0] < 0 || key(old[Int(merged[$0])]) == key(new[$0]) })
+        #expect(Set(merged.filter { $0 >= 0 }).count == old.count - 1)
+        // Unsorted: the hash path finds the same partners (by key).
+        let shuffled = Array(old.reversed())
+        let hashed = try #require(RulesetProgram.partners(old: shuffled, new: new))
+        #expect(new.indices.allSatisfy { (merged[$0] < 0) == (hashed[$0] < 0) })
+        #expect(new.indices.allSatisfy { hashed[$0] < 0 || key(shuffled[Int(hashed[$0])]) == key(new[$0]) })
+        // A key twice: nil (full replace).
+        #expect(RulesetProgram.partners(old: old + [old[0]], new: new) == nil)
+        #expect(RulesetProgram.partners(old: old, new: [new[0], new[0]]) == nil)
     }
 
     @Test("the kernel model refuses what the kernel refuses: a missing element, an existing one, a chain still in use")
