@@ -51,6 +51,16 @@ public struct NodeApplier: Sendable {
         }
     }
 
+    /// Turns the installed `old` (the plan this process applied last) into `new`, rewriting only what
+    /// changed. iptables: one `--noflush` restore per family with just the changed chains (see
+    /// `IptablesBackend.update`). nftables: a full apply for now. A periodic full `apply` still repairs drift.
+    public func update(from old: RulePlan, to new: RulePlan) throws(NodeError) -> ApplyResult {
+        switch backend {
+        case .nftables: return try nftables.update(from: old, to: new)
+        case .iptables: return try iptables().update(from: old, to: new)
+        }
+    }
+
     /// Differences between the kernel and `plan`, one line each; empty when the kernel matches the plan.
     public func diff(_ plan: RulePlan) throws(NodeError) -> [String] {
         switch backend {
@@ -119,6 +129,11 @@ struct NftablesBackend: Sendable {
         let summary = "nftables table inet \(plan.settings.table) in \(context.place): \(plan.rules.count) mapping(s), "
             + "\(plan.nftPickChains.count) pick chain(s), output priority \(plan.settings.priority); \(state)\(note)"
         return ApplyResult(changed: !before.isEmpty, differences: before, summary: summary)
+    }
+
+    /// Placeholder until the incremental netlink path is wired in: today's full apply of `new`.
+    func update(from old: RulePlan, to new: RulePlan) throws(NodeError) -> ApplyResult {
+        try apply(new, dryRun: false)
     }
 
     func diff(_ plan: RulePlan) throws(NodeError) -> [String] {

@@ -12,6 +12,13 @@ public struct ApplyResult: Sendable {
     /// Mappings the backend left out, one line each (e.g. `--target kube-proxy` for a service kube-proxy
     /// has no chain for); also at the end of `summary`. Not differences: re-applying does not change them.
     public var warnings: [String]
+    /// iptables: chains declared and filled by the restores (only those whose rules changed), and chains
+    /// deleted (`-X`). 0 for nftables.
+    public var restoredChains = 0
+    public var deletedChains = 0
+    /// iptables: the `*-restore --noflush` inputs as they were run, one per family restored (none when
+    /// nothing changed), for logs and tests.
+    public var restoreInputs: [String] = []
 
     public init(changed: Bool, differences: [String], summary: String, warnings: [String] = []) {
         self.changed = changed; self.differences = differences; self.summary = summary; self.warnings = warnings
