@@ -201,4 +201,24 @@ extension NodeKernelTests {
             #expect(try applier.diff(new).isEmpty)
         }
     }
+
+    /// A new service whose `KUBE-SVC-…` chain kube-proxy has not created yet: the incremental restore is
+    /// refused by the kernel (nothing changes), and the update falls back to a full apply, which leaves that
+    /// mapping out with a warning and says so.
+    @Test(arguments: IptablesVariant.allCases)
+    func updateFallsBackToAFullApplyWhenKubeProxyHasNoChainYet(variant: IptablesVariant) throws {
+        guard try requireKernelTests(tools: Self.iptablesTools), try Variants.available(variant) else { return }
+        try withNamespace("ipt-upd-fb") { node in
+            try NodeFixtures.restore(node, variant, .ipv4, NodeFixtures.kubeProxyRuleset())
+            let applier = NodeApplier(context: NodeFixtures.context(node), backend: .iptables, iptablesVariant: variant)
+            let old = try UpdateFixtures.plan(strategy: .kubeProxy, families: [.ipv4])
+            let new = try UpdateFixtures.plan(strategy: .kubeProxy, families: [.ipv4], api: true)
+            _ = try applier.apply(old, dryRun: false)
+            let result = try applier.update(from: old, to: new)
+            #expect(result.summary.contains("full apply instead of an update"), "\(result.summary)")
+            #expect(result.warnings.count == 1 && result.warnings[0].contains(UpdateFixtures.apiServiceChain), "\(result.warnings)")
+            #expect(!(try NodeFixtures.save(node, variant)).contains(UpdateFixtures.apiExternal))
+            #expect(try applier.diff(new).isEmpty)
+        }
+    }
 }
