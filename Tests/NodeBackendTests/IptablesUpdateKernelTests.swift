@@ -221,4 +221,45 @@ extension NodeKernelTests {
             #expect(try applier.diff(new).isEmpty)
         }
     }
+
+    /// Many mappings (HNDNAT_NODE_SCALE service ports, default 2000): a full apply, then an update that moves
+    /// one endpoint restores one chain, leaves the namespace as `diff` expects, and prints both timings.
+    @Test(arguments: IptablesVariant.allCases)
+    func largePlanUpdateRestoresOneChain(variant: IptablesVariant) throws {
+        guard try requireKernelTests(tools: Self.iptablesTools), try Variants.available(variant) else { return }
+        let n = Int(ProcessInfo.processInfo.environment["HNDNAT_NODE_SCALE"] ?? "") ?? 2000
+        func plan(moved: Bool) throws -> RulePlan {
+            var objects = ClusterObjects()
+            for i in 0..<n {
+                let id = ObjectName(namespace: "scale", name: "svc\(i)")
+                objects.services.append(Service(id: id, type: "LoadBalancer",
+                                                ports: [ServicePort(name: "p", protocol: .tcp, port: 1000 + i / 250)],
+                                                loadBalancerIngress: [LoadBalancerIngress(ip: IPAddress("203.0.113.\(i % 250 + 1)"))]))
+                let second = moved && i == n / 2 ? 250 : (i + 1) % 200 + 1
+                objects.endpointSlices.append(EndpointSlice(
+                    id: ObjectName(namespace: "scale", name: "svc\(i)-1"), serviceName: "svc\(i)", addressType: "IPv4",
+                    ports: [EndpointPort(name: "p", port: 8080)],
+                    endpoints: [Endpoint(addresses: [IPAddress("198.51.100.\(i % 200 + 1)")!]),
+                                Endpoint(addresses: [IPAddress("198.51.100.\(second)")!])]))
+            }
+            let resolution = ServiceResolver(options: ResolutionOptions(target: .endpoints)).resolve(objects)
+            return try Planner().plan(resolution, strategy: .endpoints)
+        }
+        let (before, after) = (try plan(moved: false), try plan(moved: true))
+        try withNamespace("ipt-upd-scale") { node in
+            let applier = NodeApplier(context: NodeFixtures.context(node), backend: .iptables, iptablesVariant: variant)
+            func timed<T>(_ body: () throws -> T) rethrows -> (T, Double) {
+                let start = Date(); let r = try body(); return (r, Date().timeIntervalSince(start))
+            }
+            let (full, t1) = try timed { try applier.apply(before, dryRun: false) }
+            let (update, t2) = try timed { try applier.update(from: before, to: after) }
+            #expect(update.restoredChains == 1 && update.deletedChains == 0, "\(update.summary)")
+            #expect(update.restoreInputs.count == 1 && update.restoreInputs[0].split(separator: "\n").count == 5, "\(update.restoreInputs)")
+            #expect(try applier.diff(after).isEmpty)
+            func ms(_ t: Double) -> String { "\(Int((t * 1000).rounded())) ms" }
+            print("iptables-\(variant.rawValue), \(n) mappings: apply \(ms(t1)) (\(full.restoreInputs.joined().utf8.count) bytes restored), "
+                  + "update of one endpoint \(ms(t2)) (\(update.restoreInputs.joined().utf8.count) bytes)")
+            #expect(try applier.remove(after.settings))
+        }
+    }
 }
