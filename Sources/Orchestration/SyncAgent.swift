@@ -114,6 +114,11 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
             }
             continuation.yield(.sourceEnded)
         }
+        let drift = installer.driftNotifications().map { notifications in
+            Task {
+                for await why in notifications { continuation.yield(.drift(why)) }
+            }
+        }
         var loop = Loop(agent: self, continuation: continuation)
         await withGracefulShutdownHandler {
             await loop.run(inputs)
@@ -121,6 +126,7 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
             continuation.yield(.shutdown)
         }
         feeder.cancel()
+        drift?.cancel()
         loop.cancelWakeup()
         if configuration.cleanupOnExit {
             do {

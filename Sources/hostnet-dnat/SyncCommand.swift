@@ -123,7 +123,7 @@ struct Sync: AsyncParsableCommand {
                                                          metrics: metrics, health: health, logger: logger)
             } catch let e as AgentOperationsError { throw CLIError(code: e.exitCode, e.description) }
             let agent = SyncAgent(configuration: configuration, source: { watch.events() },
-                                  installer: NodeInstaller(context: context, backend: node.backend, iptablesVariant: node.iptables),
+                                  installer: NodeInstaller(context: context, backend: node.backend, iptablesVariant: node.iptables, table: settings.table),
                                   observer: AgentTelemetry(metrics: metrics, health: health), logger: logger)
             logger.info("starting", metadata: ["api": "\(watch.sourceDescription)","backend": "\(node.backend.rawValue)", "target": "\(options.target.rawValue)",
                                                "min_sync_period": "\(minSyncPeriod.text)", "sync_period": "\(syncPeriod.text)",
