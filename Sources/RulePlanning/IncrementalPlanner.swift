@@ -38,8 +38,9 @@ public struct IncrementalPlanner: Sendable {
     /// Re-resolves `service` (nil: it is gone) with its slices. Returns whether its resolution changed.
     @discardableResult
     public mutating func update(_ name: ObjectName, service: Service?, slices: [EndpointSlice]) -> Bool {
-        let new = service.map { resolver.resolve($0, slices: slices) }
         let old = resolutions[name]
+        var new = service.map { resolver.resolve($0, slices: slices) }
+        if let o = old, new != nil { new!.mappings = Self.keepingSlots(new!.mappings, from: o.mappings) }
         if old?.mappings == new?.mappings && old?.skipped == new?.skipped && old?.warnings == new?.warnings
             && old?.autoFellBackToClusterIP == new?.autoFellBackToClusterIP { return false }
         if let old {
@@ -56,6 +57,63 @@ public struct IncrementalPlanner: Sendable {
             if i < sortedNames.count && sortedNames[i] == name { sortedNames.remove(at: i) }
         }
         return true
+    }
+
+    /// Endpoints keep their slots across changes: a destination that stays stays at its index; a new one
+    /// takes the place of one that went; when there are fewer, the last ones move into the holes. So one
+    /// endpoint replaced rewrites one slot per mapping, and one removed rewrites at most two (instead of every
+    /// slot after it, as a sorted list would): the kernel update stays a handful of elements. The order is
+    /// the agent's own history, so its plan can differ from a one-shot plan in endpoint order only; the
+    /// spread over endpoints is the same (a uniform pick over the same set).
+    static func keepingSlots(_ mappings: [Mapping], from previous: [Mapping]) -> [Mapping] {
+        struct Key: Hashable { let port: String; let proto: TransportProtocol; let family: IPFamily }
+        var before: [Key: [Destination]] = [:]
+        for m in previous {
+            if case .endpoints(let d) = m.target { before[Key(port: m.portName, proto: m.protocol, family: m.family)] = d }
+        }
+        guard !before.isEmpty else { return mappings }
+        var arranged: [Key: [Destination]] = [:]
+        return mappings.map { m in
+            guard case .endpoints(let fresh) = m.target else { return m }
+            let key = Key(port: m.portName, proto: m.protocol, family: m.family)
+            guard let old = before[key], old != fresh else { return m }
+            let slots: [Destination]
+            if let done = arranged[key] {
+                slots = done
+            } else {
+                slots = arrange(fresh, after: old)
+                arranged[key] = slots
+            }
+            return Mapping(service: m.service, portName: m.portName, protocol: m.protocol, externalIP: m.externalIP,
+                           port: m.port, source: m.source, target: .endpoints(slots))
+        }
+    }
+
+    /// `fresh` (sorted) laid out over `old`'s slots (see `keepingSlots`).
+    static func arrange(_ fresh: [Destination], after old: [Destination]) -> [Destination] {
+        let keep = Set(fresh)
+        var slots: [Destination?] = old.map { keep.contains($0) ? $0 : nil }
+        let placed = Set(slots.compactMap { $0 })
+        var incoming = fresh.filter { !placed.contains($0) }[...]
+        for i in slots.indices where slots[i] == nil {
+            guard let d = incoming.popFirst() else { break }
+            slots[i] = d
+        }
+        slots += incoming.map { Optional($0) }
+        // Fewer than before: move the last destinations into the holes left.
+        var result: [Destination] = []
+        var tail = slots.count - 1
+        var i = 0
+        while i <= tail {
+            if let d = slots[i] {
+                result.append(d)
+            } else {
+                while tail > i && slots[tail] == nil { tail -= 1 }
+                if tail > i { result.append(slots[tail]!); tail -= 1 }
+            }
+            i += 1
+        }
+        return result
     }
 
     private func insertionIndex(_ name: ObjectName) -> Int {
