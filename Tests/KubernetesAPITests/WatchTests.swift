@@ -138,12 +138,15 @@ struct WatchTests {
                 #expect(wait <= .milliseconds(200))
                 #expect(error.kind == .unavailable)
             }
+            #expect(down.connected(.services) == 0 && down.connected(.endpointSlices) == 0, "connected while refused")
             server = try await TestAPIServer.start(port: port, handler: watchServing(Box(.standard)) { _ in nil })
             try await events.wait("both lists") {
                 $0.described(.services).contains { $0.hasPrefix("listed") }
                     && $0.described(.endpointSlices).contains { $0.hasPrefix("listed") }
             }
             try await waitUntil("both watches") { server!.watches("services").count == 1 && server!.watches("endpointslices").count == 1 }
+            // Each opened watch says so: how a consumer learns the outage is over when nothing changed.
+            try await events.wait("connected") { $0.connected(.services) >= 1 && $0.connected(.endpointSlices) >= 1 }
         } catch {
             await events.stop(); await server?.stop()
             throw error
@@ -582,7 +585,19 @@ struct Events: Sequence {
 
     func makeIterator() -> IndexingIterator<[SourceEvent]> { all.makeIterator() }
 
-    func of(_ resource: APIResource) -> [SourceEvent] { all.filter { $0.resource == resource } }
+    /// The events of one resource, without `.connected` (which marks every opened watch; `connected(_:)`
+    /// counts those).
+    func of(_ resource: APIResource) -> [SourceEvent] {
+        all.filter { e in
+            if case .connected = e { return false }
+            return e.resource == resource
+        }
+    }
+
+    /// How many watches of `resource` were opened.
+    func connected(_ resource: APIResource) -> Int {
+        all.filter { if case .connected(let r) = $0 { return r == resource } else { return false } }.count
+    }
 
     func described(_ resource: APIResource) -> [String] { of(resource).map { describe($0, port: port) } }
 
