@@ -27,6 +27,14 @@ struct RulesetProgram {
         if let why = plan.nftablesRefusal {
             throw NetlinkError(kind: .unsupportedPlan, operation: nil, errno: 0, message: why)
         }
+        // Never install a DNAT that would bypass a restriction kube-proxy enforces: until the netlink encoding
+        // of the ranged maps and affinity sets exists, such plans go through `nft -f` or iptables.
+        if let r = plan.rules.first(where: { !$0.mapping.sourceRanges.isEmpty || plan.targetChains[$0.targetIndex].affinityTimeout != nil }) {
+            let what = r.mapping.sourceRanges.isEmpty ? "sessionAffinity ClientIP" : "loadBalancerSourceRanges"
+            throw NetlinkError(kind: .unsupportedPlan, operation: nil, errno: 0,
+                               message: "\(plan.targetChains[r.targetIndex].comment) has \(what), which the netlink backend cannot "
+                                   + "install yet; use --backend iptables, or render with --format nft and load it with nft -f")
+        }
         if let r = plan.rules.first(where: { $0.mapping.target.destinations.isEmpty }) {
             throw NetlinkError(kind: .unsupportedPlan, operation: nil, errno: 0,
                                message: "mapping \(r.mapping.externalIP.bracketed):\(r.mapping.port)/\(r.mapping.protocol.lowercased) "
