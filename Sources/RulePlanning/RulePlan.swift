@@ -85,6 +85,27 @@ extension TargetChain {
     }
 }
 
+extension TargetChain {
+    /// The rules of this target chain's nft affinity chain (docs/ruleset.md), as nft text: a client found in
+    /// a destination's set goes back to it; otherwise a random pick (kube-proxy's statistic cascade: rule i
+    /// matches with probability 1/(N-i)). Every rule that translates refreshes the client in that
+    /// destination's set. Shared by the nft renderer and the netlink backend's descriptions.
+    public var nftAffinityRules: [String] {
+        let fam = family.nftKeyword
+        let proto = "meta l4proto \(self.protocol.lowercased)"
+        let dests = target.destinations
+        func translate(_ d: Destination) -> String {
+            "update @\(affinityName(d)) { \(fam) saddr } dnat \(fam) to \(d)"
+        }
+        var lines = dests.map { "\(proto) \(fam) saddr @\(affinityName($0)) \(translate($0))" }
+        for (i, d) in dests.enumerated() {
+            let remaining = dests.count - i
+            lines.append(remaining > 1 ? "\(proto) numgen random mod \(remaining) 0 \(translate(d))" : "\(proto) \(translate(d))")
+        }
+        return lines
+    }
+}
+
 /// One dispatch entry: `externalIP . protocol . port → goto <target chain>`.
 public struct PlannedRule: Sendable, Hashable {
     public let mapping: Mapping

@@ -111,29 +111,11 @@ public enum NftRenderer {
         }
         for chain in plan.affinityChains {
             out += "\tchain \(chain.iptablesName) {\n"
-            for line in affinityRules(chain) { out += "\t\t\(line)\n" }
+            for line in chain.nftAffinityRules { out += "\t\t\(line)\n" }
             out += "\t}\n"
         }
         out += "}\n"
         return out
-    }
-
-    /// The rules of an affinity chain (docs/ruleset.md): a client found in a destination's set goes back to
-    /// it; otherwise a random pick (kube-proxy's statistic cascade: rule i matches with probability
-    /// 1/(N-i)). Every rule that translates refreshes the client in that destination's set.
-    public static func affinityRules(_ chain: TargetChain) -> [String] {
-        let fam = chain.family.nftKeyword
-        let proto = "meta l4proto \(chain.protocol.lowercased)"
-        let dests = chain.target.destinations
-        func translate(_ d: Destination) -> String {
-            "update @\(chain.affinityName(d)) { \(fam) saddr } dnat \(fam) to \(d)"
-        }
-        var lines = dests.map { "\(proto) \(fam) saddr @\(chain.affinityName($0)) \(translate($0))" }
-        for (i, d) in dests.enumerated() {
-            let remaining = dests.count - i
-            lines.append(remaining > 1 ? "\(proto) numgen random mod \(remaining) 0 \(translate(d))" : "\(proto) \(translate(d))")
-        }
-        return lines
     }
 
     private static func digit(_ f: IPFamily) -> String { f == .ipv4 ? "4" : "6" }

@@ -10,7 +10,7 @@ import Testing
 import TestSupport
 
 /// Restrictions kube-proxy enforces (issue 10): our DNAT must never open what kube-proxy keeps shut.
-/// The nftables side loads the rendered script with `nft -f` (the netlink backend refuses these plans for now).
+/// Both backends through `NodeApplier`; the rendered nft script loaded with `nft -f` behaves the same.
 extension NodeKernelTests {
     /// A node address inside the ranges (the veth's own 192.0.2.1 is outside them).
     static let insideSource = "203.0.113.99"
@@ -87,14 +87,19 @@ extension NodeKernelTests {
             #expect(status.json.contains("\"sourceRanges\":[\"203.0.113.0/25\"]"))
             #expect(try iptables.remove(plan.settings))
 
-            // nftables: the rendered script, loaded with nft -f; the netlink backend refuses the plan.
+            // nftables: the netlink backend, then the rendered script loaded with nft -f.
+            let nftables = NodeApplier(context: context, backend: .nftables)
+            #expect(try nftables.apply(plan, dryRun: false).changed)
+            try expectRangesEnforced(node, "nftables backend")
+            #expect(try nftables.diff(plan).isEmpty)
+            let nftStatus = try nftables.status(plan.settings)
+            #expect(nftStatus.mappings.first { $0.port == Net.tcpPort }?.sourceRanges == Self.ranges)
+            #expect(nftStatus.text.contains("from 203.0.113.0/25"))
+            #expect(!(try nftables.diff(open)).isEmpty)
+            #expect(try nftables.remove(plan.settings))
             try node.nftScript(try NftRenderer.render(plan))
             try expectRangesEnforced(node, "nft -f")
             _ = try node.nft("delete", "table", "inet", plan.settings.table)
-            let nftables = NodeApplier(context: context, backend: .nftables)
-            let e = #expect(throws: NodeError.self) { try nftables.apply(plan, dryRun: false) }
-            #expect(e?.description.contains("loadBalancerSourceRanges") == true)
-            #expect(!(try node.ruleset()).contains("hostnet-dnat"))
             try expectRangesEnforced(node, "after remove")
         }
     }
@@ -111,20 +116,27 @@ extension NodeKernelTests {
             _ = try iptables.apply(plan, dryRun: false)
             try expectRangesEnforced(node, "iptables backend")
             #expect(try iptables.remove(plan.settings))
-            try node.nftScript(try NftRenderer.render(plan))
-            try expectRangesEnforced(node, "nft -f")
+            let nftables = NodeApplier(context: NodeFixtures.context(node), backend: .nftables)
+            _ = try nftables.apply(plan, dryRun: false)
+            try expectRangesEnforced(node, "nftables backend")
+            #expect(try nftables.remove(plan.settings))
         }
     }
 
     /// ClientIP affinity with two endpoints: every connection from the node reaches the endpoint the first one
     /// picked while connections keep coming; after the timeout (2 s) passes without one, a new pick is made.
-    @Test(arguments: ["iptables", "nft"])
+    @Test(arguments: ["iptables", "nftables", "nft -f"])
     func clientIPAffinityKeepsTheNodeOnOneEndpointUntilTheTimeout(backend: String) throws {
         guard try requireKernelTests(tools: Self.iptablesTools + ["nft"]), try Variants.available(.nft) else { return }
         try withNodeAndPod("aff-\(backend)") { node, _ in
             let iptables = NodeApplier(context: NodeFixtures.context(node), backend: .iptables, iptablesVariant: .nft)
+            let nftables = NodeApplier(context: NodeFixtures.context(node), backend: .nftables)
             func install(_ plan: RulePlan) throws {
-                if backend == "iptables" { _ = try iptables.apply(plan, dryRun: false) } else { try node.nftScript(try NftRenderer.render(plan)) }
+                switch backend {
+                case "iptables": _ = try iptables.apply(plan, dryRun: false)
+                case "nftables": _ = try nftables.apply(plan, dryRun: false)
+                default: try node.nftScript(try NftRenderer.render(plan))
+                }
             }
             // Without affinity connections spread.
             try install(try Self.policyPlan())
@@ -135,6 +147,7 @@ extension NodeKernelTests {
             #expect(plan.affinityChains.count == 2)  // the TCP and the UDP port
             try install(plan)
             if backend == "iptables" { #expect(try iptables.diff(plan).isEmpty, "recent matches read back differently") }
+            if backend == "nftables" { #expect(try nftables.diff(plan).isEmpty) }
             var picked: Set<String> = []
             for round in 0..<12 {
                 let burst = try answers(from: node, .tcp, Net.external4, Net.tcpPort, count: round == 0 ? 24 : 4)
@@ -145,8 +158,8 @@ extension NodeKernelTests {
             }
             // Each round after a timeout picks at random: one endpoint every time has probability 2^-11.
             #expect(picked == ["ep-a", "ep-b"], "a new pick never happened after the timeout")
-            if backend == "iptables" {
-                let status = try iptables.status(plan.settings)
+            if backend != "nft -f" {
+                let status = try (backend == "iptables" ? iptables : nftables).status(plan.settings)
                 #expect(status.mappings.allSatisfy { $0.affinityTimeout == 2 && $0.destinations.count == 2 }, "\(status.mappings)")
             }
         }
