@@ -16,7 +16,10 @@ let package = Package(
         .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.0"),
         .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.0"),
+        // Operating `sync`: logs, metrics (Prometheus text through swift-metrics), signals and shutdown.
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
     ],
     targets: [
@@ -50,13 +53,24 @@ let package = Package(
         // The pipeline render, apply and sync share: input → store → resolution → plan → diff → kernel, and the
         // agent loop that runs it on every change. Returns values; prints nothing.
         .target(name: "Orchestration", dependencies: [
-            "KubeObjects", "ServiceResolution", "RulePlanning", "NetlinkBackend", "NodeBackend", "KubernetesAPI",
+            "KubeObjects", "ServiceResolution", "RulePlanning", "NetlinkBackend", "NodeBackend", "KubernetesAPI", "AgentOperations",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),
+        // Operating the node agent: Prometheus metrics, /healthz and /readyz over NIO HTTP/1, log handlers.
+        .target(name: "AgentOperations", dependencies: [
+            "NetAddress",
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "CoreMetrics", package: "swift-metrics"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+        ]),
         .executableTarget(name: "hostnet-dnat", dependencies: [
             "KubeObjects", "ServiceResolution", "RulePlanning", "RuleRendering", "NetlinkBackend", "NodeBackend", "KubernetesAPI",
-            "Orchestration",
+            "Orchestration", "AgentOperations",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -82,5 +96,12 @@ let package = Package(
         .testTarget(name: "OrchestrationTests", dependencies: ["Orchestration", "TestSupport", "KubeObjects", "NetAddress", "KubernetesAPI",
                                                                "ServiceResolution", "RulePlanning", "NodeBackend", "NetlinkBackend"]),
         .testTarget(name: "HostnetDNATTests", dependencies: ["hostnet-dnat", "TestSupport"]),
+        .testTarget(name: "AgentOperationsTests", dependencies: [
+            "AgentOperations", "TestSupport",
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
+        ]),
+        // examples/deploy: manifests against the Kubernetes schema, and the image's runtime root (chroot).
+        .testTarget(name: "DeploymentTests", dependencies: ["TestSupport", .product(name: "Yams", package: "Yams")]),
     ]
 )

@@ -10,12 +10,25 @@ public enum DocumentLoader {
         return result
     }
 
+    /// An input with no document at all (zero bytes, only whitespace or comments, only empty YAML
+    /// documents) is an error, not "no Services": kubectl never prints it, and reading it as an empty
+    /// cluster would remove every rule.
     public static func load(_ bytes: [UInt8], source: String, into result: inout ClusterObjects) throws(InputError) {
+        var loaded = ClusterObjects()
+        try loadDocuments(bytes, source: source, into: &loaded)
+        guard loaded.documents > 0 else { throw InputError(source: source, message: emptyInputMessage) }
+        result.merge(loaded)
+    }
+
+    static let emptyInputMessage = "holds no Kubernetes object (it is empty or only whitespace and comments); "
+        + "an empty cluster is a List with no items (kind: List, items: [])"
+
+    private static func loadDocuments(_ bytes: [UInt8], source: String, into result: inout ClusterObjects) throws(InputError) {
         var start = 0
         if bytes.count >= 3 && bytes[0] == 0xEF && bytes[1] == 0xBB && bytes[2] == 0xBF { start = 3 }  // UTF-8 BOM
         while start < bytes.count, [0x20, 0x09, 0x0A, 0x0D].contains(bytes[start]) { start += 1 }
         if start == bytes.count { return }
-        if bytes[start] == UInt8(ascii: "{") || bytes[start] == UInt8(ascii: "[") {
+        if isJSON(bytes, at: start) {
             // Items that name their kind are decoded while the List is parsed and never kept; items of typed
             // lists (no kind of their own) wait until the list's kind is known.
             var decodeError: InputError? = nil
@@ -40,10 +53,18 @@ public enum DocumentLoader {
             if let decodeError { throw decodeError }
             result = decoded
             try ObjectDecoder.decode(document: document!, source: source, into: &result)
+            // Streamed items leave the List's `items` empty by the time it is decoded: it was not an empty list.
+            if index > 0 { result.sawEmptyList = decoded.sawEmptyList }
+            result.documents += 1
             return
         }
         guard let text = String(validating: bytes, as: UTF8.self) else {
             throw InputError(source: source, message: "not UTF-8 text")
+        }
+        do throws(YAMLBudget.Violation) {
+            try YAMLBudget.check(bytes)
+        } catch {
+            throw InputError(source: source, message: error.description)
         }
         let documents: [JSONValue]
         do {
@@ -60,9 +81,21 @@ public enum DocumentLoader {
         } catch {
             throw InputError(source: source, message: "malformed YAML: \(error)")
         }
-        for doc in documents {
+        for doc in documents where doc != .null {
             try ObjectDecoder.decode(document: doc, source: source, into: &result)
+            result.documents += 1
         }
+    }
+
+    /// JSON starts with `{` or `[` and its first key or value is a quoted string (or nothing): `{"kind"…`,
+    /// `[{"…`, `{}`. Flow-style YAML starts the same way but with a plain word: `{kind: List, items: []}`.
+    /// Deciding on the first token keeps a broken JSON file reported as JSON.
+    static func isJSON(_ bytes: [UInt8], at start: Int) -> Bool {
+        guard bytes[start] == UInt8(ascii: "{") || bytes[start] == UInt8(ascii: "[") else { return false }
+        var i = start
+        while i < bytes.count, [0x20, 0x09, 0x0A, 0x0D, UInt8(ascii: "{"), UInt8(ascii: "[")].contains(bytes[i]) { i += 1 }
+        guard i < bytes.count else { return true }
+        return [UInt8(ascii: "\""), UInt8(ascii: "}"), UInt8(ascii: "]")].contains(bytes[i])
     }
 
     /// One line from Yams' multi-line error text (the snippet it appends is noise in a CLI message).

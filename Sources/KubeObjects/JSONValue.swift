@@ -170,7 +170,11 @@ public struct JSONParser {
         case UInt8(ascii: "f"): try expectWord("false"); return .bool(false)
         case UInt8(ascii: "n"): try expectWord("null"); return .null
         case UInt8(ascii: "-"), UInt8(ascii: "0")...UInt8(ascii: "9"): return try parseNumber()
-        default: throw error("unexpected character '\(Character(Unicode.Scalar(bytes[pos])))'")
+        default:
+            // Named, never echoed: the byte may be an escape sequence or half a UTF-8 character.
+            let b = bytes[pos]
+            if b > 0x20 && b < 0x7F { throw error("unexpected character '\(Character(Unicode.Scalar(b)))'") }
+            throw error("unexpected byte 0x\(b < 0x10 ? "0" : "")\(String(b, radix: 16, uppercase: true))")
         }
     }
 

@@ -147,9 +147,10 @@ public enum ObjectDecoder {
         if kind == "List" || kind.hasSuffix("List") {
             let itemKind: String? = kind == "List" ? nil : String(kind.dropLast(4))
             guard case .array(let items)? = value["items"] else {
-                if value["items"] == nil || value["items"] == .null { return }
+                if value["items"] == nil || value["items"] == .null { result.sawEmptyList = true; return }
                 throw InputError(source: source, object: kind, field: "items", message: "expected a list")
             }
+            if items.isEmpty { result.sawEmptyList = true }
             for (i, item) in items.enumerated() {
                 try decodeItem(item, defaultKind: itemKind, source: source, locator: "\(kind) items[\(i)]", into: &result)
             }

@@ -140,11 +140,30 @@ public struct ClusterObjects: Sendable, Equatable {
     public var endpointSlices: [EndpointSlice] = []
     /// Objects of other kinds, counted by kind ("ConfigMap": 3).
     public var ignoredKinds: [String: Int] = [:]
+    /// Documents read (a JSON file is one; each non-empty YAML document is one; each API list page is one).
+    /// Zero means the input held nothing at all, which is what a failed `kubectl get … > file` leaves.
+    public var documents = 0
+    /// The input held an explicit empty list (`kind: List` or a typed list such as `ServiceList` with
+    /// `items: []`, or an API list with no items): the one way kubectl says "there are no objects".
+    public var sawEmptyList = false
     public init() {}
+
+    /// True when the input says, in so many words, that there are no Services: an empty List and no
+    /// Service anywhere. Anything else that yields no mappings may be a mistake (a wrong file, a typo in a
+    /// filter), so removing every installed mapping on its strength needs `--allow-empty`.
+    public var declaresNoServices: Bool { services.isEmpty && sawEmptyList }
+
+    /// The same objects and the same declaration of emptiness, however many documents or pages they came in.
+    public static func == (a: ClusterObjects, b: ClusterObjects) -> Bool {
+        a.services == b.services && a.endpointSlices == b.endpointSlices && a.ignoredKinds == b.ignoredKinds
+            && a.sawEmptyList == b.sawEmptyList
+    }
 
     public mutating func merge(_ other: ClusterObjects) {
         services += other.services
         endpointSlices += other.endpointSlices
         for (k, v) in other.ignoredKinds { ignoredKinds[k, default: 0] += v }
+        documents += other.documents
+        sawEmptyList = sawEmptyList || other.sawEmptyList
     }
 }

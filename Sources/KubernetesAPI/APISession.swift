@@ -57,7 +57,10 @@ final class APISession {
     private func rememberSecrets() {
         var s: [String] = []
         if let t = connection.auth.token { s.append(t) }
-        if let p = connection.auth.password { s.append(p) }
+        if let p = connection.auth.password {
+            s.append(p)
+            s.append(Data("\(connection.auth.username ?? ""):\(p)".utf8).base64EncodedString())
+        }
         if let t = execCredential?.token { s.append(t) }
         secrets = s
     }
@@ -164,10 +167,19 @@ final class APISession {
 
     private func currentFileToken() throws(KubernetesAPIError) -> String? {
         guard let path = connection.auth.tokenFile else { return nil }
-        guard let data = FileManager.default.contents(atPath: path) else {
+        let data: [UInt8]
+        switch ConfigFile.read(path) {
+        case .success(let d): data = d
+        case .failure(.tooLarge):
+            throw KubernetesAPIError(.configuration, "token file \(path) (\(connection.auth.identity)) is \(ConfigFile.tooLargeText)")
+        case .failure:
             throw KubernetesAPIError(.configuration, "token file \(path) (\(connection.auth.identity)) cannot be read")
         }
+        // client-go trims a token file (a trailing newline is normal there); what remains must fit a header.
         let token = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        if let why = CredentialCheck.problem(token) {
+            throw KubernetesAPIError(.configuration, "token file \(path) (\(connection.auth.identity)): the token \(why); the value is not shown")
+        }
         return token.isEmpty ? nil : token
     }
 
@@ -278,20 +290,21 @@ final class APISession {
     /// arrives (`onChunk` returns false to stop reading). Throws only when there is no answer at all (the
     /// connection or TLS failed, no response head within the request timeout, cancelled). The credential
     /// refresh and Retry-After handling of `get` apply.
-    func stream(_ pathAndQuery: String,
+    /// `onOpen` is called once the server has answered 2xx (the watch is established), before any chunk.
+    func stream(_ pathAndQuery: String, onOpen: () -> Void = {},
                 onChunk: (ByteBuffer) throws(KubernetesAPIError) -> Bool) async throws(KubernetesAPIError) -> StreamEnd {
         var refreshedExec = false
         var attempts = 0
         while true {
             attempts += 1
-            let end = try await streamOnce(pathAndQuery, onChunk: onChunk)
+            let end = try await streamOnce(pathAndQuery, onOpen: onOpen, onChunk: onChunk)
             if case .answered(let response) = end,
                try await shouldRetry(response, refreshedExec: &refreshedExec, attempts: attempts) { continue }
             return end
         }
     }
 
-    private func streamOnce(_ pathAndQuery: String,
+    private func streamOnce(_ pathAndQuery: String, onOpen: () -> Void,
                             onChunk: (ByteBuffer) throws(KubernetesAPIError) -> Bool) async throws(KubernetesAPIError) -> StreamEnd {
         guard let client = watchClient, let silence = watchReadTimeout else {
             preconditionFailure("stream(_:) needs a session opened with a watchReadTimeout")
@@ -317,6 +330,7 @@ final class APISession {
             let retryAfter = response.headers.first(name: "Retry-After").flatMap { Int($0.trimmingCharacters(in: .whitespaces)) }
             return .answered(Response(status: status, body: body, retryAfter: retryAfter))
         }
+        onOpen()
         do {
             for try await chunk in response.body {
                 if try !onChunk(chunk) { break }

@@ -1,4 +1,5 @@
 import Foundation
+import KubeObjects
 
 /// Where the API server is: `scheme://host:port` plus an optional path prefix (Rancher, proxies).
 struct ServerAddress: Sendable, Equatable {
@@ -120,4 +121,29 @@ struct ExecClusterInfo: Sendable {
     var tlsServerName: String?
     var insecureSkipTLSVerify: Bool
     var certificateAuthorityData: [UInt8]?
+}
+
+/// Kubeconfigs, certificates, keys and tokens are small; a path that names `/dev/zero` or a huge file
+/// must not cost unbounded memory. Read whole, at most `ConfigFile.limit` bytes.
+enum ConfigFile {
+    static let limit = 16 << 20
+
+    enum Failure: Error {
+        case unreadable
+        case tooLarge
+    }
+
+    static func read(_ path: String) -> Result<[UInt8], Failure> {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return .failure(.unreadable) }
+        defer { close(fd) }
+        do {
+            return .success(try InputReader.readAll(fd: fd, name: path, limit: limit))
+        } catch {
+            if case .tooLarge = error { return .failure(.tooLarge) }
+            return .failure(.unreadable)
+        }
+    }
+
+    static let tooLargeText = "larger than \(limit >> 20) MiB, which no kubeconfig, certificate or token is"
 }

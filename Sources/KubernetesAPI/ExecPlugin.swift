@@ -56,20 +56,23 @@ enum ExecPlugin {
         for (n, v) in config.env { env[n] = v }
         env["KUBERNETES_EXEC_INFO"] = execInfo(config, cluster: cluster)
 
-        let outcome: ProcessOutcome
+        let outcome: PluginProcess.Outcome
         do {
             outcome = try await runProcess(executable: executable, arguments: config.args, environment: env, timeout: timeout)
         } catch {
             throw KubernetesAPIError(.unauthorized, "exec plugin \(config.command) (\(config.origin)) could not be started: \(error)")
         }
         let what = "exec plugin \(config.command) (\(config.origin))"
+        if outcome.stdoutOverflow {
+            throw KubernetesAPIError(.unauthorized, "\(what) printed more than \(stdoutLimit >> 20) MiB on stdout (the limit for an ExecCredential); it was stopped")
+        }
         if outcome.timedOut {
             throw KubernetesAPIError(.unauthorized, "\(what) did not finish within \(seconds(timeout)); it was stopped")
         }
         guard outcome.exitStatus == 0 else {
             var message = "\(what) failed with exit status \(outcome.exitStatus)"
             let errText = String(decoding: outcome.stderr.suffix(2000), as: UTF8.self)
-                .split(separator: "\n").suffix(5).joined(separator: " | ")
+                .split(separator: "\n").suffix(5).map { InputError.printable(String($0), limit: 400) }.joined(separator: " | ")
             if !errText.isEmpty { message += ": \(errText)" }
             throw KubernetesAPIError(.unauthorized, message)
         }
@@ -100,6 +103,9 @@ enum ExecPlugin {
         }
         var cred = Credential()
         cred.token = str("token")
+        if let token = cred.token, let why = CredentialCheck.problem(token) {
+            throw KubernetesAPIError(.unauthorized, "\(what) returned a status.token that \(why); the value is not shown")
+        }
         let cert = str("clientCertificateData"), key = str("clientKeyData")
         if (cert == nil) != (key == nil) {
             throw KubernetesAPIError(.unauthorized, "\(what) returned only one of clientCertificateData and clientKeyData")
@@ -125,76 +131,23 @@ enum ExecPlugin {
         return nil
     }
 
-    struct ProcessOutcome: Sendable {
-        var exitStatus: Int32
-        var stdout: [UInt8]
-        var stderr: [UInt8]
-        var timedOut: Bool
-    }
+    /// An ExecCredential is a few kilobytes even with a client certificate; more is a runaway plugin.
+    static let stdoutLimit = 4 << 20
 
-    /// Runs a process to completion on a background thread, reading stdout and stderr concurrently.
-    /// On timeout the process gets SIGTERM, then SIGKILL a second later.
+    /// Runs the plugin on a thread of its own (it blocks in poll and waitpid), within `timeout`.
     static func runProcess(executable: String, arguments: [String], environment: [String: String],
-                           timeout: Duration) async throws -> ProcessOutcome {
-        try await withCheckedThrowingContinuation { (cont: CheckedContinuation<ProcessOutcome, any Error>) in
-            DispatchQueue.global().async {
-                let process = Process()
-                process.executableURL = URL(fileURLWithPath: executable)
-                process.arguments = arguments
-                process.environment = environment
-                let outPipe = Pipe(), errPipe = Pipe()
-                process.standardOutput = outPipe
-                process.standardError = errPipe
-                process.standardInput = FileHandle.nullDevice
+                           timeout: Duration) async throws -> PluginProcess.Outcome {
+        try await withCheckedThrowingContinuation { (cont: CheckedContinuation<PluginProcess.Outcome, any Error>) in
+            Thread.detachNewThread {
                 do {
-                    try process.run()
+                    cont.resume(returning: try PluginProcess.run(executable: executable, arguments: arguments,
+                                                                 environment: environment, timeout: timeout,
+                                                                 stdoutLimit: stdoutLimit))
                 } catch {
                     cont.resume(throwing: error)
-                    return
                 }
-                let pid = process.processIdentifier
-                let state = ExitState()
-                let ns = Int(timeout.components.seconds) * 1_000_000_000 + Int(timeout.components.attoseconds / 1_000_000_000)
-                DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(ns)) {
-                    guard state.markTimedOutIfRunning() else { return }
-                    kill(pid, SIGTERM)
-                    DispatchQueue.global().asyncAfter(deadline: .now() + 1) {
-                        if state.isRunning { kill(pid, SIGKILL) }
-                    }
-                }
-                let errBox = ByteBox()
-                let group = DispatchGroup()
-                group.enter()
-                let errHandle = errPipe.fileHandleForReading
-                DispatchQueue.global().async {
-                    errBox.set([UInt8](errHandle.readDataToEndOfFile()))
-                    group.leave()
-                }
-                let out = [UInt8](outPipe.fileHandleForReading.readDataToEndOfFile())
-                group.wait()
-                process.waitUntilExit()
-                let timedOut = state.markExited()
-                cont.resume(returning: ProcessOutcome(exitStatus: process.terminationStatus, stdout: out,
-                                                      stderr: errBox.get(), timedOut: timedOut))
             }
         }
-    }
-
-    final class ExitState: @unchecked Sendable {
-        private let lock = NSLock()
-        private var running = true
-        private var timedOut = false
-        var isRunning: Bool { lock.withLock { running } }
-        func markTimedOutIfRunning() -> Bool { lock.withLock { if running { timedOut = true }; return running } }
-        /// Returns whether the timeout fired.
-        func markExited() -> Bool { lock.withLock { running = false; return timedOut } }
-    }
-
-    final class ByteBox: @unchecked Sendable {
-        private let lock = NSLock()
-        private var bytes: [UInt8] = []
-        func set(_ b: [UInt8]) { lock.withLock { bytes = b } }
-        func get() -> [UInt8] { lock.withLock { bytes } }
     }
 }
 

@@ -23,14 +23,14 @@ enum InCluster {
         }
         let bareHost = host.hasPrefix("[") && host.hasSuffix("]") ? String(host.dropFirst().dropLast()) : host
         // Never fall back to an unverified connection, nor to the system roots: the cluster CA is required.
-        guard let ca = FileManager.default.contents(atPath: caPath) else {
+        guard case .success(let ca) = ConfigFile.read(caPath) else {
             throw KubernetesAPIError(.configuration,
                 "in-cluster configuration: the cluster CA \(caPath) cannot be read; refusing to connect without verifying the API server")
         }
         var auth = AuthConfig()
         auth.tokenFile = tokenPath
         auth.identity = "the pod's service account"
-        if let ns = FileManager.default.contents(atPath: (directory as NSString).appendingPathComponent("namespace")) {
+        if case .success(let ns) = ConfigFile.read((directory as NSString).appendingPathComponent("namespace")) {
             let namespace = String(decoding: ns, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
             if !namespace.isEmpty { auth.identity = "the pod's service account (namespace \(namespace))" }
         }

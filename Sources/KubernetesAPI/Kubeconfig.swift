@@ -1,4 +1,5 @@
 import Foundation
+import KubeObjects
 import Yams
 
 /// kubeconfig files read and merged the way kubectl does: the first file to define a cluster, user or
@@ -59,11 +60,14 @@ struct Kubeconfig {
                 continue
             }
             foundAny = true
-            guard let data = FileManager.default.contents(atPath: path) else {
-                throw KubernetesAPIError(.configuration, "kubeconfig \(path): cannot be read (permission denied?)")
+            let data: [UInt8]
+            switch ConfigFile.read(path) {
+            case .success(let d): data = d
+            case .failure(.tooLarge): throw KubernetesAPIError(.configuration, "kubeconfig \(path): \(ConfigFile.tooLargeText)")
+            case .failure: throw KubernetesAPIError(.configuration, "kubeconfig \(path): cannot be read (permission denied?)")
             }
             merged.files.append(path)
-            try merged.merge(data: [UInt8](data), file: path)
+            try merged.merge(data: data, file: path)
         }
         return foundAny ? merged : nil
     }
@@ -71,6 +75,11 @@ struct Kubeconfig {
     mutating func merge(data: [UInt8], file: String) throws(KubernetesAPIError) {
         guard let text = String(validating: data, as: UTF8.self) else {
             throw KubernetesAPIError(.configuration, "kubeconfig \(file): not UTF-8 text")
+        }
+        do throws(YAMLBudget.Violation) {
+            try YAMLBudget.check(data)
+        } catch {
+            throw KubernetesAPIError(.configuration, "kubeconfig \(file): \(error.description)")
         }
         let root: Node?
         do {
@@ -134,6 +143,19 @@ struct StanzaReader {
         return s.isEmpty ? nil : s
     }
 
+    /// A value that goes into an HTTP header (a token, a basic-auth part, an impersonation name). Checked
+    /// here, where the message can name the field; the value is never shown. Unlike a token file, an
+    /// inline value is not trimmed (client-go does not trim it either; the HTTP layer would refuse it).
+    func credential(_ key: String) throws(KubernetesAPIError) -> String? {
+        guard let s = try string(key) else { return nil }
+        try checkCredential(s, field: key)
+        return s
+    }
+
+    func checkCredential(_ s: String, field: String) throws(KubernetesAPIError) {
+        if let why = CredentialCheck.problem(s) { throw fail(field, "\(why); the value is not shown") }
+    }
+
     func bool(_ key: String) throws(KubernetesAPIError) -> Bool {
         guard let v = node[key], v.null == nil else { return false }
         if let b = v.bool { return b }
@@ -179,11 +201,13 @@ struct StanzaReader {
     }
 
     func readFile(_ path: String, what: String) throws(KubernetesAPIError) -> [UInt8] {
-        guard let d = FileManager.default.contents(atPath: path) else {
+        switch ConfigFile.read(path) {
+        case .success(let d): return d
+        case .failure(.tooLarge): throw fail(what, "\(path) is \(ConfigFile.tooLargeText)")
+        case .failure:
             let exists = FileManager.default.fileExists(atPath: path)
             throw fail(what, "cannot read \(path)" + (exists ? " (permission denied?)" : ": no such file"))
         }
-        return [UInt8](d)
     }
 }
 
@@ -242,24 +266,29 @@ extension Kubeconfig {
 
     static func auth(_ user: StanzaReader) throws(KubernetesAPIError) -> AuthConfig {
         var auth = AuthConfig()
-        auth.token = try user.string("token")
+        auth.token = try user.credential("token")
         auth.tokenFile = try user.path("tokenFile")
-        auth.username = try user.string("username")
-        auth.password = try user.string("password")
+        auth.username = try user.credential("username")
+        if auth.username?.contains(":") == true {
+            throw user.fail("username", "contains a colon, which basic authentication cannot carry; the value is not shown")
+        }
+        auth.password = try user.credential("password")
         auth.clientCertificate = try user.material("client-certificate")
         auth.clientKey = try user.material("client-key")
         if (auth.clientCertificate == nil) != (auth.clientKey == nil) {
             throw user.fail(auth.clientKey == nil ? "client-key" : "client-certificate",
                             "missing: client-certificate and client-key must be given together")
         }
-        auth.impersonateUser = try user.string("as")
-        auth.impersonateUID = try user.string("as-uid")
+        auth.impersonateUser = try user.credential("as")
+        auth.impersonateUID = try user.credential("as-uid")
         auth.impersonateGroups = try user.stringList("as-groups")
+        for g in auth.impersonateGroups { try user.checkCredential(g, field: "as-groups") }
         if let provider = user.node["auth-provider"], provider.null == nil {
             let p = StanzaReader(node: provider, file: user.file, label: user.label + " auth-provider")
             let name = try p.string("name") ?? "?"
             // The OIDC provider's id-token is a bearer token; the others were removed from client-go.
             if name == "oidc", let cfg = provider["config"], let idToken = cfg["id-token"]?.scalar?.string, !idToken.isEmpty {
+                try p.checkCredential(idToken, field: "config.id-token")
                 if auth.token == nil && auth.tokenFile == nil { auth.token = idToken }
             } else {
                 throw p.fail("name", "the \"\(name)\" auth-provider is not supported (client-go dropped it too); use an exec credential plugin (for example gke-gcloud-auth-plugin or kubelogin)")

@@ -20,10 +20,19 @@ public struct KubernetesSourceOptions: Sendable {
     public var serviceAccountDirectory: String
     /// Items per page (`limit`).
     public var pageSize: Int
+    /// Most items one list (Services, or EndpointSlices, of one namespace or all) may return. 50,000
+    /// Services with their slices are well inside the default.
+    public var maxItems: Int
+    /// Most pages one list may take, restarts included. A server that pages 1 item at a time reaches it
+    /// at `maxPages` items; one that never stops paging, at once.
+    public var maxPages: Int
+    /// Time for one whole list, all its pages together (each request also has `requestTimeout`).
+    public var listTimeout: Duration
 
     public init(kubeconfig: String? = nil, context: String? = nil, namespaces: [String] = [],
                 labelSelector: String? = nil, requestTimeout: Duration = .seconds(30),
-                serviceAccountDirectory: String = "/var/run/secrets/kubernetes.io/serviceaccount", pageSize: Int = 500) {
+                serviceAccountDirectory: String = "/var/run/secrets/kubernetes.io/serviceaccount", pageSize: Int = 500,
+                maxItems: Int = 1_000_000, maxPages: Int = 10_000, listTimeout: Duration = .seconds(600)) {
         self.kubeconfig = kubeconfig
         self.context = context
         self.namespaces = namespaces
@@ -31,6 +40,9 @@ public struct KubernetesSourceOptions: Sendable {
         self.requestTimeout = requestTimeout
         self.serviceAccountDirectory = serviceAccountDirectory
         self.pageSize = pageSize
+        self.maxItems = maxItems
+        self.maxPages = maxPages
+        self.listTimeout = listTimeout
     }
 }
 
@@ -47,7 +59,8 @@ public enum KubernetesSource {
         let connection = try resolveConnection(options, environment: environment)
         let session = try await APISession.open(connection, timeout: options.requestTimeout, environment: environment)
         do {
-            let result = try await Lister(session: session, pageSize: options.pageSize).listAll(options)
+            let result = try await Lister(session: session, pageSize: options.pageSize, maxItems: options.maxItems,
+                                          maxPages: options.maxPages, listTimeout: options.listTimeout).listAll(options)
             await session.close()
             return result
         } catch {
@@ -66,12 +79,36 @@ public enum KubernetesSource {
         return "\(c.origin), server \(c.server.display)"
     }
 
+    /// What the user should hear before `load` runs, without contacting the server: today, that a
+    /// credential would be sent to an `http://` server in the clear (the tool otherwise never falls back
+    /// to unverified transport, so this is said out loud). The CLI prints these as warnings.
+    public static func warnings(_ options: KubernetesSourceOptions,
+                                environment: [String: String] = ProcessInfo.processInfo.environment)
+        throws(KubernetesAPIError) -> [String]
+    {
+        let c = try resolveConnection(options, environment: environment)
+        return transportWarnings(c)
+    }
+
+    static func transportWarnings(_ c: ClusterConnection) -> [String] {
+        guard c.server.scheme == "http" else { return [] }
+        let a = c.auth
+        let what: String
+        if a.exec != nil { what = "the token from its exec plugin" }
+        else if a.token != nil || a.tokenFile != nil { what = "its bearer token" }
+        else if a.username != nil { what = "its username and password" }
+        else { return [] }
+        return ["\(c.origin): the API server \(c.server.display) is plain http://, so \(a.identity) sends \(what) unencrypted; use https://"]
+    }
+
     static func validate(_ options: KubernetesSourceOptions) throws(KubernetesAPIError) {
         for ns in options.namespaces where !isDNSLabel(ns) {
             throw KubernetesAPIError(.configuration,
                 "--namespace \"\(InputErrorText.printable(ns))\" is not a valid namespace name (lower-case letters, digits and '-', at most 63)")
         }
-        guard options.pageSize > 0 else { throw KubernetesAPIError(.configuration, "page size must be positive") }
+        guard options.pageSize > 0, options.maxItems > 0, options.maxPages > 0, options.listTimeout > .zero else {
+            throw KubernetesAPIError(.configuration, "page size, item and page limits and the list timeout must be positive")
+        }
         guard options.requestTimeout > .zero else {
             throw KubernetesAPIError(.configuration, "the request timeout must be positive")
         }

@@ -20,9 +20,15 @@ struct Resource: Sendable {
 
 /// Paged lists: `limit` + `continue`; an expired continue token (410) restarts the list; a second expiry
 /// falls back to one unpaged list, as client-go's pager does.
+///
+/// The server is not trusted to end the list: a continue token it already sent, more than `maxPages`
+/// pages, more than `maxItems` items, or more than `listTimeout` for the whole list ends it with an error.
 struct Lister {
     let session: APISession
     let pageSize: Int
+    var maxItems = 1_000_000
+    var maxPages = 10_000
+    var listTimeout: Duration = .seconds(600)
 
     func listAll(_ options: KubernetesSourceOptions) async throws(KubernetesAPIError) -> ClusterObjects {
         let scopes = Self.scopes(options)
@@ -74,12 +80,23 @@ struct Lister {
     func list(_ resource: Resource, namespace: String?, labelSelector: String?,
               lenient: Bool = false) async throws(KubernetesAPIError) -> ListResult {
         let base = resource.path(namespace: namespace)
+        let what = "listing \(resource.plural) \(namespace.map { "in namespace \"\($0)\"" } ?? "in all namespaces") at \(session.displayURL(base))"
+        let deadline = ContinuousClock.now + listTimeout
         var expiries = 0
+        var pages = 0
         restart: while true {
             var result = ListResult(objects: ClusterObjects(), resourceVersion: "")
             var continueToken: String? = nil
+            var seenTokens = Set<String>()
             let paged = expiries < 2
             while true {
+                guard ContinuousClock.now < deadline else {
+                    throw KubernetesAPIError(.unavailable, "\(what) did not finish within \(seconds(listTimeout)) (\(pages) pages so far)")
+                }
+                pages += 1
+                guard pages <= maxPages else {
+                    throw session.badData("\(what): the server sent more than \(maxPages) pages; stopped (the page limit)")
+                }
                 var query: [(String, String)] = []
                 if let labelSelector { query.append(("labelSelector", labelSelector)) }
                 if paged { query.append(("limit", String(pageSize))) }
@@ -96,7 +113,19 @@ struct Lister {
                 }
                 let next = try decodePage(response.body, resource: resource, source: session.displayURL(base),
                                           lenient: lenient, into: &result)
-                guard let next, paged else { return result }
+                let items = result.objects.services.count + result.objects.endpointSlices.count + result.invalid.count
+                guard items <= maxItems else {
+                    throw session.badData("\(what): the server sent more than \(maxItems) items; stopped (the item limit)")
+                }
+                guard let next, paged else {
+                    // The server's list is authoritative: no items means an empty cluster, not a failed read.
+                    if items == 0 { result.objects.sawEmptyList = true }
+                    result.objects.documents += 1
+                    return result
+                }
+                guard seenTokens.insert(next).inserted else {
+                    throw session.badData("\(what): the server sent a continue token it had already sent (page \(pages)); stopped instead of looping")
+                }
                 continueToken = next
             }
         }
@@ -162,21 +191,4 @@ func looseObjectName(_ object: JSONValue) -> ObjectName? {
 /// `?k=v&k=v` with each value %-encoded; "" for no parameters.
 func queryString(_ query: [(String, String)]) -> String {
     query.isEmpty ? "" : "?" + query.map { "\($0.0)=\(percentEncode($0.1))" }.joined(separator: "&")
-}
-
-/// RFC 3986 unreserved characters pass; everything else is %-encoded (continue tokens are base64 with
-/// `=`, `+`, `/`; label selectors have `=`, `!`, `,`, spaces and parentheses).
-func percentEncode(_ s: String) -> String {
-    var out = ""
-    for b in s.utf8 {
-        switch b {
-        case UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "a")...UInt8(ascii: "z"),
-             UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "~"):
-            out.unicodeScalars.append(Unicode.Scalar(b))
-        default:
-            let hex = String(b, radix: 16, uppercase: true)
-            out += "%" + (hex.count == 1 ? "0" + hex : hex)
-        }
-    }
-    return out
 }

@@ -41,7 +41,8 @@ struct Reflector: Sendable {
                 }
                 let active = session!
                 if version == nil {
-                    let list = try await Lister(session: active, pageSize: options.pageSize)
+                    let list = try await Lister(session: active, pageSize: options.pageSize, maxItems: options.maxItems,
+                                                maxPages: options.maxPages, listTimeout: options.listTimeout)
                         .list(resource.resource, namespace: namespace, labelSelector: labelSelector, lenient: true)
                     if Task.isCancelled { break loop }
                     store.listed(scope: namespace, list.objects, invalid: list.invalid, resourceVersion: list.resourceVersion)
@@ -95,7 +96,8 @@ struct Reflector: Sendable {
         var progressed = false
         var ending: WatchEnd.Kind? = nil
         var current = version
-        let end = try await session.stream(pathAndQuery) { chunk throws(KubernetesAPIError) -> Bool in
+        let store = self.store, resourceKind = self.resource
+        let end = try await session.stream(pathAndQuery, onOpen: { store.emit(.connected(resourceKind)) }) { chunk throws(KubernetesAPIError) -> Bool in
             do {
                 try lines.feed(chunk.readableBytesView) { line in
                     switch handle(line, source: source, session: session, version: &current, progressed: &progressed) {

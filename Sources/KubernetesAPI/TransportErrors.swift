@@ -50,6 +50,8 @@ enum TransportErrors {
             return "TLS failure: \(e)"
         case let e as IOError:
             return socketCause(e)
+        case let e as NIOTooManyBytesError:
+            return "the answer is larger than \(e.maxBytes.map { "\($0 >> 20) MiB" } ?? "the limit") (the per-response limit)"
         case is CancellationError:
             return "cancelled"
         default:

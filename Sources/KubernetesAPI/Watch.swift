@@ -48,6 +48,9 @@ public enum SourceEvent: Sendable {
     /// the last good copy instead of leaving it out, so a broken update never deletes working rules. An
     /// object that was never decodable is absent. `name` is nil when even `metadata.name` is unreadable.
     case invalidObject(APIResource, ObjectName?, message: String)
+    /// A watch request was answered (the stream is open): the API is reachable for `resource` again. Sent
+    /// on every (re)opened watch, so a consumer can tell an outage has ended even when nothing changed.
+    case connected(APIResource)
     /// The watch ended and is being opened again (see `WatchRestartReason`). For `.error` an `.unavailable`
     /// with the cause and the wait follows.
     case watchRestarted(APIResource, WatchRestartReason)

@@ -52,6 +52,9 @@ struct NetlinkBatch {
         // (~1 KiB of truesize); the receive buffer must hold all of them, or answers are dropped (ENOBUFS).
         socket.raiseBuffers(send: enc.bytes.count + (1 << 16), receive: (1 << 20) + n * 1024)
         try beforeSending()
+        // A socket that lives across batches (NftablesConnection) may still hold answers to an earlier
+        // request that was abandoned after its first error; drop them (one poll when there are none).
+        while try socket.receive(timeoutMilliseconds: 0) != nil {}
         try socket.send(enc.bytes, what: "sending the nftables batch (\(n) messages, \(enc.bytes.count) bytes)")
 
         var answered = [Bool](repeating: false, count: n)
@@ -74,7 +77,7 @@ struct NetlinkBatch {
                 if rel >= 0 && rel < n {
                     if !answered[rel] { answered[rel] = true; answeredCount += 1 }
                     if ack.errno != 0 { failures.append((rel, ack)) }
-                } else if ack.errno != 0 {
+                } else if ack.errno != 0 && (ack.sequence == seq0 || ack.sequence == enc.endSequence) {
                     failures.append((nil, ack))  // the batch itself (e.g. EPERM for the whole datagram)
                 }
             }
@@ -106,7 +109,7 @@ struct NetlinkBatch {
             let range = enc.ranges[i]
             let length = range.count
             switch op.kind {
-            case .newElements(_, let elements):
+            case .newElements(_, let elements), .deleteElements(_, let elements):
                 let children = NetlinkParse.childRanges(ofMessageAt: range.lowerBound, length: length, in: enc.bytes, listType: 3)
                 if let k = children.firstIndex(where: { $0.contains(off) }), k < elements.count {
                     what = op.elementDescription(k)

@@ -36,6 +36,11 @@ public struct NetlinkError: Error, Sendable, Equatable, CustomStringConvertible 
 
     public var isPermissionDenied: Bool { kind == .permissionDenied }
     public var isUnavailable: Bool { kind == .unavailable }
+    /// The kernel refused an incremental `update` because the table is not what the update started from:
+    /// an element to delete is missing (ENOENT; also a missing table or map), an element or chain to add
+    /// already exists (EEXIST), or a chain to delete is still used (EBUSY): someone changed the table. Nothing
+    /// was committed; apply the new plan in full. (Any other `.rejected` error of `update` calls for the same.)
+    public var isOutOfSync: Bool { kind == .rejected && (errno == 2 || errno == 17 || errno == 16) }
 
     public static let unavailableHint = "nf_tables or nat modules unavailable (nf_tables, nft_nat, nft_chain_nat, nf_conntrack)"
 

@@ -125,3 +125,79 @@ enum NetlinkParse {
         return []
     }
 }
+
+/// One nf_tables notification (a message of the NFNLGRP_NFTABLES multicast group), as much as a change
+/// monitor needs: which table it names, or, for the NEWGEN that closes a transaction, the generation and
+/// who committed it.
+struct NftNotification: Sendable, Equatable {
+    /// NFT_MSG_* (the low byte of the netlink message type).
+    var message: UInt16
+    var family: UInt8
+    /// The table an object notification names (attribute 1 of tables, chains, rules, sets, elements, objects
+    /// and flowtables alike); nil for NEWGEN.
+    var table: String?
+    /// The committing socket's port id (nlmsg_pid).
+    var portID: UInt32
+    /// NEWGEN: NFTA_GEN_ID, NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME.
+    var generation: UInt32?
+    var processID: UInt32?
+    var processName: String?
+
+    static let subsystemNftables: UInt16 = 10  // NFNL_SUBSYS_NFTABLES
+    static let messageNewGen: UInt16 = 15      // NFT_MSG_NEWGEN
+
+    var isNewGeneration: Bool { message == NftNotification.messageNewGen }
+
+    /// Decodes one message of a notification datagram; nil for anything that is not an nf_tables message.
+    static func parse(_ h: NetlinkHeader, in b: [UInt8]) -> NftNotification? {
+        guard h.type >> 8 == subsystemNftables, h.payload.count >= 4 else { return nil }
+        let p = h.payload
+        var n = NftNotification(message: h.type & 0xff, family: b[p.lowerBound], table: nil, portID: h.portID)
+        func string(_ r: Range<Int>) -> String {
+            var v = b[r]
+            while v.last == 0 { v = v.dropLast() }
+            return String(decoding: v, as: UTF8.self)
+        }
+        func bigEndian32(_ r: Range<Int>) -> UInt32? {
+            guard r.count == 4 else { return nil }
+            return b[r].reduce(0) { $0 << 8 | UInt32($1) }
+        }
+        for a in NetlinkParse.attributes(in: b, (p.lowerBound + 4)..<p.upperBound) {
+            if n.isNewGeneration {
+                switch a.type {
+                case 1: n.generation = bigEndian32(a.value)
+                case 2: n.processID = bigEndian32(a.value)
+                case 3: n.processName = string(a.value)
+                default: break
+                }
+            } else if a.type == 1 {
+                n.table = string(a.value)
+            }
+        }
+        return n
+    }
+}
+
+/// Folds notifications into transactions: a transaction touched the table when one of its messages named
+/// `table inet <table>`; it was ours when its NEWGEN came from one of this process's sockets. Pure.
+struct NftChangeFilter {
+    let table: String
+    let isOwnPort: (UInt32) -> Bool
+    private var touched = false
+
+    init(table: String, isOwnPort: @escaping (UInt32) -> Bool) { self.table = table; self.isOwnPort = isOwnPort }
+
+    /// The change to report when `n` closes a transaction that touched the table and was not ours.
+    mutating func consume(_ n: NftNotification) -> NftablesChange? {
+        guard n.isNewGeneration else {
+            if n.family == NftFamily.inet.rawValue && n.table == table { touched = true }
+            return nil
+        }
+        defer { touched = false }
+        guard touched, !isOwnPort(n.portID) else { return nil }
+        return NftablesChange(generation: n.generation ?? 0, processID: n.processID, processName: n.processName, lostNotifications: false)
+    }
+
+    /// Notifications were lost: whatever was half-seen is forgotten.
+    mutating func reset() { touched = false }
+}

@@ -389,9 +389,15 @@ struct NftOperation: Sendable {
         case newTable(NftTable)
         case deleteTable(NftTable)
         case newChain(NftChain)
+        /// Deletes the chain and the rules in it (the kernel removes a chain's own rules with it, unless
+        /// the message carries NLM_F_NONREC, which we never send); it fails with EBUSY while an element or a
+        /// rule elsewhere still jumps to it, so it must come after their deletes in the batch.
+        case deleteChain(NftChain)
         case newSet(NftSet)
         /// `set` carries the target set's family, table, name and id; its other fields are ignored.
         case newElements(NftSet, [NftElement])
+        /// Deletes elements by key (data, verdict and userdata of `elements` are not sent).
+        case deleteElements(NftSet, [NftElement])
         case newRule(NftRule)
     }
 
@@ -402,4 +408,8 @@ struct NftOperation: Sendable {
     var elementDescription: @Sendable (Int) -> String = { i in "element \(i + 1)" }
     /// For `newRule`: one description per expression (same order).
     var expressionDescriptions: [String] = []
+    /// NLM_F_EXCL for `newChain` / `newElements`: fail with EEXIST when the object is already there instead of
+    /// keeping it. Incremental updates use it, so that a kernel table that is not what the caller believes
+    /// (edited by hand) makes the whole batch fail rather than silently diverge.
+    var exclusive = false
 }

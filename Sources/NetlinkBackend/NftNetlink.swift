@@ -2,6 +2,7 @@
 // libnftnl to encode the pure `NftOperation`s into nf_tables messages and to decode dumps back into the
 // pure model. Every unsafe pointer of the backend lives here.
 import CNetfilter
+import Foundation
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -61,6 +62,7 @@ final class NetlinkSocket {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(s, $0, &len) }
         }
         portID = bound.nl_pid
+        OwnNetlinkPorts.shared.add(portID)
         // Errors carry only the failing message's header plus the kernel's explanation and offset.
         setOption(level: SOL_NETLINK, name: hnd_netlink_cap_ack(), value: 1)
         setOption(level: SOL_NETLINK, name: hnd_netlink_ext_ack(), value: 1)
@@ -79,6 +81,32 @@ final class NetlinkSocket {
         let snd = Int32(clamping: send), rcv = Int32(clamping: receive)
         if !setOption(level: SOL_SOCKET, name: SO_SNDBUFFORCE, value: snd) { setOption(level: SOL_SOCKET, name: SO_SNDBUF, value: snd) }
         if !setOption(level: SOL_SOCKET, name: SO_RCVBUFFORCE, value: rcv) { setOption(level: SOL_SOCKET, name: SO_RCVBUF, value: rcv) }
+    }
+
+    /// Joins the nf_tables notification group (NFNLGRP_NFTABLES): the kernel then sends this socket every
+    /// committed change of the namespace's ruleset, each transaction closed by NFT_MSG_NEWGEN.
+    func joinNftablesNotifications() throws(NetlinkError) {
+        guard setOption(level: SOL_NETLINK, name: NETLINK_ADD_MEMBERSHIP, value: Int32(NFNLGRP_NFTABLES.rawValue)) else {
+            let e = errno
+            throw NetlinkError(kind: NetlinkError.kind(errno: e, operation: nil), operation: "subscribing to nftables notifications",
+                               errno: e, message: NetlinkSocket.describe(e))
+        }
+    }
+
+    /// Waits until the socket is readable, `timeoutMilliseconds` pass (-1: no limit) or `stop` is signalled.
+    /// True when there is something to read.
+    func waitReadable(timeoutMilliseconds: Int32, stop: StopSignal) throws(NetlinkError) -> Bool {
+        var fds = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0), pollfd(fd: stop.readFD, events: Int16(POLLIN), revents: 0)]
+        while true {
+            let r = poll(&fds, 2, timeoutMilliseconds)
+            if r < 0 {
+                if errno == EINTR { continue }
+                let e = errno
+                throw NetlinkError(kind: .io, operation: "waiting for nftables notifications", errno: e, message: NetlinkSocket.describe(e))
+            }
+            if r == 0 || fds[1].revents != 0 { return false }
+            return fds[0].revents != 0
+        }
     }
 
     /// Sends `bytes` as one datagram (a whole batch is one sendmsg; the kernel processes it before returning).
@@ -136,6 +164,57 @@ final class NetlinkSocket {
 
     static func describe(_ e: Int32) -> String {
         "\(String(cString: strerror(e))) (\(NetlinkError.errnoName(e)))"
+    }
+}
+
+/// A pipe that wakes a thread blocked in `NetlinkSocket.waitReadable` (NftablesChangeMonitor.stop). Once
+/// signalled it stays signalled.
+final class StopSignal: @unchecked Sendable {
+    let readFD: Int32
+    private let writeFD: Int32
+
+    init() throws(NetlinkError) {
+        var fds: [Int32] = [0, 0]
+        guard pipe(&fds) == 0 else {
+            let e = errno
+            throw NetlinkError(kind: .io, operation: "creating a pipe", errno: e, message: NetlinkSocket.describe(e))
+        }
+        for f in fds { _ = fcntl(f, F_SETFD, FD_CLOEXEC) }
+        readFD = fds[0]; writeFD = fds[1]
+    }
+
+    func signal() {
+        var byte: UInt8 = 1
+        _ = write(writeFD, &byte, 1)
+    }
+
+    deinit { close(readFD); close(writeFD) }
+}
+
+/// Port ids of the netlink sockets this process opened (the most recent ones). nf_tables' notifications of
+/// a transaction carry the port id of the socket that committed it, so a monitor can tell our own changes
+/// from everyone else's, whichever thread or socket made them.
+final class OwnNetlinkPorts: @unchecked Sendable {
+    static let shared = OwnNetlinkPorts()
+    private let lock = NSLock()
+    private var recent: [UInt32] = []
+    private var members: [UInt32: Int] = [:]
+    /// Enough for every socket that could still have notifications in flight.
+    private let limit = 4096
+
+    func add(_ port: UInt32) {
+        lock.lock(); defer { lock.unlock() }
+        recent.append(port)
+        members[port, default: 0] += 1
+        if recent.count > limit {
+            let old = recent.removeFirst()
+            if let n = members[old], n > 1 { members[old] = n - 1 } else { members[old] = nil }
+        }
+    }
+
+    func contains(_ port: UInt32) -> Bool {
+        lock.lock(); defer { lock.unlock() }
+        return members[port] != nil
     }
 }
 
@@ -241,8 +320,9 @@ struct NftEncoder {
                 return nlh
             }
         case .newChain(let c):
+            let excl = op.exclusive ? Int32(NLM_F_EXCL) : 0
             build(into: &out) { buf in
-                let nlh = hdr(buf, NFT_MSG_NEWCHAIN, c.family, Int32(NLM_F_CREATE))
+                let nlh = hdr(buf, NFT_MSG_NEWCHAIN, c.family, Int32(NLM_F_CREATE) | excl)
                 let o = nftnl_chain_alloc()!
                 nftnl_chain_set_str(o, NftEncoder.attr(NFTNL_CHAIN_TABLE.rawValue), c.table)
                 nftnl_chain_set_str(o, NftEncoder.attr(NFTNL_CHAIN_NAME.rawValue), c.name)
@@ -254,6 +334,29 @@ struct NftEncoder {
                 }
                 nftnl_chain_nlmsg_build_payload(nlh, o)
                 nftnl_chain_free(o)
+                return nlh
+            }
+        case .deleteChain(let c):
+            build(into: &out) { buf in
+                let nlh = hdr(buf, NFT_MSG_DELCHAIN, c.family, 0)
+                let o = nftnl_chain_alloc()!
+                nftnl_chain_set_str(o, NftEncoder.attr(NFTNL_CHAIN_TABLE.rawValue), c.table)
+                nftnl_chain_set_str(o, NftEncoder.attr(NFTNL_CHAIN_NAME.rawValue), c.name)
+                nftnl_chain_nlmsg_build_payload(nlh, o)
+                nftnl_chain_free(o)
+                return nlh
+            }
+        case .deleteElements(let s, let elements):
+            build(into: &out) { buf in
+                let nlh = hdr(buf, NFT_MSG_DELSETELEM, s.family, 0)
+                let o = NftEncoder.makeSet(s)
+                for e in elements {
+                    let x = nftnl_set_elem_alloc()!
+                    e.key.withUnsafeBytes { _ = nftnl_set_elem_set(x, NftEncoder.attr(NFTNL_SET_ELEM_KEY), $0.baseAddress, UInt32($0.count)) }
+                    nftnl_set_elem_add(o, x)
+                }
+                nftnl_set_elems_nlmsg_build_payload(nlh, o)
+                nftnl_set_free(o)
                 return nlh
             }
         case .newSet(let s):
@@ -278,8 +381,9 @@ struct NftEncoder {
                 return nlh
             }
         case .newElements(let s, let elements):
+            let excl = op.exclusive ? Int32(NLM_F_EXCL) : 0
             build(into: &out) { buf in
-                let nlh = hdr(buf, NFT_MSG_NEWSETELEM, s.family, Int32(NLM_F_CREATE))
+                let nlh = hdr(buf, NFT_MSG_NEWSETELEM, s.family, Int32(NLM_F_CREATE) | excl)
                 let o = NftEncoder.makeSet(s)
                 for e in elements {
                     let x = nftnl_set_elem_alloc()!

@@ -14,6 +14,21 @@ public struct ApplyReport: Sendable, Equatable {
     public var messages: Int
     public var bytes: Int
     public var seconds: Double
+    /// True when `update` changed elements and pick chains in place; false for a full replace of the table
+    /// (`apply`, or `update` across a settings change).
+    public var incremental: Bool = false
+    /// Elements the batch added and deleted (a changed element counts once in each). For a full replace,
+    /// `elementsAdded` is every element of the plan and `elementsDeleted` is 0: the old table's elements go
+    /// with the table and are not counted.
+    public var elementsAdded: Int = 0
+    public var elementsDeleted: Int = 0
+    /// Chains the batch added and deleted (a pick chain's one rule is added and deleted with it). For a
+    /// full replace, every chain of the plan.
+    public var chainsAdded: Int = 0
+    public var chainsDeleted: Int = 0
+
+    /// Kernel objects the batch changed: elements and chains added and deleted. 0 when nothing was sent.
+    public var objectsChanged: Int { elementsAdded + elementsDeleted + chainsAdded + chainsDeleted }
 }
 
 /// The nftables backend over netlink (libnftnl + libmnl framing, no `nft` binary): installs a `RulePlan` as
@@ -39,10 +54,13 @@ public struct NftablesNetlink: Sendable {
     public func apply(_ plan: RulePlan) throws(NetlinkError) -> ApplyReport {
         let start = Date()
         let ops = try RulesetProgram.operations(plan)
-        var elements = 0
-        for op in ops { if case .newElements(_, let e) = op.kind { elements += e.count } }
-        let batch = NetlinkBatch(ops)
         var session = try NetlinkSession.open(in: namespace)
+        return try Self.apply(plan, operations: ops, on: &session, start: start)
+    }
+
+    static func apply(_ plan: RulePlan, operations ops: [NftOperation], on session: inout NetlinkSession,
+                      start: Date) throws(NetlinkError) -> ApplyReport {
+        let batch = NetlinkBatch(ops)
         let table = plan.settings.table
         // The ownership check and the batch are not one transaction: a table created (or replaced) by
         // someone else between the GETTABLE and the commit is not seen. nf_tables has no conditional delete,
@@ -51,9 +69,64 @@ public struct NftablesNetlink: Sendable {
         let result = try batch.commit(on: session.socket) { () throws(NetlinkError) in
             _ = try Self.refuseForeignTable(&session, name: table, verb: "replace")
         }
+        let c = RulesetProgram.counts(ops)
         return ApplyReport(table: plan.settings.table, mappings: plan.rules.count, pickChains: plan.nftPickChains.count,
-                           elements: elements, messages: result.messages, bytes: result.bytes,
-                           seconds: Date().timeIntervalSince(start))
+                           elements: c.elementsAdded, messages: result.messages, bytes: result.bytes,
+                           seconds: Date().timeIntervalSince(start), incremental: false,
+                           elementsAdded: c.elementsAdded, elementsDeleted: 0, chainsAdded: c.chainsAdded, chainsDeleted: 0)
+    }
+
+    /// Turns the table that `old` installed (a plan this process applied or updated to before) into `new`
+    /// in ONE batch that touches only what differs: the dispatch, endpoint-slot and masquerade elements
+    /// whose key, data or comment changed (a changed element is deleted and added again), and the pick
+    /// chains that appear or are no longer used; never the table, the base chains or the maps. Equal plans
+    /// send nothing (`objectsChanged == 0`). A different table name, priority or masquerade setting is not
+    /// incremental: `update` then replaces the whole table like `apply(new)` (`incremental == false`).
+    ///
+    /// The batch assumes the kernel holds exactly what `old` installed: its deletes name existing keys and
+    /// its adds are exclusive. When the table was changed behind our back (an element deleted or added by
+    /// hand, the table gone) the kernel refuses the whole batch and nothing is committed: a `.rejected`
+    /// error, `isOutOfSync` for the usual ENOENT / EEXIST / EBUSY. The caller then applies `new` in full.
+    /// Unlike `apply`, it does not look up the table's ownership first (one sendmsg per update): it only
+    /// changes elements of the maps `old` created and chains named `pick…`, and fails when they are not there.
+    @discardableResult
+    public func update(from old: RulePlan, to new: RulePlan) throws(NetlinkError) -> ApplyReport {
+        let start = Date()
+        guard let ops = try RulesetProgram.changes(from: old, to: new) else { return try apply(new) }
+        if ops.isEmpty { return Self.unchanged(new, start: start) }
+        var session = try NetlinkSession.open(in: namespace)
+        return try Self.commitChanges(new, operations: ops, on: &session, start: start)
+    }
+
+    static func unchanged(_ plan: RulePlan, start: Date) -> ApplyReport {
+        ApplyReport(table: plan.settings.table, mappings: plan.rules.count, pickChains: RulesetProgram.pickChains(plan).count,
+                    elements: elementCount(plan), messages: 0, bytes: 0, seconds: Date().timeIntervalSince(start), incremental: true)
+    }
+
+    static func commitChanges(_ new: RulePlan, operations ops: [NftOperation], on session: inout NetlinkSession,
+                              start: Date) throws(NetlinkError) -> ApplyReport {
+        let result = try NetlinkBatch(ops).commit(on: session.socket)
+        let c = RulesetProgram.counts(ops)
+        return ApplyReport(table: new.settings.table, mappings: new.rules.count, pickChains: RulesetProgram.pickChains(new).count,
+                           elements: elementCount(new), messages: result.messages, bytes: result.bytes,
+                           seconds: Date().timeIntervalSince(start), incremental: true, elementsAdded: c.elementsAdded,
+                           elementsDeleted: c.elementsDeleted, chainsAdded: c.chainsAdded, chainsDeleted: c.chainsDeleted)
+    }
+
+    /// Elements of the installed plan: dispatch entries, endpoint slots, masquerade addresses.
+    static func elementCount(_ plan: RulePlan) -> Int {
+        let rules = plan.rules
+        var slots = 0
+        for i in rules.indices { slots += rules[i].mapping.target.destinations.count }
+        let masq = plan.settings.masquerade
+            ? RulesetProgram.externalAddresses(plan, .ipv4).count + RulesetProgram.externalAddresses(plan, .ipv6).count : 0
+        return plan.rules.count + slots + masq
+    }
+
+    /// The operations `update(from:to:)` would send, one description per netlink message; nil when it
+    /// would replace the whole table (see `describe(_:)`).
+    public static func describeUpdate(from old: RulePlan, to new: RulePlan) throws(NetlinkError) -> [String]? {
+        try RulesetProgram.changes(from: old, to: new)?.map(\.description)
     }
 
     /// The operations `apply` would send, one description per netlink message (for --dry-run / debugging).
@@ -65,9 +138,13 @@ public struct NftablesNetlink: Sendable {
     /// comment is never deleted: `.foreignTable`, and nothing is sent.
     @discardableResult
     public func remove(table: String) throws(NetlinkError) -> Bool {
+        var session = try NetlinkSession.open(in: namespace)
+        return try Self.remove(table: table, on: &session)
+    }
+
+    static func remove(table: String, on session: inout NetlinkSession) throws(NetlinkError) -> Bool {
         let t = NftTable(family: .inet, name: table)
         let batch = NetlinkBatch([NftOperation(kind: .deleteTable(t), description: "deleting table inet \(table)")])
-        var session = try NetlinkSession.open(in: namespace)
         do {
             // (Not one transaction with the delete either; see apply.)
             _ = try batch.commit(on: session.socket) { () throws(NetlinkError) in
@@ -91,7 +168,7 @@ public struct NftablesNetlink: Sendable {
 
     /// One GETTABLE for `inet <name>`: false when it does not exist, true when it is ours, `.foreignTable`
     /// otherwise.
-    private static func refuseForeignTable(_ s: inout NetlinkSession, name: String, verb: String) throws(NetlinkError) -> Bool {
+    static func refuseForeignTable(_ s: inout NetlinkSession, name: String, verb: String) throws(NetlinkError) -> Bool {
         let what = "looking up table inet \(name)"
         let reply: NetlinkSession.Reply
         do { reply = try s.request(NftMessageType.getTable, family: .inet, dump: false, table: name) } catch let e as NetlinkError {
@@ -130,6 +207,10 @@ public struct NftablesNetlink: Sendable {
 
     func dumpTable(family: NftFamily, name: String) throws(NetlinkError) -> DumpedTable? {
         var session = try NetlinkSession.open(in: namespace)
+        return try Self.dumpTable(family: family, name: name, on: &session)
+    }
+
+    static func dumpTable(family: NftFamily, name: String, on session: inout NetlinkSession) throws(NetlinkError) -> DumpedTable? {
         var lastError: NetlinkError?
         for _ in 0..<8 {
             do {
@@ -149,7 +230,7 @@ public struct NftablesNetlink: Sendable {
                                         message: "the ruleset kept changing while it was read")
     }
 
-    private func dumpOnce(_ s: inout NetlinkSession, family: NftFamily, name: String) throws -> DumpedTable? {
+    private static func dumpOnce(_ s: inout NetlinkSession, family: NftFamily, name: String) throws -> DumpedTable? {
         func failure(_ what: String, _ e: Int32) -> NetlinkError {
             NetlinkError(kind: NetlinkError.kind(errno: e, operation: nil), operation: what, errno: e, message: NetlinkSocket.describe(e))
         }

@@ -25,10 +25,13 @@ struct RulesetProgram {
 
     /// Refuses what an nftables table cannot express, before anything touches the kernel.
     static func validate(_ plan: RulePlan) throws(NetlinkError) {
-        if let why = plan.nftablesRefusal {
+        // (Index loops read rules and chains in place; `first(where:)` would copy each one: see pickChains.)
+        let chains = plan.targetChains, rules = plan.rules
+        if chains.indices.contains(where: { chains[$0].isKubeProxyJump }), let why = plan.nftablesRefusal {
             throw NetlinkError(kind: .unsupportedPlan, operation: nil, errno: 0, message: why)
         }
-        if let r = plan.rules.first(where: { $0.mapping.target.destinations.isEmpty }) {
+        if let i = rules.indices.first(where: { rules[$0].mapping.target.destinations.isEmpty }) {
+            let r = rules[i]
             throw NetlinkError(kind: .unsupportedPlan, operation: nil, errno: 0,
                                message: "mapping \(r.mapping.externalIP.bracketed):\(r.mapping.port)/\(r.mapping.protocol.lowercased) "
                                    + "(\(plan.targetChains[r.targetIndex].comment)) has no destination")
@@ -37,7 +40,8 @@ struct RulesetProgram {
             throw NetlinkError(kind: .unsupportedPlan, operation: nil, errno: 0,
                                message: "priority \(plan.settings.priority) is out of range")
         }
-        if let chain = plan.targetChains.first(where: { $0.comment.utf8.count > maxCommentLength }) {
+        if let i = chains.indices.first(where: { chains[$0].comment.utf8.count > maxCommentLength }) {
+            let chain = chains[i]
             throw NetlinkError(kind: .unsupportedPlan, operation: nil, errno: 0,
                                message: "comment \"\(chain.comment)\" is longer than \(maxCommentLength) bytes")
         }
@@ -375,9 +379,7 @@ struct RulesetProgram {
                 }
             }
             elementOps += elementOperations(set: set, kind: "map", elements: elements) { [origin] i in
-                let m = rules[Int(origin[i].rule)].mapping, slot = Int(origin[i].slot)
-                let d = m.target.destinations[slot]
-                return "\(m.externalIP) . \(m.protocol.lowercased) . \(m.port) . \(slot) : \(d.ip) . \(d.port)"
+                endpointText(rules[Int(origin[i].rule)].mapping, slot: Int(origin[i].slot))
             }
         }
         if masq {
@@ -447,8 +449,10 @@ struct RulesetProgram {
     /// Splits elements over as many NEWSETELEM messages as their nested list needs. `text(i)` describes
     /// element `i` (of `elements`); it is called for the first and last of each message, and otherwise only
     /// when an error names an element.
-    static func elementOperations(set: NftSet, kind: String, elements: [NftElement],
-                                  text: @escaping @Sendable (Int) -> String) -> [NftOperation] {
+    /// With `delete`, DELSETELEM messages instead (keys only, so they are smaller and may hold more
+    /// elements); `exclusive` sets NLM_F_EXCL on NEWSETELEM (see `NftOperation.exclusive`).
+    static func elementOperations(set: NftSet, kind: String, elements: [NftElement], delete: Bool = false,
+                                  exclusive: Bool = false, text: @escaping @Sendable (Int) -> String) -> [NftOperation] {
         var ops: [NftOperation] = []
         var start = 0
         let name = set.name
@@ -464,9 +468,12 @@ struct RulesetProgram {
             let n = end - start
             let what = n == 1 ? "element \(text(start))" : "\(n) elements (\(text(start)) … \(text(end - 1)))"
             let offset = start
-            ops.append(NftOperation(kind: .newElements(set, Array(elements[start..<end])),
-                                    description: "adding \(what) to \(kind) \(name)",
-                                    elementDescription: { i in "adding element \(text(offset + i)) to \(kind) \(name)" }))
+            let part = Array(elements[start..<end])
+            let (verb, preposition) = delete ? ("deleting", "from") : ("adding", "to")
+            ops.append(NftOperation(kind: delete ? .deleteElements(set, part) : .newElements(set, part),
+                                    description: "\(verb) \(what) \(preposition) \(kind) \(name)",
+                                    elementDescription: { i in "\(verb) element \(text(offset + i)) \(preposition) \(kind) \(name)" },
+                                    exclusive: exclusive))
             start = end
         }
         return ops

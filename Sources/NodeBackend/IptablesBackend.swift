@@ -57,68 +57,6 @@ struct IptablesOwned: Sendable {
     }
 }
 
-/// What a plan wants in one family: the renderer's restore text, parsed.
-struct IptablesDesired: Sendable {
-    var family: IPFamily
-    /// Lines between `*nat` and `COMMIT`, comments dropped: declarations first, then rules.
-    var body: [String]
-    var table: SavedRuleset.Table
-    /// kube-proxy chains the plan jumps to, with the service they stand for (skipped ones included).
-    var kubeChains: [(chain: String, comment: String)]
-    var mappings: Int
-    /// Mappings left out because kube-proxy has no chain for them here, one warning line each.
-    var skipped: [String] = []
-    var isEmpty: Bool { mappings == 0 }
-
-    /// `missingKubeChains`: kube-proxy chains that do not exist in this family's nat table; the mappings
-    /// that jump to them are left out (and their masquerade rules, unless another mapping keeps the address).
-    init(plan: RulePlan, family: IPFamily, missingKubeChains: Set<String> = [], place: String = "") {
-        self.family = family
-        let s = plan.settings
-        let rules = plan.rules(family)
-        kubeChains = plan.targetChains(family).compactMap { c in
-            if case .kubeProxyChain(let name) = c.target { return (name, c.comment) }
-            return nil
-        }
-        var keptAddresses = Set<String>()
-        var kept = 0
-        for r in rules {
-            let chain = plan.targetChains[r.targetIndex]
-            let m = r.mapping
-            if case .kubeProxyChain(let name) = chain.target, missingKubeChains.contains(name) {
-                skipped.append("skipped \(m.externalIP) \(m.protocol.lowercased)/\(m.port) (\(chain.comment)): kube-proxy has no chain "
-                               + "\(name)\(place); it creates none for a service without endpoints, or with both traffic policies Local")
-                continue
-            }
-            kept += 1
-            keptAddresses.insert(m.externalIP.description)
-        }
-        mappings = kept
-        guard kept > 0 else {
-            body = []; table = SavedRuleset.Table(name: "nat")
-            return
-        }
-        let text = IptablesRenderer.render(plan, family: family, options: .init(includeJumps: false))
-        var lines = text.split(separator: "\n").map(String.init)
-            .filter { !$0.hasPrefix("#") && $0 != "*nat" && $0 != "COMMIT" && !$0.isEmpty }
-        if !skipped.isEmpty {
-            lines = lines.filter { line in
-                guard line.hasPrefix("-A ") else { return true }
-                let tokens = SavedRuleset.tokenize(line)
-                guard tokens.count > 2 else { return true }
-                let rule = SavedRuleset.Rule(text: "", tokens: Array(tokens.dropFirst(2)))
-                if tokens[1] == s.chain, let t = rule.target { return !missingKubeChains.contains(t) }
-                if tokens[1] == s.masqueradeChain, let i = tokens.firstIndex(of: "--ctorigdst"), i + 1 < tokens.count {
-                    return keptAddresses.contains(String(tokens[i + 1].split(separator: "/").first ?? ""))
-                }
-                return true
-            }
-        }
-        body = lines
-        table = SavedRuleset.parse((["*nat"] + lines + ["COMMIT"]).joined(separator: "\n")).table("nat") ?? SavedRuleset.Table(name: "nat")
-    }
-}
-
 /// iptables / ip6tables through `*-restore --noflush`, into the variant kube-proxy uses.
 struct IptablesBackend: Sendable {
     let context: NodeContext
@@ -144,24 +82,52 @@ struct IptablesBackend: Sendable {
 
     // MARK: differences
 
+    /// Whether a chain in the kernel holds exactly `want`: the rules byte for byte (both sides are in
+    /// iptables-save's spelling), else, for a chain that differs as text, after normalising both sides
+    /// (another iptables version may spell a rule differently; only such chains pay for it).
+    func sameRules(_ want: [String], _ have: [SavedRuleset.Rule]) -> Bool {
+        guard want.count == have.count else { return false }
+        if zip(want, have).allSatisfy({ $0 == $1.text }) { return true }
+        return zip(want, have).allSatisfy { w, h in
+            w == h.text || RuleNormalizer.normalize(SavedRuleset.tokenize(w)) == RuleNormalizer.normalize(h)
+        }
+    }
+
+    /// Our chains whose rules must be (re)written, and our chains the plan no longer has.
+    func chainChanges(_ desired: IptablesDesired, _ owned: IptablesOwned) -> (write: [String], stale: [String]) {
+        var write: [String] = []
+        if !desired.isEmpty {
+            for chain in desired.chainOrder {
+                guard let have = owned.chains[chain], sameRules(desired.rules[chain] ?? [], have) else { write.append(chain); continue }
+            }
+        }
+        let wanted = desired.isEmpty ? [] : Set(desired.chainOrder)
+        return (write, owned.chainOrder.filter { !wanted.contains($0) })
+    }
+
     func differences(_ desired: IptablesDesired, _ owned: IptablesOwned, _ s: PlanSettings) -> [String] {
         let f = "\(variant.displayName) \(desired.family.rawValue)"
         var out: [String] = []
-        var wanted = Set<String>()
-        if !desired.isEmpty {
-            for chain in desired.table.chainOrder {
-                wanted.insert(chain)
-                let want = desired.table.rules(chain).map(RuleNormalizer.normalize)
-                guard let have = owned.chains[chain]?.map(RuleNormalizer.normalize) else {
-                    out.append("\(f): add chain \(chain) (\(want.count) rule(s))")
-                    continue
-                }
-                if want != have { out += lineDiff(prefix: "\(f): chain \(chain)", have: have, want: want) }
+        let (write, stale) = chainChanges(desired, owned)
+        for chain in write {
+            let want = desired.rules[chain] ?? []
+            guard let have = owned.chains[chain] else {
+                out.append("\(f): add chain \(chain) (\(want.count) rule(s))")
+                continue
             }
+            out += lineDiff(prefix: "\(f): chain \(chain)", have: have.map(RuleNormalizer.normalize),
+                            want: want.map { RuleNormalizer.normalize(SavedRuleset.tokenize($0)) })
         }
-        for chain in owned.chainOrder where !wanted.contains(chain) {
+        for chain in stale {
             out.append("\(f): remove chain \(chain) (\(owned.chains[chain]?.count ?? 0) rule(s), not in the plan)")
         }
+        out += jumpDifferences(desired, owned, s)
+        return out
+    }
+
+    private func jumpDifferences(_ desired: IptablesDesired, _ owned: IptablesOwned, _ s: PlanSettings) -> [String] {
+        let f = "\(variant.displayName) \(desired.family.rawValue)"
+        var out: [String] = []
         let where_ = s.runsBeforeKubeProxy ? "before" : "after"
         if desired.isEmpty {
             if !owned.outputJumps.isEmpty { out.append("\(f): remove \(owned.outputJumps.count) jump(s) OUTPUT -> \(s.chain)") }
@@ -203,26 +169,30 @@ struct IptablesBackend: Sendable {
     /// One restore file: the whole change for a family commits at once (legacy replaces the table in one
     /// call, nft sends one transaction), so the kernel never holds a half-updated set of our chains.
     func applyScript(_ desired: IptablesDesired, _ owned: IptablesOwned, _ s: PlanSettings) -> String {
-        if desired.isEmpty { return removeScript(owned, s) }
+        restoreScript(desired, owned, s).script
+    }
+
+    /// The restore file and what it does: only the chains whose rules differ are declared (declaring
+    /// flushes) and refilled, as kube-proxy does; chains the plan no longer has are flushed and then deleted,
+    /// after the rules that jumped to them are gone; the OUTPUT/POSTROUTING jumps are fixed when needed.
+    func restoreScript(_ desired: IptablesDesired, _ owned: IptablesOwned, _ s: PlanSettings)
+        -> (script: String, written: [String], deleted: [String]) {
+        if desired.isEmpty { return (removeScript(owned, s), [], owned.chainOrder) }
         var lines = ["*nat"]
         let fixOutput = !owned.outputJumpInPlace(s)
         if fixOutput { lines += owned.outputJumps.map { "-D OUTPUT \($0.rule.text)" } }
         let wantMasq = s.masquerade
         if !wantMasq { lines += owned.postroutingJumps.map { "-D POSTROUTING \($0.rule.text)" } }
         else if owned.postroutingJumps.count > 1 { lines += owned.postroutingJumps.dropFirst().map { "-D POSTROUTING \($0.rule.text)" } }
+        let (write, stale) = chainChanges(desired, owned)
         // Declaring a chain creates it or flushes it; only our chains are declared.
-        lines += desired.body
+        lines += desired.restoreLines(write)
         // Stale chains: flushed by declaring them, deleted once nothing refers to them any more.
-        let wanted = Set(desired.table.chainOrder)
-        for chain in owned.chainOrder where !wanted.contains(chain) {
-            lines.append(":\(chain) - [0:0]")
-        }
-        for chain in owned.chainOrder where !wanted.contains(chain) {
-            lines.append("-X \(chain)")
-        }
+        lines += stale.map { ":\($0) - [0:0]" }
+        lines += stale.map { "-X \($0)" }
         lines += IptablesRenderer.jumpLines(s, output: fixOutput, postrouting: wantMasq && owned.postroutingJumps.isEmpty)
         lines.append("COMMIT")
-        return lines.joined(separator: "\n") + "\n"
+        return (lines.joined(separator: "\n") + "\n", write, stale)
     }
 
     /// Jumps out first, then flush and delete our chains: nothing else is named, so nothing else changes.
@@ -260,7 +230,7 @@ struct IptablesBackend: Sendable {
     /// gets no mappings (or on remove, `desired == nil`).
     func deletedChains(_ desired: IptablesDesired?, _ owned: IptablesOwned) -> Set<String> {
         guard let desired, !desired.isEmpty else { return Set(owned.chainOrder) }
-        return Set(owned.chainOrder).subtracting(desired.table.chainOrder)
+        return Set(owned.chainOrder).subtracting(desired.chainOrder)
     }
 
     /// Rules outside our chains that jump to a chain we are about to delete (our own OUTPUT/POSTROUTING
@@ -285,12 +255,15 @@ struct IptablesBackend: Sendable {
         var out: [String] = []
         for r in owned.chains[s.chain] ?? [] {
             let t = r.target ?? ""
-            let ours = r.tokens.contains("-d") && r.tokens.contains("--dport") && r.tokens.contains("--comment")
-                && (t.hasPrefix("HNDNAT-") || t.hasPrefix("KUBE-SVC-"))
+            guard t.hasPrefix("HNDNAT-") || t.hasPrefix("KUBE-SVC-") else { out.append("-A \(s.chain) \(r.text)"); continue }
+            let tokens = r.tokens
+            let ours = tokens.contains("-d") && tokens.contains("--dport") && tokens.contains("--comment")
             if !ours { out.append("-A \(s.chain) \(r.text)") }
         }
         for r in owned.chains[s.masqueradeChain] ?? [] {
-            let ours = r.target == "MASQUERADE" && r.tokens.contains("--ctorigdst") && r.tokens.count <= 10
+            guard r.target == "MASQUERADE" else { out.append("-A \(s.masqueradeChain) \(r.text)"); continue }
+            let tokens = r.tokens
+            let ours = tokens.contains("--ctorigdst") && tokens.count <= 10
             if !ours { out.append("-A \(s.masqueradeChain) \(r.text)") }
         }
         return out
@@ -364,25 +337,28 @@ struct IptablesBackend: Sendable {
         return try ApplyLock.withLock { () throws(NodeError) -> ApplyResult in try applyLocked(plan, dryRun: false) }
     }
 
-    private func applyLocked(_ plan: RulePlan, dryRun: Bool) throws(NodeError) -> ApplyResult {
+    func applyLocked(_ plan: RulePlan, dryRun: Bool) throws(NodeError) -> ApplyResult {
         let changes = try plannedChanges(plan)
         try checkBeforeWriting(changes.map { ($0.desired, $0.owned) }, plan.settings, action: "apply")
         let differences = changes.flatMap(\.differences)
         let warnings = changes.flatMap(\.desired.skipped)
+        var result = ApplyResult(changed: !differences.isEmpty, differences: differences,
+                                 summary: summary(plan, changes: changes, dryRun: dryRun), warnings: warnings)
         if !dryRun {
-            try commit(changes.filter { !$0.differences.isEmpty }.map { ($0.owned, applyScript($0.desired, $0.owned, plan.settings)) },
-                       plan.settings)
-            if !differences.isEmpty {
-                // Read back: what iptables-save prints must now match the plan exactly.
-                let after = try plannedChanges(plan).flatMap(\.differences)
-                if !after.isEmpty {
-                    throw .refused("the rules were loaded, but \(variant.displayName) now holds something other than the plan:\n  "
-                                   + after.joined(separator: "\n  "))
-                }
+            var steps: [(owned: IptablesOwned, script: String)] = []
+            for change in changes where !change.differences.isEmpty {
+                let r = restoreScript(change.desired, change.owned, plan.settings)
+                steps.append((change.owned, r.script))
+                result.restoredChains += r.written.count
+                result.deletedChains += r.deleted.count
             }
+            // No read-back afterwards: each restore is one commit (legacy replaces the table, nft sends one
+            // transaction) and its exit status is checked; dumping the table again cost as much as the
+            // restore itself. `diff` compares on demand, and a second apply finds any difference.
+            try commit(steps, plan.settings)
+            result.restoreInputs = steps.map(\.script)
         }
-        return ApplyResult(changed: !differences.isEmpty, differences: differences,
-                           summary: summary(plan, changes: changes, dryRun: dryRun), warnings: warnings)
+        return result
     }
 
     /// Runs one restore per family, in order. When a later one fails, the families already changed are
@@ -417,8 +393,7 @@ struct IptablesBackend: Sendable {
         let s = plan.settings
         var parts: [String] = []
         for (desired, _, _) in changes where !desired.isEmpty {
-            let chains = Set(desired.table.rules(s.chain).compactMap(\.target)).count
-            parts.append("\(desired.family.rawValue): \(desired.mappings) mapping(s), \(chains) target chain(s)")
+            parts.append("\(desired.family.rawValue): \(desired.mappings) mapping(s), \(desired.targetChainCount) target chain(s)")
         }
         if parts.isEmpty { parts.append("no mappings") }
         let count = changes.reduce(0) { $0 + $1.differences.count }

@@ -6,15 +6,20 @@ struct SavedRuleset: Sendable {
     struct Rule: Sendable, Equatable {
         /// The line as written, without the leading `-A CHAIN `.
         var text: String
-        /// Shell-like tokens of `text`, quotes removed.
-        var tokens: [String]
-        /// The `-j`/`-g` target, if any.
-        var target: String? {
-            for (i, t) in tokens.enumerated() where (t == "-j" || t == "-g" || t == "--jump" || t == "--goto") && i + 1 < tokens.count {
-                return tokens[i + 1]
-            }
-            return nil
+        /// The `-j`/`-g` target, if any: found once when the rule is read (every dump is scanned for who
+        /// jumps where), without splitting the whole line into tokens.
+        var target: String?
+
+        init(text: String) {
+            self.text = text
+            target = SavedRuleset.jumpTarget(text)
         }
+
+        /// Shell-like tokens of `text`, quotes removed. Computed on demand: most rules of a big dump are
+        /// only compared as text.
+        var tokens: [String] { SavedRuleset.tokenize(text) }
+
+        static func == (a: Rule, b: Rule) -> Bool { a.text == b.text }
     }
 
     struct Table: Sendable {
@@ -43,20 +48,34 @@ struct SavedRuleset: Sendable {
 
     func table(_ name: String) -> Table? { tables[name] }
 
+    /// Reads the dump line by line on its UTF-8 bytes. A chain's rules are consecutive in a dump, so they are
+    /// collected in one array and stored once per run of lines, not looked up per rule.
     static func parse(_ text: String) -> SavedRuleset {
         var result = SavedRuleset()
         var current: Table?
+        var runChain = ""
+        var run: [Rule] = []
+        func flushRun() {
+            guard !run.isEmpty, current != nil else { run = []; return }
+            if current!.rules[runChain] == nil { current!.chainOrder.append(runChain); current!.rules[runChain] = run }
+            else { current!.rules[runChain]!.append(contentsOf: run) }
+            run = []
+        }
         func finish() {
+            flushRun()
             if let t = current {
                 if result.tables[t.name] == nil { result.tableOrder.append(t.name) }
                 result.tables[t.name] = t
             }
             current = nil
         }
-        for raw in text.split(separator: "\n", omittingEmptySubsequences: true) {
-            let line = raw.trimmingSuffixWhitespace()
-            if line.isEmpty || line.hasPrefix("#") { continue }
-            if line.hasPrefix("*") {
+        let space: UInt8 = 0x20
+        for raw in text.utf8.split(separator: 0x0A, omittingEmptySubsequences: true) {
+            var bytes = raw[...]
+            while let last = bytes.last, last == space || last == 0x09 || last == 0x0D { bytes = bytes.dropLast() }
+            guard let first = bytes.first, first != UInt8(ascii: "#") else { continue }
+            let line = Substring(bytes)
+            if first == UInt8(ascii: "*") {
                 finish()
                 let name = String(line.dropFirst())
                 current = result.tables[name] ?? Table(name: name)
@@ -64,47 +83,85 @@ struct SavedRuleset: Sendable {
             }
             if line == "COMMIT" { finish(); continue }
             guard current != nil else { continue }
-            if line.hasPrefix(":") {
+            if first == UInt8(ascii: ":") {
+                flushRun()
                 let name = String(line.dropFirst().split(separator: " ", maxSplits: 1).first ?? "")
                 if current!.rules[name] == nil { current!.chainOrder.append(name); current!.rules[name] = [] }
                 continue
             }
             if line.hasPrefix("-A ") {
-                let rest = line.dropFirst(3)
-                let parts = rest.split(separator: " ", maxSplits: 1, omittingEmptySubsequences: true)
-                guard let chain = parts.first.map(String.init) else { continue }
-                let body = parts.count > 1 ? String(parts[1]) : ""
-                if current!.rules[chain] == nil { current!.chainOrder.append(chain); current!.rules[chain] = [] }
-                current!.rules[chain]!.append(Rule(text: body, tokens: tokenize(body)))
+                let rest = bytes.dropFirst(3).drop { $0 == space }
+                let nameEnd = rest.firstIndex(of: space) ?? rest.endIndex
+                let name = rest[..<nameEnd]
+                guard !name.isEmpty else { continue }
+                if !name.elementsEqual(runChain.utf8) { flushRun(); runChain = String(Substring(name)) }
+                let body = rest[nameEnd...].drop { $0 == space }
+                run.append(Rule(text: String(Substring(body))))
                 continue
             }
+            flushRun()
             current!.commands.append(String(line))
         }
         finish()
         return result
     }
 
+    /// The word after the first `-j`/`-g`/`--jump`/`--goto` outside quotes, as `tokenize` would find it.
+    static func jumpTarget(_ s: String) -> String? {
+        var wantNext = false
+        var found: String?
+        forEachToken(s) { token in
+            if wantNext { found = token; return false }
+            if token == "-j" || token == "-g" || token == "--jump" || token == "--goto" { wantNext = true }
+            return true
+        }
+        return found
+    }
+
     /// Splits like iptables-restore does: whitespace separates, double quotes group, a backslash inside
     /// quotes escapes the next character.
     static func tokenize(_ s: String) -> [String] {
         var tokens: [String] = []
-        var token = ""
-        var inQuotes = false, escaped = false, haveToken = false
-        for ch in s {
-            if escaped { token.append(ch); escaped = false; continue }
-            if inQuotes {
-                if ch == "\\" { escaped = true } else if ch == "\"" { inQuotes = false } else { token.append(ch) }
-                continue
-            }
-            if ch == "\"" { inQuotes = true; haveToken = true; continue }
-            if ch == " " || ch == "\t" {
-                if haveToken || !token.isEmpty { tokens.append(token); token = ""; haveToken = false }
-                continue
-            }
-            token.append(ch)
-        }
-        if haveToken || !token.isEmpty { tokens.append(token) }
+        forEachToken(s) { tokens.append($0); return true }
         return tokens
+    }
+
+    /// The tokenizer on UTF-8 bytes; `body` returns false to stop. A token without quotes is a slice of the
+    /// line (no per-character work); only quoted tokens are copied byte by byte.
+    private static func forEachToken(_ s: String, _ body: (String) -> Bool) {
+        let u = s.utf8
+        var i = u.startIndex
+        while i < u.endIndex {
+            let c = u[i]
+            if c == 0x20 || c == 0x09 { i = u.index(after: i); continue }
+            let start = i
+            var plain = true
+            var bytes: [UInt8] = []
+            var inQuotes = false
+            while i < u.endIndex {
+                let b = u[i]
+                if inQuotes {
+                    if b == 0x5C {  // backslash
+                        i = u.index(after: i)
+                        if i < u.endIndex { bytes.append(u[i]) }
+                    } else if b == 0x22 {
+                        inQuotes = false
+                    } else {
+                        bytes.append(b)
+                    }
+                } else if b == 0x20 || b == 0x09 {
+                    break
+                } else if b == 0x22 {
+                    if plain { bytes.append(contentsOf: u[start..<i]); plain = false }
+                    inQuotes = true
+                } else if !plain {
+                    bytes.append(b)
+                }
+                if i < u.endIndex { i = u.index(after: i) }
+            }
+            let token = plain ? String(Substring(u[start..<i])) : String(decoding: bytes, as: UTF8.self)
+            if !body(token) { return }
+        }
     }
 }
 

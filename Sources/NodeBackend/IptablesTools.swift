@@ -172,20 +172,22 @@ extension IptablesVariant {
 /// Serialises our own read-modify-write of iptables (the xtables lock covers one restore, not our
 /// read, decide, restore sequence), so two applies at once give one plan or the other, never a merge.
 ///
-/// One fixed path, `/run/hostnet-dnat.lock`: no fallback, because two processes that fall back differently
-/// (one can write /run, one cannot) would each hold a different lock. Opened with O_NOFOLLOW, so a symlink
-/// planted there is refused rather than followed. When it cannot be opened, apply and remove fail with
-/// exit 73 instead of going on unserialised; `apply --dry-run`, `diff` and `status` take no lock.
+/// One fixed path, `/run/hostnet-dnat/iptables.lock` (beside the node locks, so one host directory mounted
+/// into a pod holds both): no fallback, because two processes that fall back differently (one can write
+/// /run, one cannot) would each hold a different lock. Opened with O_NOFOLLOW, so a symlink planted there
+/// is refused rather than followed. When it cannot be opened, apply and remove fail with exit 73 instead of
+/// going on unserialised; `apply --dry-run`, `diff` and `status` take no lock.
 enum ApplyLock {
-    static let path = "/run/hostnet-dnat.lock"
+    static let path = NodeLock.directory + "/iptables.lock"
 
     static func withLock<T>(_ body: () throws(NodeError) -> T) throws(NodeError) -> T {
+        _ = mkdir(NodeLock.directory, 0o700)
         let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard fd >= 0 else {
             let why = String(cString: strerror(errno))
             throw NodeError(exitCode: NodeError.cantCreateCode, description:
                 "cannot open the lock file \(path) (\(why)); it keeps two runs from mixing their rules. "
-                + "Make /run writable for this process (in a pod: mount an emptyDir or the host's /run there)"
+                + "Make \(NodeLock.directory) writable for this process (in a pod: mount the host's \(NodeLock.directory) there)"
                 + (errno == ELOOP ? ", and remove the symlink at \(path)" : ""))
         }
         defer { close(fd) }

@@ -13,6 +13,8 @@ public struct NodeApplier: Sendable {
     /// What `--target auto` already saw on this node; its variant is used when none is forced, so the
     /// target it picked (e.g. kube-proxy's chains in iptables-nft) and the variant written to agree.
     public let detection: ProxyDetection?
+    /// A lasting netlink socket for nftables updates (the agent's); nil: one socket per call.
+    public var nftConnection: NftablesConnection?
 
     public init(context: NodeContext, backend: Backend, iptablesVariant: IptablesVariant? = nil) {
         self.init(context: context, backend: backend, iptablesVariant: iptablesVariant, detection: nil)
@@ -39,7 +41,7 @@ public struct NodeApplier: Sendable {
         return IptablesBackend(context: context, variant: v, variantReason: reason)
     }
 
-    private var nftables: NftablesBackend { NftablesBackend(context: context) }
+    private var nftables: NftablesBackend { NftablesBackend(context: context, connection: nftConnection) }
 
     /// Makes the kernel hold exactly `plan` (our table, or our chains and jumps). With `dryRun` it only
     /// computes the differences and touches nothing. Applying the same plan twice changes nothing the
@@ -51,10 +53,14 @@ public struct NodeApplier: Sendable {
         }
     }
 
-    /// Turns `old` (what this process installed last) into `new`, sending only what differs where the backend
-    /// can (see each backend); a failure leaves the kernel as it was and calls for a full `apply`.
+    /// Turns the installed `old` (the plan this process applied last) into `new`, rewriting only what
+    /// changed. iptables: one `--noflush` restore per family with just the changed chains (see
+    /// `IptablesBackend.update`). nftables: a full apply for now. A periodic full `apply` still repairs drift.
     public func update(from old: RulePlan, to new: RulePlan) throws(NodeError) -> ApplyResult {
-        try apply(new, dryRun: false)
+        switch backend {
+        case .nftables: return try nftables.update(from: old, to: new)
+        case .iptables: return try iptables().update(from: old, to: new)
+        }
     }
 
     /// Deletes the UDP conntrack entries that the change from `old` to `new` left pointing at an endpoint
@@ -101,6 +107,7 @@ public struct NodeApplier: Sendable {
 /// The nftables backend: everything goes through `NftablesNetlink` (one atomic batch, no nft process).
 struct NftablesBackend: Sendable {
     let context: NodeContext
+    var connection: NftablesConnection? = nil
     var netlink: NftablesNetlink { NftablesNetlink(namespace: context.netns) }
 
     private func refuseKubeProxyTarget(_ plan: RulePlan) throws(NodeError) {
@@ -140,6 +147,30 @@ struct NftablesBackend: Sendable {
         let summary = "nftables table inet \(plan.settings.table) in \(context.place): \(plan.rules.count) mapping(s), "
             + "\(plan.nftPickChains.count) pick chain(s), output priority \(plan.settings.priority); \(state)\(note)"
         return ApplyResult(changed: !before.isEmpty, differences: before, summary: summary)
+    }
+
+    /// One netlink batch with exactly the elements and pick chains that differ between `old` (installed by
+    /// this process) and `new` (`NftablesNetlink.update`); no read-back and no ownership lookup first: the
+    /// table is ours since we replaced it. A table changed behind our back makes the kernel refuse the batch
+    /// (nothing committed), and the caller does a full `apply`.
+    func update(from old: RulePlan, to new: RulePlan) throws(NodeError) -> ApplyResult {
+        try refuseKubeProxyTarget(new)
+        let report: ApplyReport
+        do {
+            if let connection { report = try connection.update(from: old, to: new) } else { report = try netlink.update(from: old, to: new) }
+        } catch {
+            throw NodeError(netlink: error, action: "updating table inet \(new.settings.table) in \(context.place)")
+        }
+        let what = report.incremental
+            ? "\(report.elementsAdded) element(s) added, \(report.elementsDeleted) deleted, \(report.chainsAdded) pick chain(s) added, \(report.chainsDeleted) deleted"
+            : "replaced in full (the settings changed)"
+        var result = ApplyResult(changed: report.objectsChanged > 0 || !report.incremental, differences: [],
+                                 summary: "nftables table inet \(new.settings.table) in \(context.place): \(new.rules.count) mapping(s); \(what); "
+                                    + "\(report.messages) netlink message(s), \(report.bytes) bytes")
+        result.added = report.elementsAdded + report.chainsAdded
+        result.removed = report.elementsDeleted + report.chainsDeleted
+        result.incremental = report.incremental
+        return result
     }
 
     func diff(_ plan: RulePlan) throws(NodeError) -> [String] {

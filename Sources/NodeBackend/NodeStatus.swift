@@ -18,6 +18,13 @@ public struct ApplyResult: Sendable {
     public var removed: Int = 0
     /// True when only the differences were sent (`update(from:to:)`), false for a full replacement.
     public var incremental: Bool = false
+    /// iptables: chains declared and filled by the restores (only those whose rules changed), and chains
+    /// deleted (`-X`). 0 for nftables.
+    public var restoredChains = 0
+    public var deletedChains = 0
+    /// iptables: the `*-restore --noflush` inputs as they were run, one per family restored (none when
+    /// nothing changed), for logs and tests.
+    public var restoreInputs: [String] = []
 
     public init(changed: Bool, differences: [String], summary: String, warnings: [String] = []) {
         self.changed = changed; self.differences = differences; self.summary = summary; self.warnings = warnings

@@ -12,18 +12,28 @@ public enum ObjectSource: Sendable {
 /// object stops the one-shot commands with exit 65 naming file, object and field (the agent is lenient
 /// instead, see `SyncAgent`).
 public enum ObjectLoading {
-    public static func load(_ source: ObjectSource) async throws(PipelineError) -> ClusterObjects {
+    /// `maxInputBytes`: no file (or stdin) may be larger; more is exit 65 naming the limit.
+    public static func load(_ source: ObjectSource,
+                            maxInputBytes: Int = InputReader.defaultLimit) async throws(PipelineError) -> ClusterObjects {
         switch source {
         case .api(let options):
             do { return try await KubernetesSource.load(options) } catch {
                 throw PipelineError(code: error.exitCode, error.description)
             }
         case .files(let names):
-            return try loadFiles(names)
+            return try loadFiles(names, maxInputBytes: maxInputBytes)
         }
     }
 
-    public static func loadFiles(_ names: [String]) throws(PipelineError) -> ClusterObjects {
+    /// What people should hear before loading (credentials about to go to an `http://` server), without
+    /// contacting anything; a configuration that cannot be resolved says nothing here (`load` will).
+    public static func warnings(_ source: ObjectSource) -> [String] {
+        guard case .api(let options) = source else { return [] }
+        return (try? KubernetesSource.warnings(options)) ?? []
+    }
+
+    public static func loadFiles(_ names: [String],
+                                 maxInputBytes: Int = InputReader.defaultLimit) throws(PipelineError) -> ClusterObjects {
         var objects = ClusterObjects()
         var readStdin = false
         for name in names {
@@ -31,7 +41,7 @@ public enum ObjectLoading {
             if name == "-" {
                 if readStdin { throw PipelineError(.usage, "-f - given more than once: standard input can be read only once") }
                 readStdin = true
-                bytes = try readAll(fd: 0, name: "<stdin>")
+                bytes = try readAll(fd: 0, name: "<stdin>", limit: maxInputBytes)
             } else {
                 let fd = open(name, O_RDONLY | O_CLOEXEC)
                 guard fd >= 0 else {
@@ -42,7 +52,7 @@ public enum ObjectLoading {
                     throw PipelineError(.noInput, "\(name): no such file")
                 }
                 defer { close(fd) }
-                bytes = try readAll(fd: fd, name: name)
+                bytes = try readAll(fd: fd, name: name, limit: maxInputBytes)
             }
             do {
                 try DocumentLoader.load(bytes, source: name == "-" ? "<stdin>" : name, into: &objects)
@@ -53,25 +63,15 @@ public enum ObjectLoading {
         return objects
     }
 
-    /// Reads a whole file or pipe straight into one buffer (inputs can be hundreds of megabytes; no copies).
-    static func readAll(fd: Int32, name: String) throws(PipelineError) -> [UInt8] {
-        var st = stat()
-        var capacity = 1 << 16
-        if fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG { capacity = Int(st.st_size) + 1 }
-        var buffer = [UInt8](repeating: 0, count: capacity)
-        var used = 0
-        while true {
-            if used == buffer.count { buffer.append(contentsOf: repeatElement(0, count: buffer.count)) }
-            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress! + used, $0.count - used) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                if errno == EISDIR { throw PipelineError(.noInput, "\(name): is a directory") }
-                throw PipelineError(.noInput, "\(name): cannot read (\(String(cString: strerror(errno))))")
+    /// Reads a whole file or pipe into one buffer, never more than `limit` (KubeObjects' InputReader).
+    static func readAll(fd: Int32, name: String, limit: Int) throws(PipelineError) -> [UInt8] {
+        do {
+            return try InputReader.readAll(fd: fd, name: name, limit: limit)
+        } catch {
+            switch error {
+            case .tooLarge: throw PipelineError(.dataError, error.description)
+            case .isDirectory, .failed: throw PipelineError(.noInput, error.description)
             }
-            if n == 0 { break }
-            used += n
         }
-        buffer.removeSubrange(used...)
-        return buffer
     }
 }

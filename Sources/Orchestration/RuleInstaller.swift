@@ -36,6 +36,12 @@ public protocol RuleInstaller: Sendable {
     func cleanConntrack(from old: RulePlan?, to new: RulePlan) throws(NodeError) -> Int
     /// `--target auto` on this node: what it picks and why.
     func detectTarget(haveEndpointSlices: Bool) throws(NodeError) -> (TargetStrategy, String)
+    /// Changes to our rules made by someone else, as they happen (nil: the backend cannot tell).
+    func driftNotifications() -> AsyncStream<String>?
+}
+
+extension RuleInstaller {
+    public func driftNotifications() -> AsyncStream<String>? { nil }
 }
 
 /// The installer over `NodeApplier`: nftables over netlink or iptables-restore, in one network namespace.
@@ -43,13 +49,47 @@ public struct NodeInstaller: RuleInstaller {
     public let context: NodeContext
     public let backend: Backend
     public let iptablesVariant: IptablesVariant?
+    /// nftables: one lasting netlink socket for the agent's updates (nil if it could not be opened yet:
+    /// then each update opens its own).
+    private let connection: NftablesConnection?
+    /// nftables: our table's name, for change notifications.
+    private let table: String
 
-    public init(context: NodeContext, backend: Backend, iptablesVariant: IptablesVariant?) {
-        self.context = context; self.backend = backend; self.iptablesVariant = iptablesVariant
+    /// `iptablesVariant` nil: the variant is detected once here (kube-proxy's), not at every update.
+    public init(context: NodeContext, backend: Backend, iptablesVariant: IptablesVariant?, table: String = "hostnet-dnat") {
+        self.context = context; self.backend = backend; self.table = table
+        var variant = iptablesVariant
+        if backend == .iptables && variant == nil {
+            variant = try? NodeApplier(context: context, backend: backend).resolvedIptablesVariant().0
+        }
+        self.iptablesVariant = variant
+        connection = backend == .nftables ? try? NftablesConnection(namespace: context.netns) : nil
     }
 
     private func applier(_ detection: ProxyDetection? = nil) -> NodeApplier {
-        NodeApplier(context: context, backend: backend, iptablesVariant: iptablesVariant, detection: detection)
+        var a = NodeApplier(context: context, backend: backend, iptablesVariant: iptablesVariant, detection: detection)
+        a.nftConnection = connection
+        return a
+    }
+
+    /// nftables announces every committed change: one of our table's that this process did not make (a
+    /// table deleted or edited by hand) is reported within milliseconds, so the agent repairs it at once
+    /// instead of at its next full sync. nil for iptables (the periodic full sync repairs drift there).
+    public func driftNotifications() -> AsyncStream<String>? {
+        guard backend == .nftables, let monitor = try? NftablesChangeMonitor(namespace: context.netns, table: table) else { return nil }
+        let (stream, continuation) = AsyncStream<String>.makeStream()
+        let task = Task {
+            do {
+                for try await change in monitor.events() {
+                    continuation.yield(change.lostNotifications
+                        ? "change notifications were lost; checking the table"
+                        : "generation \(change.generation) by \(change.processName ?? "?") (pid \(change.processID.map(String.init) ?? "?"))")
+                }
+            } catch {}
+            continuation.finish()
+        }
+        continuation.onTermination = { _ in monitor.stop(); task.cancel() }
+        return stream
     }
 
     public func replace(with plan: RulePlan) throws(NodeError) -> InstallOutcome {

@@ -48,6 +48,9 @@ public struct SyncReport: Sendable {
     /// For each change this sync carried: from when it happened (an EndpointSlice's
     /// `endpoints.kubernetes.io/last-change-trigger-time`, else when the agent saw it) to the commit.
     public var programmingLatencies: [Duration]
+    /// Every list and watch was working when the sync ran (health counts only such syncs: a node whose
+    /// agent has lost the API is not healthy, even though its rules are kept).
+    public var inStepWithAPI: Bool
     public var summary: String
     public var at: Date
 }
@@ -111,6 +114,11 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
             }
             continuation.yield(.sourceEnded)
         }
+        let drift = installer.driftNotifications().map { notifications in
+            Task {
+                for await why in notifications { continuation.yield(.drift(why)) }
+            }
+        }
         var loop = Loop(agent: self, continuation: continuation)
         await withGracefulShutdownHandler {
             await loop.run(inputs)
@@ -118,6 +126,7 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
             continuation.yield(.shutdown)
         }
         feeder.cancel()
+        drift?.cancel()
         loop.cancelWakeup()
         if configuration.cleanupOnExit {
             do {
@@ -156,6 +165,11 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
         /// Warnings already logged; a warning that goes away and comes back is logged again.
         var loggedWarnings: Set<String> = []
         var unavailableLogged: Set<APIResource> = []
+        /// Resources whose list or watch is failing now: syncs go on with the last state, but they do not
+        /// count as "in step with the API" for health.
+        var unreachable: Set<APIResource> = []
+        /// The API came back: sync once (even with nothing to change) to confirm it.
+        var confirmAfterOutage = false
 
         init(agent: SyncAgent, continuation: AsyncStream<Input>.Continuation) {
             self.agent = agent
@@ -201,6 +215,7 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
                 }
                 listed.insert(kind)
                 unavailableLogged.remove(kind)
+                unreachable.remove(kind)
                 markDirty(affected, seen: seen, trigger: nil)
             case .changed(let change):
                 let affected = store.apply(change)
@@ -223,9 +238,17 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
                                                   "reason": "\(message)"])
                 }
                 invalid[key] = message
+            case .connected(let kind):
+                if unreachable.remove(kind) != nil {
+                    agent.logger.info("the API is reachable again", metadata: ["resource": "\(kind.rawValue)"])
+                    unavailableLogged.remove(kind)
+                    // Nothing may have changed meanwhile: a sync still confirms we are in step again.
+                    if unreachable.isEmpty { confirmAfterOutage = true }
+                }
             case .watchRestarted(let kind, let reason):
                 agent.logger.debug("watch restarted", metadata: ["resource": "\(kind.rawValue)", "reason": "\(reason.rawValue)"])
             case .unavailable(let kind, let error, let retryIn):
+                unreachable.insert(kind)
                 if !unavailableLogged.contains(kind) {
                     agent.logger.warning("the API is unavailable; the rules stay as they are",
                                          metadata: ["resource": "\(kind.rawValue)", "error": "\(error.description)",
@@ -250,7 +273,7 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
         func nextSync(now: ContinuousClock.Instant) -> ContinuousClock.Instant? {
             guard listed.count == APIResource.allCases.count else { return nil }
             var due: ContinuousClock.Instant? = nil
-            if !dirty.isEmpty || needFull || installed == nil {
+            if !dirty.isEmpty || needFull || installed == nil || confirmAfterOutage {
                 var earliest = lastAttempt.map { $0 + configuration.minSyncPeriod } ?? now
                 if failures > 0, let last = lastAttempt { earliest = max(earliest, last + retryDelay) }
                 due = max(earliest, now)
@@ -341,6 +364,7 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
             }
             let previous = installed
             installed = plan
+            confirmAfterOutage = false
             needFull = false
             failures = 0
             if full || fellBack { lastFull = start }
@@ -360,7 +384,7 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
                 mappingsByFamily: ["IPv4": plan.rules(.ipv4).count, "IPv6": plan.rules(.ipv6).count],
                 skippedByReason: plan.skippedByReason(invalidCount: invalid.count),
                 services: store.services.count, conntrackDeleted: conntrackDeleted,
-                programmingLatencies: latencies, summary: outcome.summary, at: now)
+                programmingLatencies: latencies, inStepWithAPI: unreachable.isEmpty, summary: outcome.summary, at: now)
             agent.observer.syncSucceeded(report)
             let ms = Double(report.duration.components.attoseconds) / 1e15 + Double(report.duration.components.seconds) * 1000
             agent.logger.info("synced", metadata: [

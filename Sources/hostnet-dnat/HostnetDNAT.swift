@@ -19,8 +19,10 @@ struct HostnetDNAT: AsyncParsableCommand {
           hostnet-dnat status --output json
           hostnet-dnat remove
 
-        Exit status: 0 ok; 1 differences (diff) or the kernel refused; 64 usage; 65 bad input data; \
-        66 input file missing; 69 a service or module is unavailable; 77 no permission.
+        Exit status: 0 ok; 1 differences (diff) or the kernel refused; 64 usage; 65 bad input data \
+        (also an input over --max-input-bytes); 66 input file missing; 69 a service or module is \
+        unavailable; 73 an output file cannot be created; 74 a write failed (a full disk, a closed \
+        stdout); 75 try again later; 77 no permission.
         """,
         version: "0.1.0",
         subcommands: [Render.self, Apply.self, Sync.self, Diff.self, Status.self, Remove.self])

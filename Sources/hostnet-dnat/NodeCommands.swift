@@ -39,7 +39,20 @@ struct NodeFlags: ParsableArguments {
         guard FileManager.default.fileExists(atPath: ns.path) else {
             throw CLIError(.usage, "--netns \(netns): no such network namespace (\(ns.path) does not exist)")
         }
+        if let why = notANetworkNamespace(ns.path) { throw CLIError(.usage, "--netns \(netns): \(ns.path) \(why)") }
         return ns
+    }
+
+    /// Asks the kernel what `path` is (NS_GET_NSTYPE), so a wrong file is a usage error, not a kernel refusal.
+    private func notANetworkNamespace(_ path: String) -> String? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }  // unreadable: let setns say why, with its permission message
+        defer { close(fd) }
+        let nsGetNSType: UInt = 0xB703  // _IO(0xb7, 0x3)
+        let type = ioctl(fd, nsGetNSType)
+        if type < 0 { return "is not a namespace file (such as /proc/PID/ns/net or /run/netns/NAME)" }
+        if type != 0x4000_0000 { return "is not a network namespace" }  // CLONE_NEWNET
+        return nil
     }
 }
 
@@ -53,6 +66,8 @@ struct NodePlanning {
     let strategy: TargetStrategy
     let reason: String?
     let detection: ProxyDetection?
+    /// The input is an explicit empty List (see `ClusterObjects.declaresNoServices`).
+    let inputDeclaresNoServices: Bool
 
     static func make(source: SourceOptions, resolution: ResolutionFlags, planFlags: PlanFlags, node: NodeFlags) async throws(CLIError) -> NodePlanning {
         let settings = try planFlags.settings(onConflict: resolution.onConflict)
@@ -64,7 +79,7 @@ struct NodePlanning {
             planned = try Planning.planForNode(objects, options: options, settings: settings, backend: node.backend, context: context)
         } catch { throw CLIError(error) }
         return NodePlanning(plan: planned.plan, strategy: planned.target.strategy, reason: planned.target.reason,
-                            detection: planned.target.detection)
+                            detection: planned.target.detection, inputDeclaresNoServices: objects.declaresNoServices)
     }
 
     func announce(_ output: OutputFormat) {
@@ -100,37 +115,57 @@ struct Apply: AsyncParsableCommand {
     @Flag(help: "Show what would change; touch nothing.")
     var dryRun = false
 
+    @Flag(help: "Remove every installed mapping when the input yields none (otherwise only an explicit empty List may).")
+    var allowEmpty = false
+
     func run() async throws {
         try await Console.run {
             let planning = try await NodePlanning.make(source: source, resolution: resolution, planFlags: planFlags, node: node)
             planning.announce(node.output)
+            let applier = try node.applier(detection: planning.detection)
             let result: ApplyResult
             do {
                 // One owner at a time: a running `sync` owns the rules (exit 75 at once); another apply is waited for.
                 let lock = dryRun ? nil : try NodeLock.acquire(.apply, context: NodeContext(netns: try node.namespace()))
                 defer { withExtendedLifetime(lock) {} }
-                result = try node.applier(detection: planning.detection).apply(planning.plan, dryRun: dryRun)
-            } catch let e as NodeError { throw e.cliError }
-            switch node.output {
-            case .json:
-                let w = JSONWriter()
-                w.object {
-                    w.key("changed"); w.bool(result.changed)
-                    w.key("dryRun"); w.bool(dryRun)
-                    w.key("target"); w.string(planning.strategy.rawValue)
-                    if let r = planning.reason { w.key("targetReason"); w.string(r) }
-                    w.key("mappings"); w.number(planning.plan.rules.count)
-                    w.key("skipped"); w.number(planning.plan.skipped.count)
-                    w.key("differences"); w.array(result.differences) { w.string($0) }
-                    w.key("warnings"); w.array(result.warnings) { w.string($0) }
-                    w.key("summary"); w.string(result.summary)
+                if planning.plan.rules.isEmpty, !allowEmpty, !planning.inputDeclaresNoServices {
+                    // A wrong file, a typo in --namespace or -l: don't take every DNAT off the node on its word.
+                    let installed = try applier.status(planning.plan.settings).mappings.count
+                    if installed > 0 {
+                        throw CLIError(.dataError, "refusing to remove all \(installed) installed mapping(s): the input yields no mapping and is not an empty List (kind: List, items: []); pass --allow-empty to remove them")
+                    }
                 }
-                Console.out(w.output + "\n")
-            case .text:
-                if dryRun { for d in result.differences { Console.out(d + "\n") } }
-                for w in result.warnings { Console.warning(w) }
-                Console.note((dryRun ? "dry run: " : "") + result.summary)
+                result = try applier.apply(planning.plan, dryRun: dryRun)
+            } catch let e as NodeError { throw e.cliError }
+            do throws(CLIError) {
+                try report(result, planning)
+            } catch {
+                // The kernel already holds the result; say so, so the caller does not take 74 for "nothing done".
+                throw CLIError(.ioError, "\(dryRun ? "dry run" : "applied"): \(result.summary); but \(error.message)")
             }
+        }
+    }
+
+    func report(_ result: ApplyResult, _ planning: NodePlanning) throws(CLIError) {
+        switch node.output {
+        case .json:
+            let w = JSONWriter()
+            w.object {
+                w.key("changed"); w.bool(result.changed)
+                w.key("dryRun"); w.bool(dryRun)
+                w.key("target"); w.string(planning.strategy.rawValue)
+                if let r = planning.reason { w.key("targetReason"); w.string(r) }
+                w.key("mappings"); w.number(planning.plan.rules.count)
+                w.key("skipped"); w.number(planning.plan.skipped.count)
+                w.key("differences"); w.array(result.differences) { w.string($0) }
+                w.key("warnings"); w.array(result.warnings) { w.string($0) }
+                w.key("summary"); w.string(result.summary)
+            }
+            try Console.out(w.output + "\n")
+        case .text:
+            if dryRun { for d in result.differences { try Console.out(d + "\n") } }
+            for w in result.warnings { Console.warning(w) }
+            Console.note((dryRun ? "dry run: " : "") + result.summary)
         }
     }
 }
@@ -162,9 +197,9 @@ struct Diff: AsyncParsableCommand {
                     w.key("same"); w.bool(differences.isEmpty)
                     w.key("differences"); w.array(differences) { w.string($0) }
                 }
-                Console.out(w.output + "\n")
+                try Console.out(w.output + "\n")
             case .text:
-                for d in differences { Console.out(d + "\n") }
+                for d in differences { try Console.out(d + "\n") }
                 Console.note(differences.isEmpty ? "the kernel matches the input" : "\(differences.count) difference(s)")
             }
             if !differences.isEmpty { throw ExitCode(ExitStatus.differs.rawValue) }
@@ -190,7 +225,7 @@ struct Status: AsyncParsableCommand {
             let settings = try planFlags.settings(onConflict: .fail)
             let status: NodeStatus
             do { status = try node.applier().status(settings) } catch let e as NodeError { throw e.cliError }
-            Console.out(node.output == .json ? status.json : status.text)
+            try Console.out(node.output == .json ? status.json : status.text)
         }
     }
 }
@@ -217,7 +252,7 @@ struct Remove: AsyncParsableCommand {
                 removed = try node.applier().remove(settings)
             } catch let e as NodeError { throw e.cliError }
             if node.output == .json {
-                Console.out("{\n  \"removed\": \(removed)\n}\n")
+                try Console.out("{\n  \"removed\": \(removed)\n}\n")
             } else {
                 Console.note(removed ? "removed" : "nothing of ours was installed")
             }

@@ -19,6 +19,13 @@ struct SourceOptions: ParsableArguments {
 
     @Option(help: ArgumentHelp("kubeconfig context to use.", valueName: "name"))
     var context: String?
+
+    @Option(help: ArgumentHelp("Refuse an input file larger than this (bytes; default 1 GiB, room for about 100,000 Services of `kubectl -o json`).", valueName: "bytes"))
+    var maxInputBytes: Int = InputReader.defaultLimit
+
+    func validate() throws {
+        guard maxInputBytes > 0 else { throw ValidationError("--max-input-bytes must be positive") }
+    }
 }
 
 /// Which services become which mappings.
@@ -91,11 +98,16 @@ struct PlanFlags: ParsableArguments {
     @Option(help: ArgumentHelp("iptables chain that OUTPUT jumps to (<chain>-MASQ masquerades).", valueName: "name"))
     var chain = "HOSTNET-DNAT"
 
-    @Option(help: ArgumentHelp("Priority of the nat output chain. -99 runs after kube-proxy (-100): only what nothing else translated. -101 takes over. For iptables: below -100 inserts the jump first in OUTPUT, otherwise appends it.", valueName: "n"))
+    // .unconditional: `--priority -101` (a negative number is not an option name).
+    @Option(parsing: .unconditional, help: ArgumentHelp("Priority of the nat output chain. -99 runs after kube-proxy (-100): only what nothing else translated. -101 takes over. For iptables: below -100 inserts the jump first in OUTPUT, otherwise appends it.", valueName: "n"))
     var priority = -99
 
     /// Validated first thing in every command, so a bad name is a usage error (64) before anything else runs.
     func settings(onConflict: ConflictPolicy) throws(CLIError) -> PlanSettings {
+        if priority <= -200 {
+            // NF_IP_PRI_CONNTRACK: the kernel refuses nat chains at or before conntrack.
+            throw CLIError(.usage, "--priority \(priority): a nat chain needs a priority above -200 (where conntrack runs); the kernel refuses it")
+        }
         let s = PlanSettings(table: table, chain: chain, priority: priority, masquerade: !noMasquerade, onConflict: onConflict)
         do { try Planner.validate(s) } catch { throw CLIError(.usage, error.description) }
         return s

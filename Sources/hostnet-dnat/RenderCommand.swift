@@ -35,7 +35,7 @@ struct Render: AsyncParsableCommand {
     @Option(help: ArgumentHelp("nft, iptables, ip6tables or json.", valueName: "format"))
     var format: RenderFormat = .nft
 
-    @Option(name: [.short, .customLong("output")], help: ArgumentHelp("Write to this file instead of stdout (written only when everything succeeded).", valueName: "file"))
+    @Option(name: [.short, .customLong("output")], help: ArgumentHelp("Write to this file instead of stdout (written only when everything succeeded; a regular file is replaced whole, anything else such as a device or a symlink is written in place).", valueName: "file"))
     var outputFile: String?
 
     func run() async throws {
@@ -56,17 +56,9 @@ struct Render: AsyncParsableCommand {
                 for w in plan.warnings { Console.warning(w.message) }
             }
             if let outputFile {
-                // Write beside the target and rename, so a failure never leaves a half-written rule file.
-                let tmp = outputFile + ".tmp-\(getpid())"
-                guard FileManager.default.createFile(atPath: tmp, contents: Data(text.utf8)) else {
-                    throw CLIError(.cantCreate, "\(outputFile): cannot write")
-                }
-                if rename(tmp, outputFile) != 0 {
-                    unlink(tmp)
-                    throw CLIError(.cantCreate, "\(outputFile): cannot write (\(String(cString: strerror(errno))))")
-                }
+                try OutputFile.write(text, to: outputFile)
             } else {
-                Console.out(text)
+                try Console.out(text)
             }
             if format != .json {
                 let family: IPFamily? = format == .iptables ? .ipv4 : (format == .ip6tables ? .ipv6 : nil)
@@ -80,5 +72,53 @@ struct Render: AsyncParsableCommand {
         let skippedServices = Set(plan.skipped.map(\.service)).count
         return "\(mapped) mapping(s) from \(objects) service(s); \(skippedServices) service(s) with skipped items"
             + (plan.skipped.isEmpty ? "" : " (see --format json for reasons)")
+    }
+}
+
+/// `-o FILE`: a regular file (or a new one) is replaced whole through a temporary beside it and a rename,
+/// so a failure never leaves half a rule file. Anything else is written in place: a rename would turn
+/// `/dev/null` into a regular file for the whole node, or replace a symlink by a copy.
+enum OutputFile {
+    static func write(_ text: String, to path: String) throws(CLIError) {
+        var st = stat()
+        if lstat(path, &st) == 0 {
+            switch st.st_mode & S_IFMT {
+            case S_IFREG: try replace(path, with: text, mode: st.st_mode & 0o7777)
+            case S_IFDIR: throw CLIError(.cantCreate, "\(path): is a directory")
+            default: try writeInPlace(path, text)
+            }
+        } else if errno == ENOENT {
+            try replace(path, with: text, mode: nil)
+        } else {
+            throw CLIError(.cantCreate, "\(path): cannot write (\(String(cString: strerror(errno))))")
+        }
+    }
+
+    private static func writeInPlace(_ path: String, _ text: String) throws(CLIError) {
+        let fd = open(path, O_WRONLY | O_TRUNC | O_CLOEXEC | O_NOCTTY)
+        guard fd >= 0 else { throw CLIError(.cantCreate, "\(path): cannot write (\(String(cString: strerror(errno))))") }
+        defer { close(fd) }
+        if let why = Console.write(fd, text) { throw CLIError(.ioError, "\(path): write failed (\(why))") }
+    }
+
+    /// `mode`: an existing file's, kept; nil for a new file (0644 less the umask).
+    private static func replace(_ path: String, with text: String, mode: mode_t?) throws(CLIError) {
+        let tmp = path + ".tmp-\(getpid())"
+        // O_EXCL: never follow a link someone planted at the temporary name.
+        let fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode ?? 0o644)
+        guard fd >= 0 else { throw CLIError(.cantCreate, "\(path): cannot write (\(String(cString: strerror(errno))))") }
+        if let mode { fchmod(fd, mode) }  // what the umask took away from an existing file's mode
+        var failure = Console.write(fd, text)
+        if failure == nil, fsync(fd) != 0 { failure = String(cString: strerror(errno)) }
+        close(fd)
+        if let failure {
+            unlink(tmp)
+            throw CLIError(.ioError, "\(path): write failed (\(failure)); the file was left as it was")
+        }
+        if rename(tmp, path) != 0 {
+            let why = String(cString: strerror(errno))
+            unlink(tmp)
+            throw CLIError(.cantCreate, "\(path): cannot write (\(why))")
+        }
     }
 }

@@ -1,3 +1,4 @@
+import AgentOperations
 import ArgumentParser
 import Foundation
 import KubernetesAPI
@@ -19,7 +20,7 @@ struct DurationArgument: ExpressibleByArgument, Sendable {
     var defaultValueDescription: String { text }
 }
 
-enum LogFormat: String, ExpressibleByArgument, CaseIterable { case text, json }
+extension LogFormat: ExpressibleByArgument {}
 
 struct Sync: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -61,14 +62,20 @@ struct Sync: AsyncParsableCommand {
     @Option(help: ArgumentHelp("text (human lines on stderr) or json (one object a line).", valueName: "format"))
     var logFormat: LogFormat = .text
 
-    @Option(help: ArgumentHelp("trace, debug, info, notice, warning, error or critical.", valueName: "level"))
-    var logLevel: String = "info"
+    @Option(help: ArgumentHelp("trace, debug, info, notice, warning, error or critical (default info).", valueName: "level"))
+    var logLevel: String?
+
+    @Option(name: .customLong("v"), help: ArgumentHelp("Verbosity as kube-proxy's -v: up to 2 info, 3-4 debug, 5 and more trace (--log-level wins).", valueName: "n"))
+    var verbosity: Int?
+
+    @Option(help: ArgumentHelp("Serve Prometheus /metrics here; 0 turns it off.", valueName: "host:port"))
+    var metricsBindAddress = "127.0.0.1:10269"
+
+    @Option(help: ArgumentHelp("Serve /healthz and /readyz here; 0 turns it off.", valueName: "host:port"))
+    var healthzBindAddress = "0.0.0.0:10270"
 
     func validate() throws {
         guard syncPeriod.duration > .zero else { throw ValidationError("--sync-period must be longer than 0") }
-        guard Logger.Level(rawValue: logLevel) != nil else {
-            throw ValidationError("--log-level \(logLevel): use trace, debug, info, notice, warning, error or critical")
-        }
     }
 
     func run() async throws {
@@ -79,6 +86,14 @@ struct Sync: AsyncParsableCommand {
         sigaddset(&stopSignals, SIGINT)
         pthread_sigmask(SIG_UNBLOCK, &stopSignals, nil)
         try await Console.run {
+            let level: Logger.Level
+            let metricsAddress: ListenAddress?, healthzAddress: ListenAddress?
+            do {
+                level = try logLevel.map { text throws(AgentOperationsError) in try AgentLogging.level(text) }
+                    ?? verbosity.map(AgentLogging.level(verbosity:)) ?? .info
+                metricsAddress = try ListenAddress.parse(metricsBindAddress, flag: "--metrics-bind-address")
+                healthzAddress = try ListenAddress.parse(healthzBindAddress, flag: "--healthz-bind-address")
+            } catch let e as AgentOperationsError { throw CLIError(code: e.exitCode, e.description) }
             let settings = try planFlags.settings(onConflict: .skip)
             let options = try resolution.resolutionOptions()
             let context = NodeContext(netns: try node.namespace())
@@ -95,20 +110,21 @@ struct Sync: AsyncParsableCommand {
             do { lock = try NodeLock.acquire(.sync, context: context, wait: .zero) } catch let e as NodeError { throw e.cliError }
             defer { withExtendedLifetime(lock) {} }
 
-            let level = Logger.Level(rawValue: logLevel) ?? .info
-            let format = logFormat
-            LoggingSystem.bootstrap { label in
-                var handler = AgentLogHandler(label: label, json: format == .json)
-                handler.logLevel = level
-                return handler
-            }
+            AgentLogging.bootstrap(format: logFormat, level: level)
             let logger = Logger(label: "hostnet-dnat")
             let configuration = SyncConfiguration(options: options, settings: settings,
                                                   minSyncPeriod: minSyncPeriod.duration, syncPeriod: syncPeriod.duration,
                                                   cleanupOnExit: cleanupOnExit)
+            let metrics = AgentMetrics()
+            let health = HealthState(syncPeriod: syncPeriod.duration)
+            let server: AgentHTTPServer
+            do {
+                server = try await AgentHTTPServer.start(metricsAddress: metricsAddress, healthzAddress: healthzAddress,
+                                                         metrics: metrics, health: health, logger: logger)
+            } catch let e as AgentOperationsError { throw CLIError(code: e.exitCode, e.description) }
             let agent = SyncAgent(configuration: configuration, source: { watch.events() },
-                                  installer: NodeInstaller(context: context, backend: node.backend, iptablesVariant: node.iptables),
-                                  logger: logger)
+                                  installer: NodeInstaller(context: context, backend: node.backend, iptablesVariant: node.iptables, table: settings.table),
+                                  observer: AgentTelemetry(metrics: metrics, health: health), logger: logger)
             logger.info("starting", metadata: ["api": "\(watch.sourceDescription)","backend": "\(node.backend.rawValue)", "target": "\(options.target.rawValue)",
                                                "min_sync_period": "\(minSyncPeriod.text)", "sync_period": "\(syncPeriod.text)",
                                                "netns": "\(context.netns?.path ?? "self")"])
@@ -116,57 +132,15 @@ struct Sync: AsyncParsableCommand {
                 services: [.init(service: agent)],
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
+            var endpoints: Logger.Metadata = [:]
+            if let p = server.metricsPort { endpoints["metrics_port"] = "\(p)" }
+            if let p = server.healthzPort { endpoints["healthz_port"] = "\(p)" }
+            if !endpoints.isEmpty { logger.info("serving", metadata: endpoints) }
             do { try await group.run() } catch {
+                await server.stop()
                 throw CLIError(.software, "the agent stopped: \(error)")
             }
+            await server.stop()
         }
-    }
-}
-
-/// Human lines or JSON lines on stderr (placeholder until the operations target's handlers).
-struct AgentLogHandler: LogHandler {
-    let label: String
-    let json: Bool
-    var logLevel: Logger.Level = .info
-    var metadata: Logger.Metadata = [:]
-
-    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { metadata[key] }
-        set { metadata[key] = newValue }
-    }
-
-    func log(event: LogEvent) {
-        var all = metadata
-        if let m = event.metadata { all.merge(m) { _, b in b } }
-        let time = ISO8601DateFormatter().string(from: Date())
-        let line: String
-        if json {
-            var fields = ["\"time\":\(JSONValueText.quote(time))", "\"level\":\(JSONValueText.quote(event.level.rawValue))",
-                          "\"msg\":\(JSONValueText.quote("\(event.message)"))"]
-            for (k, v) in all.sorted(by: { $0.key < $1.key }) { fields.append("\(JSONValueText.quote(k)):\(JSONValueText.quote("\(v)"))") }
-            line = "{" + fields.joined(separator: ",") + "}\n"
-        } else {
-            let extra = all.sorted(by: { $0.key < $1.key }).map { "\($0.key)=\($0.value)" }.joined(separator: " ")
-            line = "\(time) \(event.level.rawValue) \(event.message)\(extra.isEmpty ? "" : " " + extra)\n"
-        }
-        FileHandle.standardError.write(Data(line.utf8))
-    }
-}
-
-enum JSONValueText {
-    static func quote(_ s: String) -> String {
-        var out = "\""
-        for u in s.unicodeScalars {
-            switch u {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            default:
-                if u.value < 0x20 || u.value == 0x7f { out += String(format: "\\u%04x", u.value) } else { out.unicodeScalars.append(u) }
-            }
-        }
-        return out + "\""
     }
 }

@@ -29,8 +29,16 @@ import Glibc
         init(api: FakeKubeAPI, node: TestNamespace, backend: String, extra: [String] = []) throws {
             process = try LoggingProcess([CLI.binary.path, "sync", "--kubeconfig", api.kubeconfig, "--netns", node.name,
                                           "--backend", backend, "--target", "endpoints", "--min-sync-period", "0s",
-                                          "--log-format", "json", "--log-level", "debug"] + extra,
+                                          "--log-format", "json", "--log-level", "debug",
+                                          "--metrics-bind-address", "127.0.0.1:0", "--healthz-bind-address", "127.0.0.1:0"] + extra,
                                          logPath: api.directory.appendingPathComponent("sync.log").path)
+        }
+
+        /// The ports of /metrics and /healthz, from the "serving" log line.
+        func port(_ key: String) -> Int? {
+            guard let line = process.waitForLine(timeout: 30, { $0.contains("\"serving\"") }),
+                  let doc = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else { return nil }
+            return (doc[key] as? String).flatMap(Int.init)
         }
 
         /// Log lines that are JSON objects.
@@ -317,4 +325,111 @@ import Glibc
             print('ERR ' + type(e).__name__, file=sys.stderr, flush=True)
         time.sleep(0.1)
     """#
+}
+
+/// `sync` as operators see it: /metrics, /healthz, /readyz and its log lines.
+@Suite(.serialized) struct SyncOperationsTests {
+    typealias K = SyncCLIKernelTests
+
+    /// `name{labels} value` samples of a Prometheus text exposition (comments skipped); fails on any other line.
+    static func samples(_ text: String) throws -> [(name: String, labels: String, value: Double)] {
+        try text.split(separator: "\n").filter { !$0.hasPrefix("#") && !$0.isEmpty }.map { line in
+            let parts = line.split(separator: " ")
+            guard parts.count >= 2, let value = Double(parts[1]) else { throw TestSupportError("not a sample: \(line)") }
+            let head = String(parts[0])
+            if let brace = head.firstIndex(of: "{") {
+                return (String(head[..<brace]), String(head[brace...]), value)
+            }
+            return (head, "", value)
+        }
+    }
+
+    static func value(_ s: [(name: String, labels: String, value: Double)], _ name: String, _ labels: String = "") -> Double? {
+        s.first { $0.name == name && (labels.isEmpty || $0.labels.contains(labels)) }?.value
+    }
+
+    @Test func metricsCarryWhatTheAgentDid() throws {
+        guard try requireKernelTests(tools: ["nft", "python3", "openssl"]) else { return }
+        try K().withAgent { api, node, _, agent in
+            let port = try #require(agent.port("metrics_port"), "\(agent.process.log)")
+            let (status, first) = try LoopbackHTTP.get(port: port, "/metrics")
+            #expect(status == 200)
+            let before = try Self.samples(first)
+            #expect(Self.value(before, "hostnet_dnat_mappings", "family=\"IPv4\"") == 2, "\(first)")
+            #expect(Self.value(before, "hostnet_dnat_mappings", "family=\"IPv6\"") == 2)
+            #expect(Self.value(before, "hostnet_dnat_skipped", "reason=\"no_ready_endpoints\"") == 0)
+            let fullCount = Self.value(before, "hostnet_dnat_sync_duration_seconds_count", "kind=\"full\"") ?? 0
+            #expect(fullCount >= 1)
+            #expect((Self.value(before, "hostnet_dnat_last_successful_sync_timestamp_seconds") ?? 0) > Date().timeIntervalSince1970 - 120)
+            // An annotated slice change: the programming latency is measured from its trigger time.
+            let trigger = ISO8601DateFormatter().string(from: Date().addingTimeInterval(-3))
+            let n = agent.syncs.count
+            try api.apply(K.slice4(["198.51.100.12"]).replacingOccurrences(
+                of: #""namespace":"test","labels""#,
+                with: #""namespace":"test","annotations":{"endpoints.kubernetes.io/last-change-trigger-time":"\#(trigger)"},"labels""#))
+            #expect(agent.waitForSync(after: n) != nil)
+            let after = try Self.samples(try LoopbackHTTP.get(port: port, "/metrics").1)
+            #expect((Self.value(after, "hostnet_dnat_sync_duration_seconds_count", "kind=\"partial\"") ?? 0) >= 1)
+            #expect((Self.value(after, "hostnet_dnat_network_programming_duration_seconds_count") ?? 0) >= 1)
+            // At least 3 s: the trigger time was 3 s before the change reached the API.
+            let sum = Self.value(after, "hostnet_dnat_network_programming_duration_seconds_sum") ?? 0
+            #expect(sum >= 3 && sum < 60, "sum \(sum)")
+            #expect(Self.value(after, "process_resident_memory_bytes").map { $0 > 1_000_000 } == true)
+            // Every sync logged one JSON line with the stated fields.
+            for line in agent.syncs {
+                for key in ["time", "level", "msg", "kind", "duration_ms", "added", "removed"] {
+                    #expect(line[key] != nil, "\(key) missing in \(line)")
+                }
+            }
+            #expect(try LoopbackHTTP.get(port: port, "/nothing").0 == 404)
+        }
+    }
+
+    @Test func healthTurnsBadWhenTheAPIIsGoneAndGoodWhenItIsBack() throws {
+        guard try requireKernelTests(tools: ["nft", "python3", "openssl"]) else { return }
+        try K().withAgent(extra: ["--sync-period", "1s"]) { api, _, _, agent in
+            let port = try #require(agent.port("healthz_port"), "\(agent.process.log)")
+            #expect(try LoopbackHTTP.get(port: port, "/readyz").0 == 200)
+            #expect(try K().eventually { try LoopbackHTTP.get(port: port, "/healthz").0 == 200 })
+            try api.post("/down")
+            #expect(try K().eventually(timeout: 15) { try LoopbackHTTP.get(port: port, "/healthz").0 == 503 })
+            let (_, body) = try LoopbackHTTP.get(port: port, "/healthz")
+            #expect(body.contains("lastUpdated"), "\(body)")
+            try api.post("/up")
+            #expect(try K().eventually(timeout: 30) { try LoopbackHTTP.get(port: port, "/healthz").0 == 200 },
+                    "\(agent.process.log.suffix(2000))")
+        }
+    }
+
+    @Test func notReadyBeforeTheFirstSync() throws {
+        guard try requireKernelTests(tools: ["nft", "python3", "openssl"]) else { return }
+        try withNamespace("notready") { node in
+            try FakeKubeAPI.with(data: trafficCluster) { api in
+                try api.post("/down")
+                let agent = try K.Agent(api: api, node: node, backend: "nftables")
+                defer { agent.process.stop() }
+                let port = try #require(agent.port("healthz_port"), "\(agent.process.log)")
+                #expect(try LoopbackHTTP.get(port: port, "/readyz").0 == 503)
+                #expect(try node.nft("list", "tables").isEmpty, "rules before both lists")
+                try api.post("/up")
+                #expect(try K().eventually(timeout: 30) { try LoopbackHTTP.get(port: port, "/readyz").0 == 200 })
+            }
+        }
+    }
+
+    @Test func bindErrorsExitAsDocumented() throws {
+        guard try requireKernelTests(tools: ["nft", "python3", "openssl"]) else { return }
+        try withNamespace("bind") { node in
+            try FakeKubeAPI.with(data: trafficCluster) { api in
+                let base = ["sync", "--kubeconfig", api.kubeconfig, "--netns", node.name, "--metrics-bind-address", "0"]
+                let malformed = try CLI.run(base + ["--healthz-bind-address", "localhost"])
+                #expect(malformed.status == 64, "\(malformed.stderr)")
+                // The fake API's own port is taken.
+                let taken = try CLI.run(base + ["--healthz-bind-address", "127.0.0.1:\(api.apiPort)"])
+                #expect(taken.status == 69, "\(taken.stderr)")
+                #expect(taken.stderr.contains("\(api.apiPort)"))
+                #expect(try node.nft("list", "tables").isEmpty)
+            }
+        }
+    }
 }

@@ -594,7 +594,7 @@ struct Events: Sequence {
 extension SourceEvent {
     var resource: APIResource {
         switch self {
-        case .listed(let r, _, _), .invalidObject(let r, _, _), .watchRestarted(let r, _), .unavailable(let r, _, _): return r
+        case .listed(let r, _, _), .invalidObject(let r, _, _), .watchRestarted(let r, _), .unavailable(let r, _, _), .connected(let r): return r
         case .changed(.service), .changed(.serviceDeleted): return .services
         case .changed(.endpointSlice), .changed(.endpointSliceDeleted): return .endpointSlices
         }
@@ -616,6 +616,7 @@ func describe(_ e: SourceEvent, port: Int? = nil) -> String {
     case .changed(.endpointSliceDeleted(let n)): text = "slice deleted \(n)"
     case .invalidObject(let r, let name, let message): text = "invalid \(r.rawValue) \(name.map { "\($0)" } ?? "?"): \(message)"
     case .watchRestarted(let r, let reason): text = "restarted \(r.rawValue) \(reason.rawValue)"
+    case .connected(let r): text = "connected \(r.rawValue)"
     case .unavailable(let r, let error, let wait): text = "unavailable \(r.rawValue) (retry in \(wait)): \(error)"
     }
     guard let port else { return text }

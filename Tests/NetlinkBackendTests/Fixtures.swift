@@ -68,6 +68,11 @@ enum Fixtures {
     /// `mappings` dispatch entries: services of 20 ports each on addresses 203.0.113.1-250 (every fourth
     /// service IPv6 on 2001:db8::/32 instead); service i has 1 + i % maxEndpoints endpoints.
     static func largePlan(mappings: Int, maxEndpoints: Int = 2, table: String = "hostnet-dnat") throws -> RulePlan {
+        try plan(largeSpecs(mappings: mappings, maxEndpoints: maxEndpoints), settings: PlanSettings(table: table))
+    }
+
+    /// The services of `largePlan`.
+    static func largeSpecs(mappings: Int, maxEndpoints: Int = 2) -> [ServiceSpec] {
         let perService = 20
         var specs: [ServiceSpec] = []
         for i in 0..<(mappings / perService) {
@@ -81,7 +86,7 @@ enum Fixtures {
             specs.append(ServiceSpec(namespace: "ns\(i % 7)", name: "svc\(i)", ips: [address], ports: ports,
                                      endpoints4: v6 ? [] : e4, endpoints6: v6 ? e6 : []))
         }
-        return try plan(specs, settings: PlanSettings(table: table))
+        return specs
     }
 }
 

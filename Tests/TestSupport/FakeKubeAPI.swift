@@ -115,6 +115,22 @@ public final class FakeKubeAPI: @unchecked Sendable {
     public func get(_ path: String) throws -> [String: Any] { try request("GET", path, nil) }
 
     private func request(_ method: String, _ path: String, _ body: String?) throws -> [String: Any] {
+        let (status, bodyText) = try LoopbackHTTP.request(port: controlPort, method, path, body: body)
+        guard (200..<300).contains(status) else { throw TestSupportError("fake-apiserver control \(method) \(path): \(status) \(bodyText)") }
+        guard let doc = try JSONSerialization.jsonObject(with: Data(bodyText.utf8)) as? [String: Any] else {
+            throw TestSupportError("fake-apiserver control \(method) \(path): not a JSON object: \(bodyText)")
+        }
+        return doc
+    }
+}
+
+/// A minimal HTTP/1.0 client for servers the tests run on 127.0.0.1 (the fake API's control port, the
+/// agent's /metrics and /healthz), so tests need no HTTP library.
+public enum LoopbackHTTP {
+    public static func get(port: Int, _ path: String) throws -> (Int, String) { try request(port: port, "GET", path) }
+
+    /// Returns the status code and the body.
+    public static func request(port: Int, _ method: String, _ path: String, body: String? = nil) throws -> (Int, String) {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { throw TestSupportError("socket: \(String(cString: strerror(errno)))") }
         defer { close(fd) }
@@ -122,19 +138,19 @@ public final class FakeKubeAPI: @unchecked Sendable {
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         var addr = sockaddr_in()
         addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_port = UInt16(controlPort).bigEndian
+        addr.sin_port = UInt16(port).bigEndian
         addr.sin_addr.s_addr = inet_addr("127.0.0.1")
         let ok = withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
         }
-        guard ok else { throw TestSupportError("fake-apiserver control port: \(String(cString: strerror(errno)))") }
+        guard ok else { throw TestSupportError("127.0.0.1:\(port): \(String(cString: strerror(errno)))") }
         let payload = Array((body ?? "").utf8)
         let head = "\(method) \(path) HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: \(payload.count)\r\n\r\n"
         let all = Array(head.utf8) + payload
         var sent = 0
         while sent < all.count {
             let n = all[sent...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
-            guard n > 0 else { throw TestSupportError("fake-apiserver control: send failed") }
+            guard n > 0 else { throw TestSupportError("127.0.0.1:\(port): send failed") }
             sent += n
         }
         var response = [UInt8]()
@@ -145,14 +161,9 @@ public final class FakeKubeAPI: @unchecked Sendable {
             response += chunk[0..<n]
         }
         let text = String(decoding: response, as: UTF8.self)
-        guard let split = text.range(of: "\r\n\r\n") else { throw TestSupportError("fake-apiserver control: no answer to \(method) \(path)") }
+        guard let split = text.range(of: "\r\n\r\n") else { throw TestSupportError("127.0.0.1:\(port): no answer to \(method) \(path)") }
         let status = text.split(separator: " ", maxSplits: 2).dropFirst().first.flatMap { Int($0) } ?? 0
-        let bodyText = String(text[split.upperBound...])
-        guard (200..<300).contains(status) else { throw TestSupportError("fake-apiserver control \(method) \(path): \(status) \(bodyText)") }
-        guard let doc = try JSONSerialization.jsonObject(with: Data(bodyText.utf8)) as? [String: Any] else {
-            throw TestSupportError("fake-apiserver control \(method) \(path): not a JSON object: \(bodyText)")
-        }
-        return doc
+        return (status, String(text[split.upperBound...]))
     }
 }
 
