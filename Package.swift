@@ -59,7 +59,7 @@ let package = Package(
         ]),
         // Operating the node agent: Prometheus metrics, /healthz and /readyz over NIO HTTP/1, log handlers.
         .target(name: "AgentOperations", dependencies: [
-            "NetAddress",
+            "NetAddress", "KubeObjects",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "CoreMetrics", package: "swift-metrics"),
             .product(name: "Prometheus", package: "swift-prometheus"),

@@ -1,4 +1,5 @@
 import Foundation
+import KubeObjects
 import Logging
 import NIOConcurrencyHelpers
 
@@ -178,34 +179,9 @@ public struct AgentLogHandler: LogHandler {
     }
 }
 
-/// JSON string literals, per RFC 8259: `"` and `\` escaped, control characters as `\n`, `\t`, … or `\u00XX`;
-/// U+2028 and U+2029 escaped too, so a line is also safe to embed in JavaScript. Everything else is UTF-8 as is.
+/// JSON string literals: KubeObjects' one escaper (`JSONValue.quoted`), under the name the log handlers use.
 public enum JSONText {
-    public static func quote(_ s: String) -> String {
-        var out = "\""
-        out.reserveCapacity(s.utf8.count + 2)
-        for c in s.unicodeScalars {
-            switch c {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            case "\u{08}": out += "\\b"
-            case "\u{0C}": out += "\\f"
-            case "\u{2028}": out += "\\u2028"
-            case "\u{2029}": out += "\\u2029"
-            default:
-                if c.value < 0x20 || c.value == 0x7F {
-                    let hex = String(c.value, radix: 16)
-                    out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-                } else {
-                    out.unicodeScalars.append(c)
-                }
-            }
-        }
-        return out + "\""
-    }
+    public static func quote(_ s: String) -> String { JSONValue.quoted(s) }
 }
 
 /// Logs a warning once per key, not at every sync: the same bad object (`namespace/name` + what is wrong)

@@ -31,6 +31,10 @@ public enum JSONValue: Sendable, Equatable {
             case "\n": out += "\\n"
             case "\r": out += "\\r"
             case "\t": out += "\\t"
+            // Line and paragraph separators: valid JSON, but they break a line-oriented reader or an
+            // embedding in JavaScript.
+            case "\u{2028}": out += "\\u2028"
+            case "\u{2029}": out += "\\u2029"
             default:
                 if u.value < 0x20 || u.value == 0x7F {
                     let hex = String(u.value, radix: 16)

@@ -153,6 +153,8 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
         var dirty: Set<ObjectName> = []
         /// What this process installed last (nil: unknown, so the next sync is a full pass).
         var installed: RulePlan? = nil
+        /// The invalid-object diagnostics `installed` was planned with.
+        var installedWarnings: [Diagnostic] = []
         var needFull = true
         var lastAttempt: ContinuousClock.Instant? = nil
         var lastFull: ContinuousClock.Instant? = nil
@@ -335,18 +337,24 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
                 planner = IncrementalPlanner(settings: configuration.settings, options: options)
                 dirty = Set(store.services.keys)
             }
-            for name in dirty {
-                planner!.update(name, service: store.services[name], slices: store.slices(of: name))
+            var resolutionChanged = false
+            for name in dirty where planner!.update(name, service: store.services[name], slices: store.slices(of: name)) {
+                resolutionChanged = true
             }
             dirty.removeAll()
-            let plan = planner!.plan(extraWarnings: invalidDiagnostics())
+            // Nothing any Service resolves to changed (a slice update that moved no endpoint, a bookmark-only
+            // resync, the check after an outage): no plan to assemble and nothing for the kernel.
+            let warnings = invalidDiagnostics()
+            let unchanged = !full && !resolutionChanged && installed != nil && warnings == installedWarnings
+            let plan = unchanged ? installed! : planner!.plan(extraWarnings: warnings)
+            let planned = ContinuousClock.now
 
             var outcome: InstallOutcome
             var fellBack = false
             do {
                 if full {
                     outcome = try agent.installer.replace(with: plan)
-                } else if let old = installed, old.sameRules(as: plan) {
+                } else if unchanged || installed!.sameRules(as: plan) {
                     outcome = InstallOutcome(changed: false, incremental: true, summary: "no change")
                 } else {
                     do {
@@ -362,15 +370,17 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
                 installed = nil
                 return failed(kind, reason: error.exitCode == NodeError.noPermissionCode ? "permission" : "kernel", error.description)
             }
+            let committed = ContinuousClock.now
             let previous = installed
             installed = plan
+            installedWarnings = warnings
             confirmAfterOutage = false
             needFull = false
             failures = 0
             if full || fellBack { lastFull = start }
             var conntrackDeleted = 0
             do {
-                conntrackDeleted = try agent.installer.cleanConntrack(from: previous, to: plan)
+                if !unchanged { conntrackDeleted = try agent.installer.cleanConntrack(from: previous, to: plan) }
             } catch {
                 agent.logger.warning("could not clean up UDP conntrack entries", metadata: ["error": "\(error.description)"])
             }
@@ -381,14 +391,17 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
             let report = SyncReport(
                 kind: kind, duration: ContinuousClock.now - start, changed: outcome.changed, added: outcome.added,
                 removed: outcome.removed, fellBackToFull: fellBack, strategy: strategy!,
-                mappingsByFamily: ["IPv4": plan.rules(.ipv4).count, "IPv6": plan.rules(.ipv6).count],
+                mappingsByFamily: plan.mappingsByFamily,
                 skippedByReason: plan.skippedByReason(invalidCount: invalid.count),
                 services: store.services.count, conntrackDeleted: conntrackDeleted,
                 programmingLatencies: latencies, inStepWithAPI: unreachable.isEmpty, summary: outcome.summary, at: now)
             agent.observer.syncSucceeded(report)
-            let ms = Double(report.duration.components.attoseconds) / 1e15 + Double(report.duration.components.seconds) * 1000
+            func ms(_ d: Duration) -> String {
+                String(format: "%.1f", Double(d.components.seconds) * 1000 + Double(d.components.attoseconds) / 1e15)
+            }
             agent.logger.info("synced", metadata: [
-                "kind": "\(kind.rawValue)", "duration_ms": "\(String(format: "%.1f", ms))",
+                "kind": "\(kind.rawValue)", "duration_ms": "\(ms(report.duration))",
+                "plan_ms": "\(ms(planned - start))", "kernel_ms": "\(ms(committed - planned))",
                 "changed": "\(outcome.changed)", "added": "\(outcome.added)", "removed": "\(outcome.removed)",
                 "mappings": "\(plan.rules.count)", "services": "\(store.services.count)",
                 "skipped": "\(plan.skipped.count)", "conflicts": "\(plan.conflicts.count)",
@@ -436,6 +449,13 @@ extension RulePlan {
     /// Same rules, chains and settings: nothing for the kernel to do.
     func sameRules(as other: RulePlan) -> Bool {
         settings == other.settings && rules == other.rules && targetChains == other.targetChains
+    }
+
+    /// Mappings per family ("IPv4", "IPv6"), counted in one pass.
+    var mappingsByFamily: [String: Int] {
+        var v4 = 0
+        for r in rules where r.mapping.family == .ipv4 { v4 += 1 }
+        return ["IPv4": v4, "IPv6": rules.count - v4]
     }
 
     /// Skipped items counted by reason; every reason is present (0 when none), so a gauge goes back to 0.

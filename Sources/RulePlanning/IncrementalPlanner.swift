@@ -14,13 +14,15 @@ public struct IncrementalPlanner: Sendable {
     public let resolver: ServiceResolver
     public let strategy: TargetStrategy
 
-    /// Per service: what resolving it gave on its own.
+    /// Per service: what resolving it gave on its own, and its target chains (named once, when it changes).
     private var resolutions: [ObjectName: Resolution] = [:]
+    private var chainsOf: [ObjectName: ServiceChains] = [:]
+    /// The services' names, sorted (kept sorted on each change rather than sorted on each plan).
+    private var sortedNames: [ObjectName] = []
     /// Every key any service claims, with the services (and port names) claiming it.
     private var claims: [DispatchKey: [Mapping]] = [:]
     /// Keys claimed by more than one service port.
     private var conflictKeys: Set<DispatchKey> = []
-    private var chainCache = Planner.ChainCache()
 
     public init(settings: PlanSettings, options: ResolutionOptions) {
         var s = settings
@@ -36,25 +38,141 @@ public struct IncrementalPlanner: Sendable {
     /// Re-resolves `service` (nil: it is gone) with its slices. Returns whether its resolution changed.
     @discardableResult
     public mutating func update(_ name: ObjectName, service: Service?, slices: [EndpointSlice]) -> Bool {
-        let new = service.map { resolver.resolve($0, slices: slices) }
         let old = resolutions[name]
+        var new = service.map { resolver.resolve($0, slices: slices) }
+        if let o = old, new != nil { new!.mappings = Self.keepingSlots(new!.mappings, from: o.mappings) }
         if old?.mappings == new?.mappings && old?.skipped == new?.skipped && old?.warnings == new?.warnings
             && old?.autoFellBackToClusterIP == new?.autoFellBackToClusterIP { return false }
         if let old {
             for m in old.mappings { removeClaim(m) }
         }
         if let new {
+            if resolutions[name] == nil { sortedNames.insert(name, at: insertionIndex(name)) }
             resolutions[name] = new
+            chainsOf[name] = ServiceChains(new.mappings, planner: planner)
             for m in new.mappings { addClaim(m) }
-        } else {
-            resolutions[name] = nil
+        } else if resolutions.removeValue(forKey: name) != nil {
+            chainsOf[name] = nil
+            let i = insertionIndex(name)
+            if i < sortedNames.count && sortedNames[i] == name { sortedNames.remove(at: i) }
         }
         return true
     }
 
+    /// Endpoints keep their slots across changes: a destination that stays stays at its index; a new one
+    /// takes the place of one that went; when there are fewer, the last ones move into the holes. So one
+    /// endpoint replaced rewrites one slot per mapping, and one removed rewrites at most two (instead of every
+    /// slot after it, as a sorted list would): the kernel update stays a handful of elements. The order is
+    /// the agent's own history, so its plan can differ from a one-shot plan in endpoint order only; the
+    /// spread over endpoints is the same (a uniform pick over the same set).
+    static func keepingSlots(_ mappings: [Mapping], from previous: [Mapping]) -> [Mapping] {
+        struct Key: Hashable { let port: String; let proto: TransportProtocol; let family: IPFamily }
+        var before: [Key: [Destination]] = [:]
+        for m in previous {
+            if case .endpoints(let d) = m.target { before[Key(port: m.portName, proto: m.protocol, family: m.family)] = d }
+        }
+        guard !before.isEmpty else { return mappings }
+        var arranged: [Key: [Destination]] = [:]
+        return mappings.map { m in
+            guard case .endpoints(let fresh) = m.target else { return m }
+            let key = Key(port: m.portName, proto: m.protocol, family: m.family)
+            guard let old = before[key], old != fresh else { return m }
+            let slots: [Destination]
+            if let done = arranged[key] {
+                slots = done
+            } else {
+                slots = arrange(fresh, after: old)
+                arranged[key] = slots
+            }
+            return Mapping(service: m.service, portName: m.portName, protocol: m.protocol, externalIP: m.externalIP,
+                           port: m.port, source: m.source, target: .endpoints(slots))
+        }
+    }
+
+    /// `fresh` (sorted) laid out over `old`'s slots (see `keepingSlots`).
+    static func arrange(_ fresh: [Destination], after old: [Destination]) -> [Destination] {
+        let keep = Set(fresh)
+        var slots: [Destination?] = old.map { keep.contains($0) ? $0 : nil }
+        let placed = Set(slots.compactMap { $0 })
+        var incoming = fresh.filter { !placed.contains($0) }[...]
+        for i in slots.indices where slots[i] == nil {
+            guard let d = incoming.popFirst() else { break }
+            slots[i] = d
+        }
+        slots += incoming.map { Optional($0) }
+        // Fewer than before: move the last destinations into the holes left.
+        var result: [Destination] = []
+        var tail = slots.count - 1
+        var i = 0
+        while i <= tail {
+            if let d = slots[i] {
+                result.append(d)
+            } else {
+                while tail > i && slots[tail] == nil { tail -= 1 }
+                if tail > i { result.append(slots[tail]!); tail -= 1 }
+            }
+            i += 1
+        }
+        return result
+    }
+
+    private func insertionIndex(_ name: ObjectName) -> Int {
+        var lo = 0, hi = sortedNames.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if sortedNames[mid] < name { lo = mid + 1 } else { hi = mid }
+        }
+        return lo
+    }
+
+    /// One service's target chains, sorted as the plan orders them within a service (family, port name,
+    /// protocol), and the chain of each of its mappings.
+    struct ServiceChains: Sendable {
+        var chains: [TargetChain] = []
+        var chainOfMapping: [Int] = []
+
+        init(_ mappings: [Mapping], planner: Planner) {
+            var index: [Planner.ChainKey: Int] = [:]
+            var firsts: [Mapping] = []
+            var local: [Int] = []
+            for m in mappings {
+                let key = Planner.ChainKey(m)
+                if let i = index[key] { local.append(i); continue }
+                index[key] = firsts.count
+                local.append(firsts.count)
+                firsts.append(m)
+            }
+            let order = firsts.indices.sorted {
+                let (a, b) = (firsts[$0], firsts[$1])
+                return (a.family, a.portName, a.protocol) < (b.family, b.portName, b.protocol)
+            }
+            var position = [Int](repeating: 0, count: firsts.count)
+            for (p, i) in order.enumerated() { position[i] = p }
+            chains = order.map { i in
+                let m = firsts[i]
+                let named = planner.chainName(for: m)
+                return TargetChain(service: m.service, portName: m.portName, family: m.family, protocol: m.protocol,
+                                   iptablesName: named.iptablesName, comment: named.comment, target: m.target)
+            }
+            chainOfMapping = local.map { position[$0] }
+        }
+    }
+
+    /// The dispatch order as integers: family, address, protocol number, port.
+    private struct RuleOrder: Comparable {
+        let family: UInt8, high: UInt64, low: UInt64, protoPort: UInt32
+        init(_ m: Mapping) {
+            family = m.family == .ipv4 ? 0 : 1; high = m.externalIP.high; low = m.externalIP.low
+            protoPort = UInt32(m.protocol.number) << 16 | UInt32(truncatingIfNeeded: m.port)
+        }
+        static func < (a: RuleOrder, b: RuleOrder) -> Bool {
+            (a.family, a.high, a.low, a.protoPort) < (b.family, b.high, b.low, b.protoPort)
+        }
+    }
+
     /// Forgets everything (a relist replaces the store; the caller then updates every service).
     public mutating func removeAll() {
-        resolutions = [:]; claims = [:]; conflictKeys = []
+        resolutions = [:]; chainsOf = [:]; sortedNames = []; claims = [:]; conflictKeys = []
     }
 
     private mutating func addClaim(_ m: Mapping) {
@@ -72,20 +190,50 @@ public struct IncrementalPlanner: Sendable {
     }
 
     /// The plan for everything known now. Deterministic: equal to `Planner.plan` of the same objects with
-    /// `--on-conflict skip` (the tests compare the two).
+    /// `--on-conflict skip` (the tests compare the two). Assembled from the kept pieces without sorting
+    /// strings: services are kept in order, each with its chains already named and ordered, and the
+    /// dispatch rules are ordered by integer keys.
     public mutating func plan(extraWarnings: [Diagnostic] = []) -> RulePlan {
-        var kept: [Mapping] = []
         var skipped: [SkippedItem] = []
         var warnings: [Diagnostic] = []
         var fellBack: [ObjectName] = []
-        kept.reserveCapacity(claims.count)
-        for name in resolutions.keys.sorted() {
+        var chains: [TargetChain] = []
+        var rules: [(order: RuleOrder, mapping: Mapping, chain: Int)] = []
+        rules.reserveCapacity(claims.count)
+        chains.reserveCapacity(claims.count)
+        let anyConflict = !conflictKeys.isEmpty
+        for name in sortedNames {
             let r = resolutions[name]!
-            for m in r.mappings where !conflictKeys.contains(DispatchKey(m)) { kept.append(m) }
             skipped += r.skipped
             warnings += r.warnings
             fellBack += r.autoFellBackToClusterIP
         }
+        // Chains go family by family, then by service (and within it by port name and protocol): the
+        // order `Planner` sorts them in. A chain exists when at least one of its mappings is not in conflict.
+        for family in [IPFamily.ipv4, .ipv6] {
+            for name in sortedNames {
+                let r = resolutions[name]!, sc = chainsOf[name]!
+                var global = [Int](repeating: -1, count: sc.chains.count)
+                var used = [Bool](repeating: false, count: sc.chains.count)
+                var any = false
+                for (mi, m) in r.mappings.enumerated() where m.family == family {
+                    if anyConflict && conflictKeys.contains(DispatchKey(m)) { continue }
+                    used[sc.chainOfMapping[mi]] = true
+                    any = true
+                }
+                guard any else { continue }
+                for (ci, c) in sc.chains.enumerated() where used[ci] {
+                    global[ci] = chains.count
+                    chains.append(c)
+                }
+                for (mi, m) in r.mappings.enumerated() where m.family == family {
+                    let g = global[sc.chainOfMapping[mi]]
+                    if g < 0 || (anyConflict && conflictKeys.contains(DispatchKey(m))) { continue }
+                    rules.append((RuleOrder(m), m, g))
+                }
+            }
+        }
+        rules.sort { $0.order < $1.order }
         var conflicts: [Conflict] = []
         for key in conflictKeys {
             let (c, items) = Planner.conflict(key, claims[key]!)
@@ -94,7 +242,9 @@ public struct IncrementalPlanner: Sendable {
         }
         conflicts.sort()
         if let w = ServiceResolver.autoFallbackWarning(fellBack) { warnings.append(w) }
-        return planner.assemble(kept: kept, skipped: skipped, conflicts: conflicts, warnings: warnings + extraWarnings,
-                                strategy: strategy, chains: &chainCache)
+        return RulePlan(settings: planner.settings, strategy: strategy,
+                        rules: rules.map { PlannedRule(mapping: $0.mapping, targetIndex: $0.chain) },
+                        targetChains: chains, skipped: skipped.sorted(), conflicts: conflicts,
+                        warnings: warnings + extraWarnings)
     }
 }

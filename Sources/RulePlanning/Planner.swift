@@ -52,9 +52,8 @@ public struct Planner: Sendable {
         if !conflicts.isEmpty && settings.onConflict == .fail {
             throw .conflicts(conflicts)
         }
-        var chains = ChainCache()
         return assemble(kept: kept, skipped: skipped, conflicts: conflicts, warnings: resolution.warnings,
-                        strategy: strategy, chains: &chains)
+                        strategy: strategy)
     }
 
     /// The conflict on `key` and one skipped item per mapping that claims it.
@@ -69,12 +68,6 @@ public struct Planner: Sendable {
         return (conflict, items)
     }
 
-    /// Names and comments of target chains already made, so that re-planning does not hash every chain
-    /// again. Pruned when it holds far more than the last plan used.
-    struct ChainCache {
-        var names: [ChainKey: (iptablesName: String, comment: String)] = [:]
-    }
-
     /// A service port in one family: the identity of a target chain.
     struct ChainKey: Hashable {
         let service: ObjectName; let port: String; let proto: TransportProtocol; let family: IPFamily
@@ -84,7 +77,7 @@ public struct Planner: Sendable {
     /// Conflict-free mappings → the ordered plan: rules sorted by family, address, protocol and port; one
     /// target chain per service port and family, sorted by family, service, port name and protocol.
     func assemble(kept unsorted: [Mapping], skipped: [SkippedItem], conflicts: [Conflict], warnings: [Diagnostic],
-                  strategy: TargetStrategy, chains cache: inout ChainCache) -> RulePlan {
+                  strategy: TargetStrategy) -> RulePlan {
         let kept = unsorted.sorted { a, b in
             (a.externalIP, a.protocol, a.port) < (b.externalIP, b.protocol, b.port)
         }
@@ -100,13 +93,7 @@ public struct Planner: Sendable {
             } else {
                 index = chains.count
                 chainIndex[ck] = index
-                let named: (iptablesName: String, comment: String)
-                if let cached = cache.names[ck] {
-                    named = cached
-                } else {
-                    named = chainName(for: m)
-                    cache.names[ck] = named
-                }
+                let named = chainName(for: m)
                 chains.append(TargetChain(service: m.service, portName: m.portName, family: m.family, protocol: m.protocol,
                                           iptablesName: named.iptablesName, comment: named.comment, target: m.target,
                                           affinityTimeout: m.affinityTimeout))
@@ -118,9 +105,6 @@ public struct Planner: Sendable {
             let (a, b) = (chains[$0], chains[$1])
             return (a.family, a.service, a.portName, a.protocol) < (b.family, b.service, b.portName, b.protocol)
         }
-        if cache.names.count > 2 * chains.count + 1024 {
-            cache.names = cache.names.filter { chainIndex[$0.key] != nil }
-        }
         var newIndex = [Int](repeating: 0, count: chains.count)
         for (new, old) in order.enumerated() { newIndex[old] = new }
         let sortedChains = order.map { chains[$0] }
@@ -130,7 +114,7 @@ public struct Planner: Sendable {
                         skipped: skipped.sorted(), conflicts: conflicts, warnings: warnings)
     }
 
-    private func chainName(for m: Mapping) -> (iptablesName: String, comment: String) {
+    func chainName(for m: Mapping) -> (iptablesName: String, comment: String) {
         let portLabel = m.portName.isEmpty ? String(m.port) : m.portName
         let identity = "\(m.family.rawValue)|\(m.service.namespace)/\(m.service.name):\(m.portName)|\(m.protocol.rawValue)"
         // The --chain prefix is part of the hash, so two instances with different --chain never share a chain.

@@ -147,16 +147,7 @@ final class FakeAPIServer {
         cleanEnvironment = ["env", "-i", "HOME=\(home.path)", "PATH=/usr/bin:/bin"]
 
         // CA and a server certificate for IP 127.0.0.1.
-        func openssl(_ args: [String]) throws { try Tools.runChecked("openssl", args) }
-        try openssl(["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "\(path)/ca.key"])
-        try openssl(["req", "-x509", "-new", "-key", "\(path)/ca.key", "-subj", "/CN=hostnet-dnat-cli-test-ca",
-                     "-days", "2", "-sha256", "-out", "\(path)/ca.crt"])
-        try openssl(["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "\(path)/server.key"])
-        try openssl(["req", "-new", "-key", "\(path)/server.key", "-subj", "/CN=kube-apiserver", "-out", "\(path)/server.csr"])
-        try "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1\n"
-            .write(toFile: "\(path)/server.ext", atomically: true, encoding: .utf8)
-        try openssl(["x509", "-req", "-in", "\(path)/server.csr", "-CA", "\(path)/ca.crt", "-CAkey", "\(path)/ca.key",
-                     "-set_serial", "2", "-days", "2", "-sha256", "-extfile", "\(path)/server.ext", "-out", "\(path)/server.crt"])
+        try TestCertificates.makeServer(in: path)
 
         // One token per kubeconfig user; "stale" is not known to the server.
         let tokens = ["live", "no-services", "no-slices", "stale", "unreachable"].reduce(into: [String: String]()) {

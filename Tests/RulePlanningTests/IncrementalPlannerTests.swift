@@ -2,6 +2,7 @@ import KubeObjects
 import NetAddress
 import RulePlanning
 import ServiceResolution
+@testable import RulePlanning
 import Testing
 
 /// The agent's planner must give exactly what a one-shot plan of the same objects gives, after any sequence
@@ -44,9 +45,30 @@ import Testing
                              endpoints: endpoints)
     }
 
+    /// The agent keeps endpoints in their slots (`keepingSlots`), so only the order of destinations may differ.
+    static func sortedDestinations(_ t: MappingTarget) -> MappingTarget {
+        if case .endpoints(let d) = t { return .endpoints(d.sorted()) }
+        return t
+    }
+
+    static func normalized(_ p: RulePlan) -> ([PlannedRule], [TargetChain]) {
+        (p.rules.map { r in
+            let m = r.mapping
+            return PlannedRule(mapping: Mapping(service: m.service, portName: m.portName, protocol: m.protocol, externalIP: m.externalIP,
+                                                port: m.port, source: m.source, target: sortedDestinations(m.target)),
+                               targetIndex: r.targetIndex)
+        }, p.targetChains.map { c in
+            TargetChain(service: c.service, portName: c.portName, family: c.family, protocol: c.protocol,
+                        iptablesName: c.iptablesName, comment: c.comment, target: sortedDestinations(c.target))
+        })
+    }
+
     static func expectSame(_ a: RulePlan, _ b: RulePlan, step: Int) {
-        #expect(a.rules == b.rules, "step \(step): rules differ")
-        #expect(a.targetChains == b.targetChains, "step \(step): target chains differ")
+        let (ar, ac) = normalized(a), (br, bc) = normalized(b)
+        #expect(ar == br, "step \(step): rules differ")
+        #expect(ac == bc, "step \(step): target chains differ")
+        // Every mapping of one chain carries the chain's destinations in the same order (one slot layout).
+        for r in a.rules { #expect(r.mapping.target == a.targetChains[r.targetIndex].target, "step \(step)") }
         #expect(a.skipped == b.skipped, "step \(step): skipped differ")
         #expect(a.conflicts == b.conflicts, "step \(step): conflicts differ")
         #expect(a.warnings == b.warnings, "step \(step): warnings differ")
@@ -97,5 +119,42 @@ import Testing
         #expect(one.rules.map(\.mapping.service) == [a.id])
         // Nothing changed: update says so, so a sync can skip the service.
         #expect(p.update(a.id, service: a, slices: []) == false)
+    }
+}
+
+@Suite struct SlotStabilityTests {
+    static func d(_ last: Int) -> Destination { Destination(ip: IPAddress("198.51.100.\(last)")!, port: 8080) }
+
+    @Test func endpointsKeepTheirSlots() {
+        let old = [1, 2, 3, 4].map(Self.d)
+        // One replaced: only its slot changes.
+        #expect(IncrementalPlanner.arrange([1, 3, 4, 9].map(Self.d), after: old) == [1, 9, 3, 4].map(Self.d))
+        // One removed: the last moves into the hole; everything else stays.
+        #expect(IncrementalPlanner.arrange([1, 3, 4].map(Self.d), after: old) == [1, 4, 3].map(Self.d))
+        // One added: appended.
+        #expect(IncrementalPlanner.arrange([1, 2, 3, 4, 5].map(Self.d), after: old) == [1, 2, 3, 4, 5].map(Self.d))
+        // Two removed, one added.
+        #expect(IncrementalPlanner.arrange([2, 4, 7].map(Self.d), after: old) == [7, 2, 4].map(Self.d))
+        // All gone.
+        #expect(IncrementalPlanner.arrange([], after: old).isEmpty)
+        #expect(IncrementalPlanner.arrange([5, 6].map(Self.d), after: []) == [5, 6].map(Self.d))
+    }
+
+    @Test func oneEndpointLessMovesAtMostTwoSlots() {
+        var p = IncrementalPlanner(settings: PlanSettings(), options: ResolutionOptions(target: .endpoints))
+        let svc = Service(id: ObjectName(namespace: "x", name: "web"), clusterIPs: [IPAddress("192.0.2.1")!],
+                          ports: [ServicePort(name: "http", port: 80)], loadBalancerIngress: [LoadBalancerIngress(ip: IPAddress("203.0.113.9"))])
+        func slice(_ ips: [Int]) -> EndpointSlice {
+            EndpointSlice(id: ObjectName(namespace: "x", name: "web-1"), serviceName: "web", addressType: "IPv4",
+                          ports: [EndpointPort(name: "http", port: 8080)], endpoints: ips.map { Endpoint(addresses: [IPAddress("198.51.100.\($0)")!]) })
+        }
+        p.update(svc.id, service: svc, slices: [slice(Array(1...30))])
+        let before = p.plan().rules[0].mapping.target.destinations
+        p.update(svc.id, service: svc, slices: [slice(Array(1...30).filter { $0 != 2 })])
+        let after = p.plan().rules[0].mapping.target.destinations
+        #expect(after.count == 29)
+        let moved = zip(before, after).filter { $0 != $1 }.count
+        #expect(moved == 1, "slot 1 takes the last endpoint; nothing else moves: \(moved)")
+        #expect(Set(after) == Set(before).subtracting([Self.d(2)]))
     }
 }

@@ -30,16 +30,7 @@ public final class FakeKubeAPI: @unchecked Sendable {
     private init(directory dir: URL, data: String?) throws {
         directory = dir
         let path = dir.path
-        func openssl(_ args: [String]) throws { try Tools.runChecked("openssl", args) }
-        try openssl(["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "\(path)/ca.key"])
-        try openssl(["req", "-x509", "-new", "-key", "\(path)/ca.key", "-subj", "/CN=hostnet-dnat-test-ca",
-                     "-days", "2", "-sha256", "-out", "\(path)/ca.crt"])
-        try openssl(["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "\(path)/server.key"])
-        try openssl(["req", "-new", "-key", "\(path)/server.key", "-subj", "/CN=kube-apiserver", "-out", "\(path)/server.csr"])
-        try "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1\n"
-            .write(toFile: "\(path)/server.ext", atomically: true, encoding: .utf8)
-        try openssl(["x509", "-req", "-in", "\(path)/server.csr", "-CA", "\(path)/ca.crt", "-CAkey", "\(path)/ca.key",
-                     "-set_serial", "2", "-days", "2", "-sha256", "-extfile", "\(path)/server.ext", "-out", "\(path)/server.crt"])
+        try TestCertificates.makeServer(in: path)
         token = "test-\(UUID().uuidString)"
         var args = [Self.root.appendingPathComponent("scripts/fake-apiserver").path,
                     "--cert", "\(path)/server.crt", "--key", "\(path)/server.key", "--token", token,
@@ -257,4 +248,21 @@ public final class LoggingProcess: @unchecked Sendable {
     }
 
     deinit { stop() }
+}
+
+/// A throwaway CA and a server certificate for IP 127.0.0.1, made with openssl: `ca.crt`, `ca.key`,
+/// `server.crt`, `server.key` in `path`.
+public enum TestCertificates {
+    public static func makeServer(in path: String) throws {
+        func openssl(_ args: [String]) throws { try Tools.runChecked("openssl", args) }
+        try openssl(["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "\(path)/ca.key"])
+        try openssl(["req", "-x509", "-new", "-key", "\(path)/ca.key", "-subj", "/CN=hostnet-dnat-test-ca",
+                     "-days", "2", "-sha256", "-out", "\(path)/ca.crt"])
+        try openssl(["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "\(path)/server.key"])
+        try openssl(["req", "-new", "-key", "\(path)/server.key", "-subj", "/CN=kube-apiserver", "-out", "\(path)/server.csr"])
+        try "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1\n"
+            .write(toFile: "\(path)/server.ext", atomically: true, encoding: .utf8)
+        try openssl(["x509", "-req", "-in", "\(path)/server.csr", "-CA", "\(path)/ca.crt", "-CAkey", "\(path)/ca.key",
+                     "-set_serial", "2", "-days", "2", "-sha256", "-extfile", "\(path)/server.ext", "-out", "\(path)/server.crt"])
+    }
 }
