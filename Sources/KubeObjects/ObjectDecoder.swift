@@ -188,6 +188,18 @@ public enum ObjectDecoder {
         guard case .object = spec.value else { throw spec.error("expected an object, got \(spec.value.kindDescription)") }
         svc.type = try spec.string("type") ?? "ClusterIP"
         svc.sessionAffinity = try spec.string("sessionAffinity")
+        if let t = spec.child("sessionAffinityConfig")?.child("clientIP")?.child("timeoutSeconds") {
+            switch t.value {
+            case .int(let i) where i >= 1 && i <= Service.maxAffinityTimeoutSeconds: svc.sessionAffinityTimeoutSeconds = i
+            case .int(let i): throw t.error("\(i) is out of range 1-\(Service.maxAffinityTimeoutSeconds) seconds")
+            default: throw t.error("expected a whole number of seconds, got \(t.value.kindDescription)")
+            }
+        }
+        svc.loadBalancerSourceRanges = try spec.stringList("loadBalancerSourceRanges").map(\.0)
+        // Read leniently, like the trigger-time annotation of slices: an annotation of another type is ignored.
+        if case .string(let a)? = value["metadata"]?["annotations"]?[Service.sourceRangesAnnotation] {
+            svc.loadBalancerSourceRangesAnnotation = a
+        }
 
         var clusterIPTexts = try spec.stringList("clusterIPs")
         if clusterIPTexts.isEmpty, let single = try spec.string("clusterIP") {

@@ -26,16 +26,36 @@ public struct Service: Sendable, Equatable {
     public var externalIPs: [IPAddress]
     public var loadBalancerIngress: [LoadBalancerIngress]
     public var sessionAffinity: String?
+    /// `spec.sessionAffinityConfig.clientIP.timeoutSeconds` (1…86400, as the API validates it); nil when
+    /// unset, which means 10800 for `sessionAffinity: ClientIP`.
+    public var sessionAffinityTimeoutSeconds: Int?
+    /// `spec.loadBalancerSourceRanges` as written (kube-proxy trims and parses them itself, and ignores
+    /// entries that are not CIDRs; resolution does the same and reports them).
+    public var loadBalancerSourceRanges: [String]
+    /// The annotation `service.beta.kubernetes.io/load-balancer-source-ranges` as written (comma-separated):
+    /// cloud load balancers honour it when `spec.loadBalancerSourceRanges` is empty. nil when absent.
+    public var loadBalancerSourceRangesAnnotation: String?
 
     public init(id: ObjectName, labels: [String: String] = [:], type: String = "ClusterIP",
                 clusterIPs: [IPAddress] = [], headless: Bool = false, ipFamilies: [IPFamily] = [],
                 ports: [ServicePort] = [], externalIPs: [IPAddress] = [],
-                loadBalancerIngress: [LoadBalancerIngress] = [], sessionAffinity: String? = nil) {
+                loadBalancerIngress: [LoadBalancerIngress] = [], sessionAffinity: String? = nil,
+                sessionAffinityTimeoutSeconds: Int? = nil, loadBalancerSourceRanges: [String] = [],
+                loadBalancerSourceRangesAnnotation: String? = nil) {
         self.id = id; self.labels = labels; self.type = type; self.clusterIPs = clusterIPs
         self.headless = headless; self.ipFamilies = ipFamilies; self.ports = ports
         self.externalIPs = externalIPs; self.loadBalancerIngress = loadBalancerIngress
-        self.sessionAffinity = sessionAffinity
+        self.sessionAffinity = sessionAffinity; self.sessionAffinityTimeoutSeconds = sessionAffinityTimeoutSeconds
+        self.loadBalancerSourceRanges = loadBalancerSourceRanges
+        self.loadBalancerSourceRangesAnnotation = loadBalancerSourceRangesAnnotation
     }
+
+    /// The annotation cloud load balancers read for source ranges.
+    public static let sourceRangesAnnotation = "service.beta.kubernetes.io/load-balancer-source-ranges"
+    /// kube-proxy's default for `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+    public static let defaultAffinityTimeoutSeconds = 10800
+    /// The API's upper bound for `timeoutSeconds` (one day).
+    public static let maxAffinityTimeoutSeconds = 86400
 }
 
 public struct ServicePort: Sendable, Equatable {

@@ -233,6 +233,30 @@ public struct CIDR: Sendable, Hashable, CustomStringConvertible {
         ip.family == address.family && CIDR.mask(ip, prefixLength) == address
     }
 
+    /// The block's last address (all host bits set): the end of the interval an nft set element covers.
+    public var last: IPAddress {
+        switch address.family {
+        case .ipv4:
+            let host: UInt32 = prefixLength == 0 ? ~0 : (prefixLength == 32 ? 0 : ~UInt32(0) >> UInt32(prefixLength))
+            return IPAddress(ipv4: UInt32(truncatingIfNeeded: address.low) | host)
+        case .ipv6:
+            let hh: UInt64 = prefixLength >= 64 ? 0 : (prefixLength == 0 ? ~0 : ~UInt64(0) >> UInt64(prefixLength))
+            let lh: UInt64 = prefixLength <= 64 ? ~0 : (prefixLength == 128 ? 0 : ~UInt64(0) >> UInt64(prefixLength - 64))
+            return IPAddress(ipv6: address.high | hh, address.low | lh)
+        }
+    }
+
+    /// The block from `first` to `last` when they delimit exactly one CIDR block (what an interval element
+    /// read back from nft holds), else nil.
+    public init?(first: IPAddress, last: IPAddress) {
+        guard first.family == last.family else { return nil }
+        for len in 0...first.family.bitWidth {
+            guard let c = CIDR("\(first)/\(len)") else { return nil }
+            if c.address == first && c.last == last { self = c; return }
+        }
+        return nil
+    }
+
     public var description: String { "\(address)/\(prefixLength)" }
 }
 

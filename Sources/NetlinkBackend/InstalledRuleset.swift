@@ -15,25 +15,38 @@ public struct InstalledMapping: Sendable, Hashable, Comparable, CustomStringConv
     /// Where connections go, in slot order (0 … N-1); empty when the pick chain or the slots could not be
     /// decoded (an anomaly then says why).
     public var destinations: [Destination]
+    /// The source blocks of a `ranged4/6` entry, sorted; empty for a `dispatch4/6` entry (every source).
+    public var sourceRanges: [CIDR]
+    /// The timeout of the affinity sets, when the entry jumps to an affinity chain.
+    public var affinityTimeout: Int?
 
     public init(externalIP: IPAddress, protocol: TransportProtocol, port: Int, chain: String, comment: String?,
-                destinations: [Destination]) {
+                destinations: [Destination], sourceRanges: [CIDR] = [], affinityTimeout: Int? = nil) {
         self.externalIP = externalIP; self.protocol = `protocol`; self.port = port; self.chain = chain
         self.comment = comment; self.destinations = destinations
+        self.sourceRanges = sourceRanges; self.affinityTimeout = affinityTimeout
     }
 
     public static func < (a: InstalledMapping, b: InstalledMapping) -> Bool {
         if (a.externalIP, a.protocol, a.port) != (b.externalIP, b.protocol, b.port) {
             return (a.externalIP, a.protocol, a.port) < (b.externalIP, b.protocol, b.port)
         }
-        return (a.chain, a.comment ?? "", a.destinations.map(\.description).joined(separator: ","))
-            < (b.chain, b.comment ?? "", b.destinations.map(\.description).joined(separator: ","))
+        return (a.chain, a.comment ?? "", a.destinations.map(\.description).joined(separator: ","), a.extras)
+            < (b.chain, b.comment ?? "", b.destinations.map(\.description).joined(separator: ","), b.extras)
     }
 
-    /// `203.0.113.10 tcp/443 -> 198.51.100.5:8443, 198.51.100.6:8443 (default/web:https)`
+    private var extras: String {
+        var out = ""
+        if !sourceRanges.isEmpty { out += " from \(sourceRanges.map(\.description).joined(separator: ", "))" }
+        if let t = affinityTimeout { out += " affinity ClientIP \(t)s" }
+        return out
+    }
+
+    /// `203.0.113.10 tcp/443 -> 198.51.100.5:8443, 198.51.100.6:8443 (default/web:https)`, with
+    /// ` from 203.0.113.0/25` and ` affinity ClientIP 10800s` when the entry has them.
     public var description: String {
         let to = destinations.isEmpty ? "?" : destinations.map(\.description).joined(separator: ", ")
-        return "\(externalIP) \(`protocol`.lowercased)/\(port) -> \(to)" + (comment.map { " (\($0))" } ?? "")
+        return "\(externalIP) \(`protocol`.lowercased)/\(port) -> \(to)" + extras + (comment.map { " (\($0))" } ?? "")
     }
 }
 
@@ -118,9 +131,10 @@ enum RulesetDecoder {
         let masq = plan.settings.masquerade
         let mappings = plan.rules.map { r -> InstalledMapping in
             let m = r.mapping
-            let pick = NftPickChain(family: m.family, protocol: m.protocol, count: m.target.destinations.count)
-            return InstalledMapping(externalIP: m.externalIP, protocol: m.protocol, port: m.port, chain: pick.name,
-                                    comment: plan.targetChains[r.targetIndex].comment, destinations: m.target.destinations)
+            let chain = plan.targetChains[r.targetIndex]
+            return InstalledMapping(externalIP: m.externalIP, protocol: m.protocol, port: m.port, chain: plan.nftChain(of: r),
+                                    comment: chain.comment, destinations: m.target.destinations,
+                                    sourceRanges: m.sourceRanges, affinityTimeout: chain.affinityTimeout)
         }
         return InstalledRuleset(table: plan.settings.table, outputPriority: plan.settings.priority,
                                 masqueradePriority: masq ? Int(RulesetProgram.masqueradePriority) : nil,
@@ -199,7 +213,9 @@ enum RulesetDecoder {
                 anomalies.append("chain \(chain): rule with userdata \(extra.comment ?? "?")")
             }
         }
-        checkRules(out, expected: [RulesetProgram.dispatchRule(.ipv4), RulesetProgram.dispatchRule(.ipv6)], what: "dispatch")
+        let ranged = sets[RulesetProgram.rangedMap(.ipv4)] != nil || sets[RulesetProgram.rangedMap(.ipv6)] != nil
+        checkRules(out, expected: [RulesetProgram.dispatchRule(.ipv4), RulesetProgram.dispatchRule(.ipv6)]
+                   + (ranged ? [RulesetProgram.rangedRule(.ipv4), RulesetProgram.rangedRule(.ipv6)] : []), what: "dispatch")
         checkRules(post, expected: [RulesetProgram.masqueradeRule(.ipv4), RulesetProgram.masqueradeRule(.ipv6)], what: "masquerade")
 
         // Named maps and sets.
@@ -207,7 +223,7 @@ enum RulesetDecoder {
         func checkMap(_ want: NftSet) {
             known.insert(want.name)
             guard let s = sets[want.name] else { anomalies.append("missing map \(want.name)"); return }
-            if s.flags & ~UInt32(0x80) != want.flags || s.keyType != want.keyType || s.keyLength != want.keyLength
+            if s.flags & ~UInt32(0x80) != want.flags & ~UInt32(0x80) || s.keyType != want.keyType || s.keyLength != want.keyLength
                 || s.dataType != want.dataType || (want.dataType != Nft.dataVerdict && s.dataLength != want.dataLength) {
                 anomalies.append("map \(want.name) has an unexpected type")
             }
@@ -215,6 +231,7 @@ enum RulesetDecoder {
         for f in families {
             checkMap(RulesetProgram.dispatchSet(t, f, id: nil))
             checkMap(RulesetProgram.endpointsSet(t, f, id: nil))
+            if ranged { checkMap(RulesetProgram.rangedSet(t, f, id: nil)) }
         }
         var masqueradeAddresses: [IPAddress] = []
         var masqueradeSets = 0
@@ -235,16 +252,24 @@ enum RulesetDecoder {
         }
         if masqueradePriority != nil && masqueradeSets != 2 { anomalies.append("masquerade chain without both masquerade sets") }
         if masqueradePriority == nil && masqueradeSets != 0 { anomalies.append("masquerade sets without the masquerade chain") }
-        for s in d.sets where !known.contains(s.name) {
-            anomalies.append("unexpected \(s.isMap ? "map" : "set") \(s.name)")
-        }
 
         // Pick chains: one rule each, `meta l4proto <p> dnat … numgen random mod <N> map @endpoints<f>`.
         struct Pick { var family: IPFamily; var proto: TransportProtocol; var modulus: UInt32 }
         var picks: [String: Pick] = [:]
+        var affinityChains: [String: Affinity] = [:]
         for c in d.chains where c.name != out && c.name != post {
             if c.base != nil { anomalies.append("unexpected base chain \(c.name)"); continue }
             let rules = rulesByChain[c.name] ?? []
+            if c.name.hasPrefix("HNDNAT-") {
+                switch decodeAffinity(c.name, rules, sets: sets) {
+                case .success(let a):
+                    affinityChains[c.name] = a
+                    known.formUnion(a.sets)
+                case .failure(let why):
+                    anomalies.append("chain \(c.name): \(why.message)")
+                }
+                continue
+            }
             guard rules.count == 1 else {
                 anomalies.append("chain \(c.name): \(rules.count) rules instead of one pick rule")
                 continue
@@ -259,6 +284,10 @@ enum RulesetDecoder {
                 anomalies.append("chain \(c.name) picks among \(p.modulus) \(family(p.family)) \(p.proto.lowercased) endpoints (its name should be \(canonical))")
             }
             picks[c.name] = Pick(family: p.family, proto: p.proto, modulus: p.modulus)
+        }
+
+        for s in d.sets where !known.contains(s.name) {
+            anomalies.append("unexpected \(s.isMap ? "map" : "set") \(s.name)")
         }
 
         // Endpoint slots, by dispatch key.
@@ -287,20 +316,60 @@ enum RulesetDecoder {
             let name = RulesetProgram.dispatchMap(f), endpoints = RulesetProgram.endpointsMap(f)
             let n = f == .ipv4 ? 4 : 16
             var used: Set<Key> = []
+            // (key, verdict, comment, source ranges) of the dispatch entries, then of the ranged entries grouped by key.
+            var entries: [(key: Key, verdict: NftVerdict?, comment: String?, ranges: [CIDR], map: String)] = []
             for e in d.elements[name] ?? [] {
                 guard let (key, _) = decodeKey(e.key, addressLength: n, extra: 0) else {
                     anomalies.append("map \(name): undecodable element key \(e.key)")
                     continue
                 }
-                guard let v = e.verdict, v.code == Nft.verdictGoto, let chain = v.chain else {
+                entries.append((key, e.verdict, e.comment, [], name))
+            }
+            let rangedName = RulesetProgram.rangedMap(f)
+            var rangedIndex: [Key: Int] = [:]
+            for e in d.elements[rangedName] ?? [] {
+                guard let (key, start) = decodeKey(e.key, addressLength: n, extra: n), let end = e.keyEnd,
+                      let (keyEnd, last) = decodeKey(end, addressLength: n, extra: n), keyEnd == key,
+                      let first = IPAddress(bytes: Array(start)), let lastIP = IPAddress(bytes: Array(last)),
+                      let block = CIDR(first: first, last: lastIP) else {
+                    anomalies.append("map \(rangedName): undecodable element (not one address . protocol . port . CIDR block)")
+                    continue
+                }
+                if let i = rangedIndex[key] {
+                    if entries[i].verdict != e.verdict || entries[i].comment != e.comment {
+                        anomalies.append("map \(rangedName): the blocks of \(key.text) lead to different chains or comments")
+                    }
+                    entries[i].ranges.append(block)
+                } else {
+                    rangedIndex[key] = entries.count
+                    entries.append((key, e.verdict, e.comment, [block], rangedName))
+                }
+            }
+            for entry in entries {
+                let key = entry.key, name = entry.map
+                guard let v = entry.verdict, v.code == Nft.verdictGoto, let chain = v.chain else {
                     anomalies.append("map \(name): element \(key.text) is not a goto")
                     continue
                 }
-                used.insert(key)
+                if name == rangedName && rangedIndex[key] != nil && d.elements[RulesetProgram.dispatchMap(f)]?.contains(where: {
+                    decodeKey($0.key, addressLength: n, extra: 0)?.0 == key }) == true {
+                    anomalies.append("map \(name): \(key.text) is also in \(RulesetProgram.dispatchMap(f)), which takes it for every source")
+                }
                 referenced.insert(chain)
                 var mapping = InstalledMapping(externalIP: key.ip, protocol: key.proto, port: key.port, chain: chain,
-                                               comment: e.comment, destinations: [])
+                                               comment: entry.comment, destinations: [],
+                                               sourceRanges: entry.ranges.sorted { ($0.address, $0.prefixLength) < ($1.address, $1.prefixLength) })
                 defer { mappings.append(mapping) }
+                if let a = affinityChains[chain] {
+                    if a.family != f || a.proto != key.proto {
+                        anomalies.append("map \(name): element \(key.text) jumps to chain \(chain), which translates \(family(a.family)) \(a.proto.lowercased)")
+                    } else {
+                        mapping.destinations = a.destinations
+                        mapping.affinityTimeout = a.timeout
+                    }
+                    continue
+                }
+                used.insert(key)
                 guard let pick = picks[chain] else {
                     if chains[chain] == nil { anomalies.append("map \(name): element \(key.text) jumps to missing chain \(chain)") }
                     continue
@@ -336,6 +405,63 @@ enum RulesetDecoder {
         }
         return InstalledRuleset(table: t, outputPriority: outputPriority, masqueradePriority: masqueradePriority,
                                 masqueradeAddresses: masqueradeAddresses, mappings: mappings, anomalies: anomalies)
+    }
+
+    /// An affinity chain as decoded: what it translates, and its destinations' sets.
+    struct Affinity {
+        var family: IPFamily
+        var proto: TransportProtocol
+        var destinations: [Destination]
+        var timeout: Int
+        var sets: [String]
+    }
+
+    struct DecodeFailure: Error { var message: String }
+
+    /// An affinity chain's rules → family, protocol, destinations and timeout, when they are exactly the rules
+    /// we write for them (docs/ruleset.md) and every set they name is a dynamic set of that timeout.
+    static func decodeAffinity(_ chain: String, _ rules: [NftRule], sets: [String: NftSet]) -> Result<Affinity, DecodeFailure> {
+        let n = rules.count / 2
+        guard n >= 1, rules.count == 2 * n else {
+            return .failure(DecodeFailure(message: "\(rules.count) rules: not a hostnet-dnat affinity chain (two per destination)"))
+        }
+        var names: [String] = [], dests: [Destination] = []
+        var family: IPFamily? = nil, proto: TransportProtocol? = nil
+        for r in rules.prefix(n) {
+            let e = r.expressions
+            guard e.count == 11, case let .cmp(_, _, p) = e[1], p.count == 1,
+                  let tp = TransportProtocol.allCases.first(where: { $0.number == p[0] }),
+                  case let .lookup(set, _, _, nil, _) = e[5],
+                  case let .immediate(_, addr) = e[8], case let .immediate(_, port) = e[9], port.count == 2,
+                  let ip = IPAddress(bytes: addr), case let .nat(_, natFamily, _, _, _, _, _) = e[10],
+                  natFamily == UInt32(ip.family == .ipv4 ? Nft.nfprotoIPv4 : Nft.nfprotoIPv6) else {
+                return .failure(DecodeFailure(message: "not a hostnet-dnat affinity rule: [ \(r.expressions.map(\.description).joined(separator: " ; ")) ]"))
+            }
+            if family == nil { family = ip.family; proto = tp }
+            guard family == ip.family, proto == tp else { return .failure(DecodeFailure(message: "destinations of different families or protocols")) }
+            names.append(set)
+            dests.append(Destination(ip: ip, port: Int(port[0]) << 8 | Int(port[1])))
+        }
+        let want = RulesetProgram.affinityRules(family: family!, protocolNumber: proto!.number, destinations: dests,
+                                                sets: names.map { ($0, nil) }).map { $0.map(\.normalized) }
+        guard rules.map({ $0.expressions.map(\.normalized) }) == want else {
+            return .failure(DecodeFailure(message: "rules differ from the affinity chain hostnet-dnat writes for \(dests.map(\.description).joined(separator: ", "))"))
+        }
+        var timeouts = Set<UInt64>()
+        for (name, d) in zip(names, dests) {
+            guard name == "\(chain)-\(ChainHash.hash16(chain + "|" + d.description))" else {
+                return .failure(DecodeFailure(message: "set \(name) is not the affinity set of \(d)"))
+            }
+            guard let s = sets[name], s.flags & (Nft.setTimeout | Nft.setEval) == Nft.setTimeout | Nft.setEval, !s.isMap,
+                  s.keyLength == (family == .ipv4 ? 4 : 16), let t = s.timeout, t > 0 else {
+                return .failure(DecodeFailure(message: "set \(name) is missing or not a dynamic set with a timeout"))
+            }
+            timeouts.insert(t)
+        }
+        guard timeouts.count == 1, let ms = timeouts.first, ms % 1000 == 0 else {
+            return .failure(DecodeFailure(message: "affinity sets with different or fractional timeouts"))
+        }
+        return .success(Affinity(family: family!, proto: proto!, destinations: dests, timeout: Int(ms / 1000), sets: names))
     }
 
     /// A pick chain's rule → family, protocol and modulus, when it is exactly the rule we write for them.

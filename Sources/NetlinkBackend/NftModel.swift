@@ -76,6 +76,16 @@ enum Nft {
     static let setAnonymous: UInt32 = 0x1
     static let setConstant: UInt32 = 0x2
     static let setMap: UInt32 = 0x8
+    static let setInterval: UInt32 = 0x4
+    static let setTimeout: UInt32 = 0x10
+    /// NFT_SET_EVAL: `flags dynamic` (updated from the packet path).
+    static let setEval: UInt32 = 0x20
+    /// NFT_SET_CONCAT: a concatenation with intervals (nft's pipapo set).
+    static let setConcat: UInt32 = 0x80
+
+    // enum nft_dynset_ops / nft_byteorder_ops
+    static let dynsetUpdate: UInt32 = 1
+    static let byteorderHton: UInt32 = 1
 
     // nft datatypes (nftables src/datatype.h); concatenations shift earlier types left by 6 bits each.
     static let typeInteger: UInt32 = 4
@@ -129,6 +139,9 @@ enum NftExpr: Hashable, Sendable, CustomStringConvertible {
     case immediate(dreg: UInt32, data: [UInt8])
     case nat(type: UInt32, family: UInt32, addrMin: UInt32?, addrMax: UInt32?, protoMin: UInt32?, protoMax: UInt32?, flags: UInt32?)
     case masq
+    /// `update @set { <sreg> }` (no per-rule timeout: the set's own applies).
+    case dynset(op: UInt32, sreg: UInt32, set: String, setID: UInt32?)
+    case byteorder(sreg: UInt32, dreg: UInt32, op: UInt32, len: UInt32, size: UInt32)
     /// Anything else read back from the kernel: its name only.
     case other(String)
 
@@ -144,6 +157,8 @@ enum NftExpr: Hashable, Sendable, CustomStringConvertible {
         case .immediate: return "immediate"
         case .nat: return "nat"
         case .masq: return "masq"
+        case .dynset: return "dynset"
+        case .byteorder: return "byteorder"
         case .other(let n): return n
         }
     }
@@ -157,6 +172,8 @@ enum NftExpr: Hashable, Sendable, CustomStringConvertible {
             return .lookup(set: set.hasPrefix("__") ? "__anonymous" : set, setID: nil, sreg: sreg, dreg: dreg, flags: nil)
         case let .nat(type, family, addrMin, _, protoMin, _, _):
             return .nat(type: type, family: family, addrMin: addrMin, addrMax: nil, protoMin: protoMin, protoMax: nil, flags: nil)
+        case let .dynset(op, sreg, set, _):
+            return .dynset(op: op, sreg: sreg, set: set, setID: nil)
         default:
             return self
         }
@@ -176,6 +193,8 @@ enum NftExpr: Hashable, Sendable, CustomStringConvertible {
         case let .nat(type, family, amin, _, pmin, _, _):
             return "nat \(type == Nft.natDNAT ? "dnat" : "type\(type)") family \(family)" + (amin.map { " addr_min reg \($0)" } ?? "") + (pmin.map { " proto_min reg \($0)" } ?? "")
         case .masq: return "masq"
+        case let .dynset(op, sreg, set, _): return "dynset \(op == Nft.dynsetUpdate ? "update" : "op\(op)") reg_key \(sreg) set \(set)"
+        case let .byteorder(sreg, dreg, op, len, size): return "byteorder reg \(dreg) = \(op == Nft.byteorderHton ? "hton" : "ntoh")(reg \(sreg), \(size), \(len))"
         case .other(let n): return n
         }
     }
@@ -224,6 +243,10 @@ struct NftSet: Hashable, Sendable {
     /// NFTA_SET_DESC_SIZE (constant anonymous sets announce their size).
     var size: UInt32?
     var userdata: [UInt8]
+    /// NFTA_SET_TIMEOUT in milliseconds (`timeout 600s`); nil: elements never expire.
+    var timeout: UInt64? = nil
+    /// NFTA_SET_DESC_CONCAT: the byte length of each field of a concatenation with intervals.
+    var concatFields: [UInt8]? = nil
 
     var isAnonymous: Bool { flags & Nft.setAnonymous != 0 }
     var isMap: Bool { flags & Nft.setMap != 0 }
@@ -236,6 +259,8 @@ struct NftVerdict: Hashable, Sendable {
 
 struct NftElement: Hashable, Sendable {
     var key: [UInt8]
+    /// NFTA_SET_ELEM_KEY_END: the last key of an interval (sets with `flags interval` and concatenations).
+    var keyEnd: [UInt8]? = nil
     var data: [UInt8]? = nil
     var verdict: NftVerdict? = nil
     /// NFTA_SET_ELEM_USERDATA (nft keeps an element's `comment` there).

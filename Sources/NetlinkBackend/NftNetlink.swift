@@ -369,6 +369,10 @@ struct NftEncoder {
                 nftnl_set_set_u32(o, NftEncoder.attr(NFTNL_SET_KEY_LEN.rawValue), s.keyLength)
                 if let t = s.dataType { nftnl_set_set_u32(o, NftEncoder.attr(NFTNL_SET_DATA_TYPE.rawValue), t) }
                 if let l = s.dataLength { nftnl_set_set_u32(o, NftEncoder.attr(NFTNL_SET_DATA_LEN.rawValue), l) }
+                if let t = s.timeout { nftnl_set_set_u64(o, NftEncoder.attr(NFTNL_SET_TIMEOUT.rawValue), t) }
+                if let fields = s.concatFields {
+                    fields.withUnsafeBytes { _ = nftnl_set_set_data(o, NftEncoder.attr(NFTNL_SET_DESC_CONCAT.rawValue), $0.baseAddress, UInt32($0.count)) }
+                }
                 if !s.userdata.isEmpty {
                     s.userdata.withUnsafeBytes { _ = nftnl_set_set_data(o, NftEncoder.attr(NFTNL_SET_USERDATA.rawValue), $0.baseAddress, UInt32($0.count)) }
                 }
@@ -384,6 +388,9 @@ struct NftEncoder {
                 for e in elements {
                     let x = nftnl_set_elem_alloc()!
                     e.key.withUnsafeBytes { _ = nftnl_set_elem_set(x, NftEncoder.attr(NFTNL_SET_ELEM_KEY), $0.baseAddress, UInt32($0.count)) }
+                    if let k = e.keyEnd {
+                        k.withUnsafeBytes { _ = nftnl_set_elem_set(x, NftEncoder.attr(NFTNL_SET_ELEM_KEY_END), $0.baseAddress, UInt32($0.count)) }
+                    }
                     if let d = e.data {
                         d.withUnsafeBytes { _ = nftnl_set_elem_set(x, NftEncoder.attr(NFTNL_SET_ELEM_DATA), $0.baseAddress, UInt32($0.count)) }
                     }
@@ -465,6 +472,13 @@ struct NftEncoder {
             if let r = protoMin { u32(NFTNL_EXPR_NAT_REG_PROTO_MIN, r) }
             if let r = protoMax { u32(NFTNL_EXPR_NAT_REG_PROTO_MAX, r) }
             if let f = flags { u32(NFTNL_EXPR_NAT_FLAGS, f) }
+        case let .dynset(op, sreg, set, setID):
+            u32(NFTNL_EXPR_DYNSET_OP, op); u32(NFTNL_EXPR_DYNSET_SREG_KEY, sreg)
+            nftnl_expr_set_str(x, attr(NFTNL_EXPR_DYNSET_SET_NAME), set)
+            if let id = setID { u32(NFTNL_EXPR_DYNSET_SET_ID, id) }
+        case let .byteorder(sreg, dreg, op, len, size):
+            u32(NFTNL_EXPR_BYTEORDER_SREG, sreg); u32(NFTNL_EXPR_BYTEORDER_DREG, dreg); u32(NFTNL_EXPR_BYTEORDER_OP, op)
+            u32(NFTNL_EXPR_BYTEORDER_LEN, len); u32(NFTNL_EXPR_BYTEORDER_SIZE, size)
         case .masq:
             break
         case .other(let name):
@@ -556,7 +570,8 @@ enum NftDecoder {
                           flags: u32(NFTNL_SET_FLAGS) ?? 0, keyType: u32(NFTNL_SET_KEY_TYPE) ?? 0,
                           keyLength: u32(NFTNL_SET_KEY_LEN) ?? 0, dataType: u32(NFTNL_SET_DATA_TYPE),
                           dataLength: u32(NFTNL_SET_DATA_LEN), size: u32(NFTNL_SET_DESC_SIZE),
-                          userdata: bytes(ud, ud == nil ? 0 : len))
+                          userdata: bytes(ud, ud == nil ? 0 : len),
+                          timeout: nftnl_set_is_set(o, attr(NFTNL_SET_TIMEOUT.rawValue)) ? nftnl_set_get_u64(o, attr(NFTNL_SET_TIMEOUT.rawValue)) : nil)
         }
     }
 
@@ -575,6 +590,10 @@ enum NftDecoder {
                 if nftnl_set_elem_is_set(x, attr(NFTNL_SET_ELEM_KEY)) {
                     let p = nftnl_set_elem_get(x, attr(NFTNL_SET_ELEM_KEY), &len)
                     e.key = bytes(p, len)
+                }
+                if nftnl_set_elem_is_set(x, attr(NFTNL_SET_ELEM_KEY_END)) {
+                    let p = nftnl_set_elem_get(x, attr(NFTNL_SET_ELEM_KEY_END), &len)
+                    e.keyEnd = bytes(p, len)
                 }
                 if nftnl_set_elem_is_set(x, attr(NFTNL_SET_ELEM_DATA)) {
                     let p = nftnl_set_elem_get(x, attr(NFTNL_SET_ELEM_DATA), &len)
@@ -659,6 +678,17 @@ enum NftDecoder {
                         addrMin: u32(NFTNL_EXPR_NAT_REG_ADDR_MIN), addrMax: u32(NFTNL_EXPR_NAT_REG_ADDR_MAX),
                         protoMin: u32(NFTNL_EXPR_NAT_REG_PROTO_MIN), protoMax: u32(NFTNL_EXPR_NAT_REG_PROTO_MAX),
                         flags: u32(NFTNL_EXPR_NAT_FLAGS))
+        case "dynset":
+            let timeout = nftnl_expr_is_set(x, attr(NFTNL_EXPR_DYNSET_TIMEOUT)) ? nftnl_expr_get_u64(x, attr(NFTNL_EXPR_DYNSET_TIMEOUT)) : 0
+            let plain = timeout == 0 && [NFTNL_EXPR_DYNSET_SREG_DATA, NFTNL_EXPR_DYNSET_FLAGS]
+                .allSatisfy { !nftnl_expr_is_set(x, attr($0)) || (u32($0) ?? 0) == 0 }
+            guard plain, let sreg = u32(NFTNL_EXPR_DYNSET_SREG_KEY) else { return .other("dynset with options") }
+            return .dynset(op: u32(NFTNL_EXPR_DYNSET_OP) ?? 0, sreg: sreg,
+                           set: string(nftnl_expr_get_str(x, attr(NFTNL_EXPR_DYNSET_SET_NAME))), setID: u32(NFTNL_EXPR_DYNSET_SET_ID))
+        case "byteorder":
+            return .byteorder(sreg: u32(NFTNL_EXPR_BYTEORDER_SREG) ?? 0, dreg: u32(NFTNL_EXPR_BYTEORDER_DREG) ?? 0,
+                              op: u32(NFTNL_EXPR_BYTEORDER_OP) ?? 0, len: u32(NFTNL_EXPR_BYTEORDER_LEN) ?? 0,
+                              size: u32(NFTNL_EXPR_BYTEORDER_SIZE) ?? 0)
         case "masq":
             let anyAttr = [NFTNL_EXPR_MASQ_FLAGS, NFTNL_EXPR_MASQ_REG_PROTO_MIN, NFTNL_EXPR_MASQ_REG_PROTO_MAX]
                 .contains { nftnl_expr_is_set(x, attr($0)) && (u32($0) ?? 0) != 0 }

@@ -64,6 +64,9 @@ extension RulesetProgram {
         // `old` was validated when it was applied; only a plan no table can carry is checked again.
         let oldChains = old.targetChains
         if oldChains.indices.contains(where: { oldChains[$0].isKubeProxyJump }) { return nil }
+        // Source ranges (ranged4/6 and their rules) and affinity chains and sets are not updated in place yet:
+        // a plan with either, before or after, takes a full replace (which also empties the affinity sets).
+        if old.hasSourceRanges || new.hasSourceRanges || !old.affinityChains.isEmpty || !new.affinityChains.isEmpty { return nil }
         let table = new.settings.table
 
         // Pick chains.

@@ -21,6 +21,7 @@ struct RulesetProgram {
     static func dispatchMap(_ f: IPFamily) -> String { f == .ipv4 ? "dispatch4" : "dispatch6" }
     static func endpointsMap(_ f: IPFamily) -> String { f == .ipv4 ? "endpoints4" : "endpoints6" }
     static func masqueradeSet(_ f: IPFamily) -> String { f == .ipv4 ? "masquerade4" : "masquerade6" }
+    static func rangedMap(_ f: IPFamily) -> String { f == .ipv4 ? "ranged4" : "ranged6" }
 
     /// Refuses what an nftables table cannot express, before anything touches the kernel.
     static func validate(_ plan: RulePlan) throws(NetlinkError) {
@@ -59,6 +60,59 @@ struct RulesetProgram {
             .payload(base: Nft.payloadTransportHeader, offset: 2, len: 2, dreg: v4 ? Nft.reg32_02 : Nft.reg32_05),
             .lookup(set: dispatchMap(f), setID: setID(dispatchOf: f), sreg: Nft.reg1, dreg: Nft.regVerdict, flags: nil),
         ]
+    }
+
+    /// `ip daddr . meta l4proto . th dport . ip saddr vmap @ranged4` (ip6 alike), as nft linearizes it for an
+    /// interval lookup: the l4proto register goes through a `byteorder` (a no-op for one byte, but nft emits it).
+    static func rangedRule(_ f: IPFamily) -> [NftExpr] {
+        let v4 = f == .ipv4
+        let proto = v4 ? Nft.reg32_01 : Nft.reg2
+        return [
+            .meta(key: Nft.metaNFProto, dreg: Nft.reg1),
+            .cmp(op: Nft.cmpEq, sreg: Nft.reg1, data: [v4 ? Nft.nfprotoIPv4 : Nft.nfprotoIPv6]),
+            .payload(base: Nft.payloadNetworkHeader, offset: v4 ? 16 : 24, len: v4 ? 4 : 16, dreg: Nft.reg1),
+            .meta(key: Nft.metaL4Proto, dreg: proto),
+            .byteorder(sreg: proto, dreg: proto, op: Nft.byteorderHton, len: 1, size: 2),
+            .payload(base: Nft.payloadTransportHeader, offset: 2, len: 2, dreg: v4 ? Nft.reg32_02 : Nft.reg32_05),
+            .payload(base: Nft.payloadNetworkHeader, offset: v4 ? 12 : 8, len: v4 ? 4 : 16, dreg: v4 ? Nft.reg32_03 : Nft.reg32_06),
+            .lookup(set: rangedMap(f), setID: setID(rangedOf: f), sreg: Nft.reg1, dreg: Nft.regVerdict, flags: nil),
+        ]
+    }
+
+    /// The rules of an affinity chain, as nft linearizes `NftRenderer.affinityRules`: `sets[i]` is the
+    /// affinity set of destination i (name and batch id).
+    static func affinityRules(_ chain: TargetChain, sets: [(name: String, id: UInt32?)]) -> [[NftExpr]] {
+        affinityRules(family: chain.family, protocolNumber: chain.protocol.number, destinations: chain.target.destinations, sets: sets)
+    }
+
+    static func affinityRules(family: IPFamily, protocolNumber: UInt8, destinations dests: [Destination],
+                              sets: [(name: String, id: UInt32?)]) -> [[NftExpr]] {
+        let v4 = family == .ipv4
+        let proto: [NftExpr] = [.meta(key: Nft.metaL4Proto, dreg: Nft.reg1), .cmp(op: Nft.cmpEq, sreg: Nft.reg1, data: [protocolNumber])]
+        let nfproto: [NftExpr] = [.meta(key: Nft.metaNFProto, dreg: Nft.reg1),
+                                  .cmp(op: Nft.cmpEq, sreg: Nft.reg1, data: [v4 ? Nft.nfprotoIPv4 : Nft.nfprotoIPv6])]
+        let saddr = NftExpr.payload(base: Nft.payloadNetworkHeader, offset: v4 ? 12 : 8, len: v4 ? 4 : 16, dreg: Nft.reg1)
+        func translate(_ i: Int) -> [NftExpr] {
+            var addr: [UInt8] = []
+            append(dests[i].ip, to: &addr)
+            return [saddr, .dynset(op: Nft.dynsetUpdate, sreg: Nft.reg1, set: sets[i].name, setID: sets[i].id),
+                    .immediate(dreg: Nft.reg1, data: addr), .immediate(dreg: Nft.reg2, data: Nft.bigEndian16(dests[i].port)),
+                    .nat(type: Nft.natDNAT, family: UInt32(v4 ? Nft.nfprotoIPv4 : Nft.nfprotoIPv6), addrMin: Nft.reg1, addrMax: nil,
+                         protoMin: Nft.reg2, protoMax: nil, flags: nil)]
+        }
+        var rules = dests.indices.map { i in
+            proto + nfproto + [saddr, .lookup(set: sets[i].name, setID: sets[i].id, sreg: Nft.reg1, dreg: nil, flags: nil)] + translate(i)
+        }
+        for i in dests.indices {
+            let remaining = dests.count - i
+            if remaining > 1 {
+                rules.append(proto + [.numgen(dreg: Nft.reg1, modulus: UInt32(remaining), type: Nft.numgenRandom, offset: 0),
+                                      .cmp(op: Nft.cmpEq, sreg: Nft.reg1, data: Nft.hostOrder(0))] + nfproto + translate(i))
+            } else {
+                rules.append(proto + nfproto + translate(i))
+            }
+        }
+        return rules
     }
 
     /// `ct status dnat ct original ip daddr @masquerade4 masquerade` (ip6 alike).
@@ -103,7 +157,7 @@ struct RulesetProgram {
     // (These build each array in place: a large plan has a hundred thousand of them.)
 
     /// Appends the address in network order (4 or 16 bytes).
-    private static func append(_ ip: IPAddress, to b: inout [UInt8]) {
+    static func append(_ ip: IPAddress, to b: inout [UInt8]) {
         if ip.family == .ipv4 {
             let v = UInt32(truncatingIfNeeded: ip.low)
             b.append(UInt8(truncatingIfNeeded: v >> 24)); b.append(UInt8(truncatingIfNeeded: v >> 16))
@@ -154,6 +208,34 @@ struct RulesetProgram {
     static func setID(dispatchOf f: IPFamily) -> UInt32 { f == .ipv4 ? 1 : 2 }
     static func setID(endpointsOf f: IPFamily) -> UInt32 { f == .ipv4 ? 3 : 4 }
     static func setID(masqueradeOf f: IPFamily) -> UInt32 { f == .ipv4 ? 5 : 6 }
+    static func setID(rangedOf f: IPFamily) -> UInt32 { f == .ipv4 ? 7 : 8 }
+    /// Affinity sets are numbered from here, in `RulePlan.affinityChains` then destination order.
+    static let firstAffinitySetID: UInt32 = 100
+
+    /// `dispatchKey` followed by a source address: the key (block's first address) or key end (its last).
+    static func rangedKey(_ ip: IPAddress, _ p: TransportProtocol, _ port: Int, source: IPAddress) -> [UInt8] {
+        var b = dispatchKey(ip, p, port)
+        append(source, to: &b)
+        return b
+    }
+
+    /// `type <addr> . inet_proto . inet_service . <addr> : verdict; flags interval`: nft's pipapo set, with
+    /// the byte length of each field (NFTA_SET_DESC_CONCAT) and the same userdata as the dispatch maps.
+    static func rangedSet(_ table: String, _ f: IPFamily, id: UInt32?) -> NftSet {
+        let addr = f == .ipv4 ? Nft.typeIPv4Addr : Nft.typeIPv6Addr
+        let n: UInt8 = f == .ipv4 ? 4 : 16
+        return NftSet(family: .inet, table: table, name: rangedMap(f), id: id, flags: Nft.setMap | Nft.setInterval | Nft.setConcat,
+                      keyType: Nft.concat([addr, Nft.typeInetProto, Nft.typeInetService, addr]),
+                      keyLength: f == .ipv4 ? 16 : 40, dataType: Nft.dataVerdict, dataLength: 0, size: nil,
+                      userdata: Userdata.concatVerdictMap, concatFields: [n, 1, 2, n])
+    }
+
+    /// `type <addr>; flags dynamic,timeout; timeout <T>s`.
+    static func affinitySet(_ table: String, name: String, _ f: IPFamily, timeoutSeconds: Int, id: UInt32?) -> NftSet {
+        NftSet(family: .inet, table: table, name: name, id: id, flags: Nft.setTimeout | Nft.setEval,
+               keyType: f == .ipv4 ? Nft.typeIPv4Addr : Nft.typeIPv6Addr, keyLength: f == .ipv4 ? 4 : 16,
+               dataType: nil, dataLength: nil, size: nil, userdata: Userdata.addressSet, timeout: UInt64(timeoutSeconds) * 1000)
+    }
 
     static func dispatchSet(_ table: String, _ f: IPFamily, id: UInt32?) -> NftSet {
         NftSet(family: .inet, table: table, name: dispatchMap(f), id: id, flags: Nft.setMap,
@@ -184,8 +266,11 @@ struct RulesetProgram {
         let addr = f == .ipv4 ? "ipv4_addr" : "ipv6_addr", kw = f.nftKeyword
         switch set.name {
         case dispatchMap(f): return "type \(addr) . inet_proto . inet_service : verdict"
+        case rangedMap(f): return "type \(addr) . inet_proto . inet_service . \(addr) : verdict; flags interval"
         case endpointsMap(f): return "typeof \(kw) daddr . meta l4proto . th dport . numgen random mod 1 : \(kw) daddr . th dport"
-        default: return "type \(addr)"
+        default:
+            if let t = set.timeout { return "type \(addr); flags dynamic,timeout; timeout \(t / 1000)s" }
+            return "type \(addr)"
         }
     }
 
@@ -230,27 +315,59 @@ struct RulesetProgram {
             ops.append(NftOperation(kind: .newChain(NftChain(family: .inet, table: table, name: p.name, base: nil)),
                                     description: "adding chain \(p.name)"))
         }
+        let affinity = plan.affinityChains
+        for c in affinity {
+            ops.append(NftOperation(kind: .newChain(NftChain(family: .inet, table: table, name: c.iptablesName, base: nil)),
+                                    description: "adding chain \(c.iptablesName) (ClientIP affinity for \(c.comment))"))
+        }
 
         // Maps and sets; their elements go last (see above).
         let families: [IPFamily] = [.ipv4, .ipv6]
-        let rulesByFamily = families.map { plan.rules($0) }
+        let rulesByFamily = families.map { plan.rules($0, ranged: false) }
         var elementOps: [NftOperation] = []
         for (fi, f) in families.enumerated() {
             let set = dispatchSet(table, f, id: setID(dispatchOf: f))
             ops.append(NftOperation(kind: .newSet(set), description: "adding map \(set.name) (\(typeText(set, f)))"))
             let rules = rulesByFamily[fi]
             let comments = rules.map { plan.targetChains[$0.targetIndex].comment }
+            let targets = rules.map { plan.nftChain(of: $0) }
             var elements: [NftElement] = []
             elements.reserveCapacity(rules.count)
-            for (r, comment) in zip(rules, comments) { elements.append(dispatchElement(r.mapping, comment: comment)) }
-            elementOps += elementOperations(set: set, kind: "map", elements: elements) { i in
-                dispatchText(rules[i].mapping, comment: comments[i])
+            for (i, r) in rules.enumerated() {
+                let m = r.mapping
+                elements.append(NftElement(key: dispatchKey(m.externalIP, m.protocol, m.port),
+                                           verdict: NftVerdict(code: Nft.verdictGoto, chain: targets[i]),
+                                           userdata: Userdata.elementComment(comments[i])))
             }
+            elementOps += elementOperations(set: set, kind: "map", elements: elements) { i in
+                let m = rules[i].mapping
+                return "\(m.externalIP) . \(m.protocol.lowercased) . \(m.port) comment \"\(comments[i])\" : goto \(targets[i])"
+            }
+        }
+        let ranged = plan.hasSourceRanges
+        for f in families where ranged {
+            let set = rangedSet(table, f, id: setID(rangedOf: f))
+            ops.append(NftOperation(kind: .newSet(set), description: "adding map \(set.name) (\(typeText(set, f)))"))
+            let rules = plan.rules(f, ranged: true)
+            var elements: [NftElement] = []
+            var texts: [String] = []
+            for r in rules {
+                let m = r.mapping
+                let comment = plan.targetChains[r.targetIndex].comment, target = plan.nftChain(of: r)
+                for block in m.sourceRanges {
+                    elements.append(NftElement(key: rangedKey(m.externalIP, m.protocol, m.port, source: block.address),
+                                               keyEnd: rangedKey(m.externalIP, m.protocol, m.port, source: block.last),
+                                               verdict: NftVerdict(code: Nft.verdictGoto, chain: target),
+                                               userdata: Userdata.elementComment(comment)))
+                    texts.append("\(m.externalIP) . \(m.protocol.lowercased) . \(m.port) . \(block) comment \"\(comment)\" : goto \(target)")
+                }
+            }
+            elementOps += elementOperations(set: set, kind: "map", elements: elements) { [texts] i in texts[i] }
         }
         for (fi, f) in families.enumerated() {
             let set = endpointsSet(table, f, id: setID(endpointsOf: f))
             ops.append(NftOperation(kind: .newSet(set), description: "adding map \(set.name) (\(typeText(set, f)))"))
-            let rules = rulesByFamily[fi]
+            let rules = plan.rules(f).filter { plan.targetChains[$0.targetIndex].affinityTimeout == nil }
             // (rule index, slot) of every element, to describe one on demand.
             var origin: [(rule: Int32, slot: Int32)] = []
             var elements: [NftElement] = []
@@ -273,6 +390,18 @@ struct RulesetProgram {
                 elementOps += elementOperations(set: set, kind: "set", elements: addrs.map { NftElement(key: $0.bytes) }) { addrs[$0].description }
             }
         }
+        var affinitySets: [[(name: String, id: UInt32?)]] = []
+        var nextID = firstAffinitySetID
+        for c in affinity {
+            var sets: [(name: String, id: UInt32?)] = []
+            for d in c.target.destinations {
+                let set = affinitySet(table, name: c.affinityName(d), c.family, timeoutSeconds: c.affinityTimeout!, id: nextID)
+                nextID += 1
+                ops.append(NftOperation(kind: .newSet(set), description: "adding set \(set.name) (\(typeText(set, c.family)), ClientIP affinity to \(d))"))
+                sets.append((set.name, set.id))
+            }
+            affinitySets.append(sets)
+        }
 
         // Rules.
         func rule(_ chain: String, _ exprs: [NftExpr], text: String) -> NftOperation {
@@ -283,6 +412,10 @@ struct RulesetProgram {
         for f in families {
             ops.append(rule(outputChain, dispatchRule(f), text: "\(f.nftKeyword) daddr . meta l4proto . th dport vmap @\(dispatchMap(f))"))
         }
+        for f in families where ranged {
+            ops.append(rule(outputChain, rangedRule(f),
+                            text: "\(f.nftKeyword) daddr . meta l4proto . th dport . \(f.nftKeyword) saddr vmap @\(rangedMap(f))"))
+        }
         if masq {
             for f in families {
                 ops.append(rule(postroutingChain, masqueradeRule(f),
@@ -291,6 +424,11 @@ struct RulesetProgram {
         }
         for p in picks {
             ops.append(rule(p.name, pickRule(family: p.family, protocol: p.protocol, count: p.count), text: pickRuleText(p)))
+        }
+        for (c, sets) in zip(affinity, affinitySets) {
+            for (exprs, text) in zip(affinityRules(c, sets: sets), c.nftAffinityRules) {
+                ops.append(rule(c.iptablesName, exprs, text: text))
+            }
         }
         return ops + elementOps
     }
@@ -302,6 +440,7 @@ struct RulesetProgram {
         func a(_ n: Int) -> Int { (n + 3) & ~3 }
         var n = 4 + 4 + 4 + a(e.key.count)
         if let d = e.data { n += 4 + 4 + a(d.count) }
+        if let k = e.keyEnd { n += 4 + 4 + a(k.count) }
         if let v = e.verdict { n += 4 + 4 + 8 + (v.chain.map { 4 + a($0.utf8.count + 1) } ?? 0) }
         if let u = e.userdata { n += 4 + a(u.count) }
         return n

@@ -451,6 +451,12 @@ struct IptablesBackend: Sendable {
             }
             for r in owned.chains[s.chain] ?? [] {
                 guard let m = StatusMapping(rule: r, family: family, chains: owned.chains, nat: owned.nat) else { continue }
+                // A mapping with source ranges has one dispatch rule per range: show it once, with all of them.
+                if let last = status.mappings.last, !m.sourceRanges.isEmpty, (last.family, last.externalIP, last.protocol, last.port, last.target)
+                    == (m.family, m.externalIP, m.protocol, m.port, m.target), !last.sourceRanges.isEmpty {
+                    status.mappings[status.mappings.count - 1].sourceRanges += m.sourceRanges
+                    continue
+                }
                 status.mappings.append(m)
             }
             let referenced = Set((owned.chains[s.chain] ?? []).compactMap(\.target))
@@ -476,10 +482,16 @@ extension StatusMapping {
         let address = d.split(separator: "/").first.map(String.init) ?? d
         var destinations: [String] = []
         let targetRules = chains[target] ?? nat?.rules(target) ?? []
+        var affinity: Int? = nil
         if target.hasPrefix("HNDNAT-") {
-            destinations = targetRules.compactMap { value("--to-destination", in: $0.tokens) }
+            // With affinity each destination has a `recent` rule and a pick rule: list it once.
+            for r in targetRules {
+                if let d = value("--to-destination", in: r.tokens), !destinations.contains(d) { destinations.append(d) }
+                if affinity == nil, let sec = value("--seconds", in: r.tokens).flatMap({ Int($0) }) { affinity = sec }
+            }
         }
+        let ranges = value("-s", in: t).map { [$0] } ?? []
         self.init(family: family, externalIP: address, protocol: p, port: port, target: target,
-                  destinations: destinations, comment: value("--comment", in: t))
+                  destinations: destinations, comment: value("--comment", in: t), sourceRanges: ranges, affinityTimeout: affinity)
     }
 }

@@ -37,6 +37,7 @@ struct IptablesDesired: Sendable {
         var lastAddress: IPAddress?
         var targets = Set<String>()
         var comments: [Int: String] = [:]
+        var kept = 0
         for r in plan.rules where r.mapping.family == family {
             let chain = plan.targetChains[r.targetIndex]
             let m = r.mapping
@@ -52,7 +53,12 @@ struct IptablesDesired: Sendable {
             let proto = m.protocol.lowercased
             let target = chain.jumpTarget
             let address = m.externalIP.description
-            dispatch.append("-d \(address)\(hostBits) -p \(proto) -m \(proto) --dport \(m.port) -m comment --comment \(comment) -j \(target)")
+            // With loadBalancerSourceRanges, one rule per block (iptables-save prints `-s` before `-d`).
+            let rule = "-d \(address)\(hostBits) -p \(proto) -m \(proto) --dport \(m.port) -m comment --comment \(comment) -j \(target)"
+            if m.sourceRanges.isEmpty { dispatch.append(rule) } else {
+                for block in m.sourceRanges { dispatch.append("-s \(block) " + rule) }
+            }
+            kept += 1
             targets.insert(target)
             // Rules are sorted by address within a family: one masquerade rule per distinct kept address.
             if s.masquerade && lastAddress != m.externalIP {
@@ -60,7 +66,7 @@ struct IptablesDesired: Sendable {
             }
             lastAddress = m.externalIP
         }
-        mappings = dispatch.count
+        mappings = kept
         targetChainCount = targets.count
         guard mappings > 0 else { return }
         chainOrder.append(s.chain)
@@ -75,10 +81,19 @@ struct IptablesDesired: Sendable {
             let prefix = "-p \(chain.protocol.lowercased) -m comment --comment \(Self.saveQuoted(chain.comment))"
             var lines: [String] = []
             lines.reserveCapacity(destinations.count)
+            // ClientIP affinity: the `recent` matches as iptables-save prints them (docs/ruleset.md).
+            let mask = family == .ipv4 ? "255.255.255.255" : "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+            func set(_ d: Destination) -> String { " -m recent --set --name \(chain.affinityName(d)) --mask \(mask) --rsource" }
+            if let seconds = chain.affinityTimeout {
+                for d in destinations {
+                    lines.append("\(prefix) -m recent --rcheck --seconds \(seconds) --reap --name \(chain.affinityName(d)) --mask \(mask) --rsource"
+                                 + "\(set(d)) -j DNAT --to-destination \(d)")
+                }
+            }
             for (i, d) in destinations.enumerated() {
                 let remaining = destinations.count - i
                 let spread = remaining > 1 ? " -m statistic --mode random --probability \(probabilities.saved(remaining))" : ""
-                lines.append("\(prefix)\(spread) -j DNAT --to-destination \(d)")
+                lines.append("\(prefix)\(spread)\(chain.affinityTimeout == nil ? "" : set(d)) -j DNAT --to-destination \(d)")
             }
             chainOrder.append(chain.iptablesName)
             rules[chain.iptablesName] = lines

@@ -171,6 +171,7 @@ struct SavedRuleset: Sendable {
 /// and prints 11 decimals), `!` kept as its own token, and quoting made canonical.
 enum RuleNormalizer {
     static func normalize(_ tokens: [String]) -> String {
+        let tokens = tokens.contains("recent") ? canonicalRecent(tokens) : tokens
         var out: [String] = []
         out.reserveCapacity(tokens.count)
         var previous = ""
@@ -193,6 +194,29 @@ enum RuleNormalizer {
             previous = t
         }
         return out.joined(separator: " ")
+    }
+
+    /// `-m recent` options in one order, defaults dropped: we write kube-proxy's `--name X --rcheck --seconds T
+    /// --reap`, iptables-save prints `--rcheck --seconds T --reap --name X --mask 255.255.255.255 --rsource`.
+    static func canonicalRecent(_ tokens: [String]) -> [String] {
+        let withValue: Set<String> = ["--name", "--seconds", "--hitcount", "--mask"]
+        let order = ["--set", "--rcheck", "--update", "--remove", "--seconds", "--hitcount", "--reap", "--rttl", "--rdest", "--mask", "--name"]
+        var out: [String] = []
+        var i = 0
+        while i < tokens.count {
+            guard tokens[i] == "-m", i + 1 < tokens.count, tokens[i + 1] == "recent" else { out.append(tokens[i]); i += 1; continue }
+            i += 2
+            var options: [String: String] = [:]
+            while i < tokens.count, tokens[i].hasPrefix("--") {
+                let flag = tokens[i]
+                if withValue.contains(flag), i + 1 < tokens.count { options[flag] = tokens[i + 1]; i += 2 } else { options[flag] = ""; i += 1 }
+            }
+            if options["--mask"] == "255.255.255.255" || options["--mask"] == "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff" { options["--mask"] = nil }
+            options["--rsource"] = nil
+            out += ["-m", "recent"]
+            for flag in order { if let v = options[flag] { out.append(flag); if !v.isEmpty { out.append(v) } } }
+        }
+        return out
     }
 
     /// Starts like an address (hex digit or ':') and has '.' or ':' in it.

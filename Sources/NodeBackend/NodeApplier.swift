@@ -197,7 +197,8 @@ struct NftablesBackend: Sendable {
         }
         status.mappings = installed.mappings.map { m in
             StatusMapping(family: m.externalIP.family, externalIP: m.externalIP.description, protocol: m.protocol.lowercased,
-                          port: m.port, target: m.chain, destinations: m.destinations.map(\.description), comment: m.comment)
+                          port: m.port, target: m.chain, destinations: m.destinations.map(\.description), comment: m.comment,
+                          sourceRanges: m.sourceRanges.map(\.description), affinityTimeout: m.affinityTimeout)
         }
         status.notes += installed.anomalies
         // The mappings above already are the table's content; only the masquerade set is left to show.

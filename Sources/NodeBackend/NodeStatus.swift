@@ -44,11 +44,16 @@ public struct StatusMapping: Sendable, Equatable {
     /// Where the target chain DNATs to; empty for a kube-proxy chain.
     public var destinations: [String]
     public var comment: String?
+    /// `loadBalancerSourceRanges` the dispatch matches (CIDR text); empty: every source.
+    public var sourceRanges: [String]
+    /// ClientIP affinity timeout in seconds, when the target keeps clients on their endpoint.
+    public var affinityTimeout: Int?
 
     public init(family: IPFamily, externalIP: String, protocol: String, port: Int, target: String,
-                destinations: [String], comment: String?) {
+                destinations: [String], comment: String?, sourceRanges: [String] = [], affinityTimeout: Int? = nil) {
         self.family = family; self.externalIP = externalIP; self.protocol = `protocol`; self.port = port
         self.target = target; self.destinations = destinations; self.comment = comment
+        self.sourceRanges = sourceRanges; self.affinityTimeout = affinityTimeout
     }
 }
 
@@ -89,6 +94,8 @@ public struct NodeStatus: Sendable {
             let ext = m.family == .ipv6 ? "[\(m.externalIP)]" : m.externalIP
             out += "  \(ext):\(m.port)/\(m.protocol) -> "
             out += m.destinations.isEmpty ? m.target : m.destinations.joined(separator: ", ")
+            if !m.sourceRanges.isEmpty { out += "  from \(m.sourceRanges.joined(separator: ", "))" }
+            if let t = m.affinityTimeout { out += "  affinity ClientIP \(t)s" }
             if let c = m.comment { out += "  (\(c))" }
             out += "\n"
         }
@@ -115,6 +122,8 @@ public struct NodeStatus: Sendable {
                     ("target", .string(m.target)),
                     ("destinations", .array(m.destinations.map(JSON.string))),
                     ("comment", str(m.comment)),
+                    ("sourceRanges", .array(m.sourceRanges.map(JSON.string))),
+                    ("affinityTimeoutSeconds", m.affinityTimeout.map(JSON.int) ?? .null),
                 ])
             })),
             ("hooks", .array(hooks.map(JSON.string))),

@@ -95,7 +95,8 @@ public struct Planner: Sendable {
                 chainIndex[ck] = index
                 let named = chainName(for: m)
                 chains.append(TargetChain(service: m.service, portName: m.portName, family: m.family, protocol: m.protocol,
-                                          iptablesName: named.iptablesName, comment: named.comment, target: m.target))
+                                          iptablesName: named.iptablesName, comment: named.comment, target: m.target,
+                                          affinityTimeout: m.affinityTimeout))
             }
             rulesUnordered.append((m, index))
         }

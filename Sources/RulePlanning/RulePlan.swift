@@ -60,6 +60,21 @@ public struct TargetChain: Sendable, Hashable {
     /// `namespace/name:port`, already safe for a rule file.
     public let comment: String
     public let target: MappingTarget
+    /// `sessionAffinity: ClientIP` timeout in seconds, for endpoint targets; nil: a random pick per connection.
+    public let affinityTimeout: Int?
+
+    public init(service: ObjectName, portName: String, family: IPFamily, protocol: TransportProtocol, iptablesName: String,
+                comment: String, target: MappingTarget, affinityTimeout: Int? = nil) {
+        self.service = service; self.portName = portName; self.family = family; self.protocol = `protocol`
+        self.iptablesName = iptablesName; self.comment = comment; self.target = target; self.affinityTimeout = affinityTimeout
+    }
+
+    /// The name of the affinity list of one destination: the nft set of client addresses that stick to it and
+    /// the iptables `recent` list. Named after the destination, not its slot, so that a client keeps its
+    /// endpoint when other endpoints come and go (an incremental update keeps the set).
+    public func affinityName(_ d: Destination) -> String {
+        "\(iptablesName)-\(ChainHash.hash16(iptablesName + "|" + d.description))"
+    }
 }
 
 extension TargetChain {
@@ -67,6 +82,27 @@ extension TargetChain {
     public var isKubeProxyJump: Bool {
         if case .kubeProxyChain = target { return true }
         return false
+    }
+}
+
+extension TargetChain {
+    /// The rules of this target chain's nft affinity chain (docs/ruleset.md), as nft text: a client found in
+    /// a destination's set goes back to it; otherwise a random pick (kube-proxy's statistic cascade: rule i
+    /// matches with probability 1/(N-i)). Every rule that translates refreshes the client in that
+    /// destination's set. Shared by the nft renderer and the netlink backend's descriptions.
+    public var nftAffinityRules: [String] {
+        let fam = family.nftKeyword
+        let proto = "meta l4proto \(self.protocol.lowercased)"
+        let dests = target.destinations
+        func translate(_ d: Destination) -> String {
+            "update @\(affinityName(d)) { \(fam) saddr } dnat \(fam) to \(d)"
+        }
+        var lines = dests.map { "\(proto) \(fam) saddr @\(affinityName($0)) \(translate($0))" }
+        for (i, d) in dests.enumerated() {
+            let remaining = dests.count - i
+            lines.append(remaining > 1 ? "\(proto) numgen random mod \(remaining) 0 \(translate(d))" : "\(proto) \(translate(d))")
+        }
+        return lines
     }
 }
 
@@ -102,6 +138,26 @@ public struct RulePlan: Sendable {
     }
 
     public func rules(_ family: IPFamily) -> [PlannedRule] { rules.filter { $0.mapping.family == family } }
+    /// The rules of one family with source ranges (`ranged`) or without.
+    public func rules(_ family: IPFamily, ranged: Bool) -> [PlannedRule] {
+        rules.filter { $0.mapping.family == family && $0.mapping.sourceRanges.isEmpty != ranged }
+    }
+
+    /// Some mapping has `loadBalancerSourceRanges`: the nft table then has the ranged4/6 maps and their rules.
+    public var hasSourceRanges: Bool { rules.contains { !$0.mapping.sourceRanges.isEmpty } }
+
+    /// The nft chain a dispatch entry jumps to: the shared pick chain, or the target chain's own affinity chain.
+    public func nftChain(of rule: PlannedRule) -> String {
+        let chain = targetChains[rule.targetIndex]
+        if chain.affinityTimeout != nil { return chain.iptablesName }
+        return NftPickChain(family: rule.mapping.family, protocol: rule.mapping.protocol,
+                            count: rule.mapping.target.destinations.count).name
+    }
+
+    /// Target chains with ClientIP affinity: each gets its own nft chain and one affinity set per destination.
+    public var affinityChains: [TargetChain] {
+        targetChains.filter { $0.affinityTimeout != nil && !$0.target.destinations.isEmpty && !$0.isKubeProxyJump }
+    }
 
     /// The comment that marks an nftables table as ours: apply and remove refuse a table without it, so
     /// they never replace or delete another tool's table (firewalld's, say).
@@ -119,7 +175,7 @@ public struct RulePlan: Sendable {
     /// sorted by family, protocol number and count (see docs/ruleset.md). Empty for kube-proxy targets.
     public var nftPickChains: [NftPickChain] {
         var seen = Set<NftPickChain>()
-        for r in rules {
+        for r in rules where targetChains[r.targetIndex].affinityTimeout == nil {
             let n = r.mapping.target.destinations.count
             if n > 0 { seen.insert(NftPickChain(family: r.mapping.family, protocol: r.mapping.protocol, count: n)) }
         }

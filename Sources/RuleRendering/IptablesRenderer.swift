@@ -36,18 +36,36 @@ public enum IptablesRenderer {
             let m = r.mapping
             let chain = plan.targetChains[r.targetIndex]
             let proto = m.protocol.lowercased
-            out += "-A \(s.chain) -d \(m.externalIP)/\(hostBits) -p \(proto) -m \(proto) --dport \(m.port)"
-            out += " -m comment --comment \"\(chain.comment)\" -j \(chain.jumpTarget)\n"
+            // With loadBalancerSourceRanges, one rule per block (kube-proxy's KUBE-FW chain matches `-s` the
+            // same way); other sources match nothing here and are left alone.
+            for range in m.sourceRanges.isEmpty ? [nil] : m.sourceRanges.map(Optional.some) {
+                out += "-A \(s.chain)"
+                if let range { out += " -s \(range)" }
+                out += " -d \(m.externalIP)/\(hostBits) -p \(proto) -m \(proto) --dport \(m.port)"
+                out += " -m comment --comment \"\(chain.comment)\" -j \(chain.jumpTarget)\n"
+            }
         }
         for chain in chains where !chain.isKubeProxyJump {
             let destinations = chain.target.destinations
             let proto = chain.protocol.lowercased
+            let head = "-A \(chain.iptablesName) -p \(proto) -m comment --comment \"\(chain.comment)\""
+            // ClientIP affinity: kube-proxy's `recent` match, one list per destination. A client seen within
+            // the timeout goes back to its destination; every translation (re)sets the client in its list.
+            let affinity = chain.affinityTimeout
+            if let seconds = affinity {
+                for d in destinations {
+                    let list = chain.affinityName(d)
+                    out += "\(head) -m recent --name \(list) --rcheck --seconds \(seconds) --reap"
+                    out += " -m recent --name \(list) --set -j DNAT --to-destination \(d)\n"
+                }
+            }
             for (i, d) in destinations.enumerated() {
-                out += "-A \(chain.iptablesName) -p \(proto) -m comment --comment \"\(chain.comment)\""
+                out += head
                 let remaining = destinations.count - i
                 if remaining > 1 {
                     out += " -m statistic --mode random --probability \(probability(1, remaining))"
                 }
+                if affinity != nil { out += " -m recent --name \(chain.affinityName(d)) --set" }
                 out += " -j DNAT --to-destination \(d)\n"
             }
         }

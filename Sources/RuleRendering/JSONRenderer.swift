@@ -28,6 +28,16 @@ public enum JSONRenderer {
                         w.key("port"); w.number(m.port)
                     }
                     w.key("source"); w.string(m.source.rawValue)
+                    if !m.sourceRanges.isEmpty {
+                        w.key("sourceRanges"); w.array(m.sourceRanges) { w.string($0.description) }
+                    }
+                    if let t = chain.affinityTimeout {
+                        w.key("sessionAffinity")
+                        w.object {
+                            w.key("clientIP"); w.bool(true)
+                            w.key("timeoutSeconds"); w.number(t)
+                        }
+                    }
                     w.key("strategy"); w.string(m.target.strategy.rawValue)
                     w.key("targets")
                     w.array(m.target.destinations) { d in

@@ -33,10 +33,23 @@ public enum NftRenderer {
         for family in IPFamily.allCases {
             out += "\tmap dispatch\(digit(family)) {\n"
             out += "\t\ttype \(addressType(family)) . inet_proto . inet_service : verdict\n"
-            elements(plan.rules(family), into: &out) { r in
+            elements(plan.rules(family, ranged: false), into: &out) { r in
                 let m = r.mapping
-                let pick = NftPickChain(family: family, protocol: m.protocol, count: m.target.destinations.count)
-                return ["\(m.externalIP) . \(m.protocol.lowercased) . \(m.port) comment \"\(plan.targetChains[r.targetIndex].comment)\" : goto \(pick.name)"]
+                return ["\(m.externalIP) . \(m.protocol.lowercased) . \(m.port) comment \"\(plan.targetChains[r.targetIndex].comment)\" : goto \(plan.nftChain(of: r))"]
+            }
+            out += "\t}\n"
+        }
+        // Mappings with loadBalancerSourceRanges: one element per source block; a source outside every block
+        // matches nothing and the connection is left alone.
+        for family in IPFamily.allCases where plan.hasSourceRanges {
+            out += "\tmap ranged\(digit(family)) {\n"
+            out += "\t\ttype \(addressType(family)) . inet_proto . inet_service . \(addressType(family)) : verdict\n"
+            out += "\t\tflags interval\n"
+            elements(plan.rules(family, ranged: true), into: &out) { r in
+                let m = r.mapping
+                return m.sourceRanges.map { range in
+                    "\(m.externalIP) . \(m.protocol.lowercased) . \(m.port) . \(range) comment \"\(plan.targetChains[r.targetIndex].comment)\" : goto \(plan.nftChain(of: r))"
+                }
             }
             out += "\t}\n"
         }
@@ -45,7 +58,7 @@ public enum NftRenderer {
             let fam = family.nftKeyword
             out += "\tmap endpoints\(digit(family)) {\n"
             out += "\t\ttypeof \(fam) daddr . meta l4proto . th dport . numgen random mod 1 : \(fam) daddr . th dport\n"
-            elements(plan.rules(family), into: &out) { r in
+            elements(plan.rules(family).filter { plan.targetChains[$0.targetIndex].affinityTimeout == nil }, into: &out) { r in
                 let m = r.mapping
                 return m.target.destinations.enumerated().map { slot, d in
                     "\(m.externalIP) . \(m.protocol.lowercased) . \(m.port) . \(slot) : \(d.ip) . \(d.port)"
@@ -64,10 +77,23 @@ public enum NftRenderer {
                 out += "\t}\n"
             }
         }
+        for chain in plan.affinityChains {
+            for d in chain.target.destinations {
+                out += "\tset \(chain.affinityName(d)) {\n"
+                out += "\t\ttype \(addressType(chain.family))\n"
+                out += "\t\tflags dynamic,timeout\n"
+                out += "\t\ttimeout \(chain.affinityTimeout!)s\n"
+                out += "\t}\n"
+            }
+        }
         out += "\tchain output {\n"
         out += "\t\ttype nat hook output priority \(plan.settings.priority); policy accept;\n"
         out += "\t\tip daddr . meta l4proto . th dport vmap @dispatch4\n"
         out += "\t\tip6 daddr . meta l4proto . th dport vmap @dispatch6\n"
+        if plan.hasSourceRanges {
+            out += "\t\tip daddr . meta l4proto . th dport . ip saddr vmap @ranged4\n"
+            out += "\t\tip6 daddr . meta l4proto . th dport . ip6 saddr vmap @ranged6\n"
+        }
         out += "\t}\n"
         if plan.settings.masquerade {
             out += "\tchain postrouting {\n"
@@ -81,6 +107,11 @@ public enum NftRenderer {
             out += "\tchain \(pick.name) {\n"
             out += "\t\tmeta l4proto \(pick.protocol.lowercased) dnat \(fam) to \(fam) daddr . meta l4proto . th dport"
             out += " . numgen random mod \(pick.count) map @endpoints\(digit(pick.family))\n"
+            out += "\t}\n"
+        }
+        for chain in plan.affinityChains {
+            out += "\tchain \(chain.iptablesName) {\n"
+            for line in chain.nftAffinityRules { out += "\t\t\(line)\n" }
             out += "\t}\n"
         }
         out += "}\n"

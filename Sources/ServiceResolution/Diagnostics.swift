@@ -45,7 +45,8 @@ public struct Diagnostic: Sendable, Hashable, CustomStringConvertible {
     /// Stable machine-readable codes (log field `code`).
     public enum Code: String, Sendable, Hashable {
         case duplicateObject = "duplicate_object"
-        case sessionAffinityIgnored = "session_affinity_ignored"
+        /// A `loadBalancerSourceRanges` entry (or annotation entry) that is not a CIDR: ignored, as kube-proxy does.
+        case invalidSourceRange = "invalid_source_range"
         case autoFellBackToClusterIP = "auto_fell_back_to_cluster_ip"
         case ignoredKinds = "ignored_kinds"
         case conflict = "conflict"

@@ -64,11 +64,21 @@ public struct Mapping: Sendable, Hashable {
     public let port: Int
     public let source: ExternalSource
     public let target: MappingTarget
+    /// Only connections whose source address is inside one of these blocks are translated
+    /// (`loadBalancerSourceRanges` of the mapping's family, sorted, deduplicated); empty means every source.
+    /// Only load-balancer ingress IPs carry ranges, never `spec.externalIPs` (as in kube-proxy).
+    public let sourceRanges: [CIDR]
+    /// `sessionAffinity: ClientIP`: a client keeps the endpoint it was given until this many seconds pass
+    /// without a new connection from it. nil: every connection picks at random. Only endpoint targets carry
+    /// it (a ClusterIP or a kube-proxy chain applies the Service's own affinity).
+    public let affinityTimeout: Int?
 
     public init(service: ObjectName, portName: String, protocol: TransportProtocol, externalIP: IPAddress,
-                port: Int, source: ExternalSource, target: MappingTarget) {
+                port: Int, source: ExternalSource, target: MappingTarget, sourceRanges: [CIDR] = [],
+                affinityTimeout: Int? = nil) {
         self.service = service; self.portName = portName; self.protocol = `protocol`
         self.externalIP = externalIP; self.port = port; self.source = source; self.target = target
+        self.sourceRanges = sourceRanges; self.affinityTimeout = affinityTimeout
     }
 
     public var family: IPFamily { externalIP.family }
@@ -139,6 +149,15 @@ public struct Resolution: Sendable {
     public init(mappings: [Mapping], skipped: [SkippedItem] = [], warnings: [Diagnostic] = [], autoFellBackToClusterIP: [ObjectName] = []) {
         self.mappings = mappings; self.skipped = skipped; self.warnings = warnings
         self.autoFellBackToClusterIP = autoFellBackToClusterIP
+    }
+}
+
+extension String {
+    /// Without leading and trailing spaces, tabs and newlines (Go's strings.TrimSpace for ASCII input).
+    func trimmingWhitespace() -> String {
+        let ws: Set<Character> = [" ", "\t", "\n", "\r", "\u{0B}", "\u{0C}"]
+        guard let first = firstIndex(where: { !ws.contains($0) }), let last = lastIndex(where: { !ws.contains($0) }) else { return "" }
+        return String(self[first...last])
     }
 }
 
@@ -287,11 +306,10 @@ public struct ServiceResolver: Sendable {
             if !hasSlices { result.autoFellBackToClusterIP.append(service.id) }
         }
 
-        if service.sessionAffinity == "ClientIP" && strategy == .endpoints {
-            result.warnings.append(Diagnostic(.warning, .sessionAffinityIgnored, service: service.id,
-                                              "\(service.id) has sessionAffinity ClientIP; the endpoints target spreads connections at random "
-                                              + "and does not keep a client on one endpoint"))
-        }
+        let ranges = sourceRanges(of: service, into: &result)
+        // ClusterIP and kube-proxy targets reach a proxy that applies the Service's affinity itself.
+        let affinity = service.sessionAffinity == "ClientIP" && strategy == .endpoints
+            ? (service.sessionAffinityTimeoutSeconds ?? Service.defaultAffinityTimeoutSeconds) : nil
         for port in service.ports {
             let portLabel = port.name.isEmpty ? String(port.port) : port.name
             var targetByFamily: [IPFamily: MappingTarget?] = [:]
@@ -304,9 +322,37 @@ public struct ServiceResolver: Sendable {
                 }
                 guard let target = targetByFamily[family]! else { continue }
                 result.mappings.append(Mapping(service: service.id, portName: port.name, protocol: port.protocol,
-                                               externalIP: ip, port: port.port, source: source, target: target))
+                                               externalIP: ip, port: port.port, source: source, target: target,
+                                               sourceRanges: source == .loadBalancer ? ranges[family] ?? [] : [],
+                                               affinityTimeout: target.destinations.isEmpty ? nil : affinity))
             }
         }
+    }
+
+    /// `loadBalancerSourceRanges` (or, when that is empty, the annotation cloud load balancers read), trimmed,
+    /// parsed and split by family, as kube-proxy does: an entry that is not a CIDR is ignored with a warning.
+    /// A family without entries is unrestricted even when the other family has some: kube-proxy installs no
+    /// firewall for that family either, so translating it opens nothing that kube-proxy keeps shut.
+    func sourceRanges(of service: Service, into result: inout Resolution) -> [IPFamily: [CIDR]] {
+        let fromSpec = !service.loadBalancerSourceRanges.isEmpty
+        let entries = fromSpec ? service.loadBalancerSourceRanges
+            : (service.loadBalancerSourceRangesAnnotation ?? "").split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        let field = fromSpec ? "spec.loadBalancerSourceRanges" : "annotation \(Service.sourceRangesAnnotation)"
+        var byFamily: [IPFamily: Set<CIDR>] = [:]
+        var bad: [String] = []
+        for entry in entries {
+            let text = entry.trimmingWhitespace()
+            if text.isEmpty { continue }
+            guard let cidr = CIDR(text) else { bad.append(text); continue }
+            byFamily[cidr.address.family, default: []].insert(cidr)
+        }
+        if !bad.isEmpty {
+            let shown = bad.prefix(5).map { "\"\(KubeObjects.InputError.printable($0, limit: 60))\"" }.joined(separator: ", ")
+            result.warnings.append(Diagnostic(.warning, .invalidSourceRange, service: service.id,
+                "\(service.id): \(field) has \(bad.count) entr\(bad.count == 1 ? "y" : "ies") that \(bad.count == 1 ? "is" : "are") not a CIDR "
+                + "(\(shown)\(bad.count > 5 ? ", …" : "")); ignored, as kube-proxy ignores them"))
+        }
+        return byFamily.mapValues { $0.sorted { ($0.address, $0.prefixLength) < ($1.address, $1.prefixLength) } }
     }
 
     private func target(for port: ServicePort, family: IPFamily, strategy: TargetStrategy, service: Service,

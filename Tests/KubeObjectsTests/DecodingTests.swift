@@ -162,6 +162,42 @@ private func loadError(_ text: String, source: String = "in.yaml") -> InputError
         #expect(later != o.endpointSlices[0])
     }
 
+    @Test func sourceRangesAndTheirAnnotationAreKeptAsWritten() throws {
+        let o = try load("""
+        {"kind":"Service","metadata":{"name":"web","namespace":"shop",
+           "annotations":{"service.beta.kubernetes.io/load-balancer-source-ranges":" 192.0.2.0/24,2001:db8::/32"}},
+         "spec":{"type":"LoadBalancer","loadBalancerSourceRanges":[" 203.0.113.0/25 ","bad"],"ports":[{"port":80}]}}
+        """)
+        #expect(o.services[0].loadBalancerSourceRanges == [" 203.0.113.0/25 ", "bad"])
+        #expect(o.services[0].loadBalancerSourceRangesAnnotation == " 192.0.2.0/24,2001:db8::/32")
+        let e = try #require(loadError("""
+        {"kind":"Service","metadata":{"name":"web","namespace":"shop"},"spec":{"loadBalancerSourceRanges":"203.0.113.0/25"}}
+        """))
+        #expect(e.field == "spec.loadBalancerSourceRanges")
+    }
+
+    @Test(arguments: [(nil, nil), ("1", 1), ("86400", 86400), ("10800", 10800)] as [(String?, Int?)])
+    func affinityTimeoutIsReadInRange(text: String?, seconds: Int?) throws {
+        let config = text.map { ",\"sessionAffinityConfig\":{\"clientIP\":{\"timeoutSeconds\":\($0)}}" } ?? ""
+        let o = try load("""
+        {"kind":"Service","metadata":{"name":"web","namespace":"shop"},"spec":{"sessionAffinity":"ClientIP"\(config)}}
+        """)
+        #expect(o.services[0].sessionAffinity == "ClientIP")
+        #expect(o.services[0].sessionAffinityTimeoutSeconds == seconds)
+    }
+
+    @Test(arguments: [("0", "0 is out of range 1-86400 seconds"), ("86401", "86401 is out of range 1-86400 seconds"),
+                      ("\"3h\"", "expected a whole number of seconds, got a string"), ("1.5", "expected a whole number of seconds, got a number")])
+    func affinityTimeoutOutOfRangeIsAnError(text: String, message: String) throws {
+        let e = try #require(loadError("""
+        {"kind":"Service","metadata":{"name":"web","namespace":"shop"},
+         "spec":{"sessionAffinity":"ClientIP","sessionAffinityConfig":{"clientIP":{"timeoutSeconds":\(text)}}}}
+        """))
+        #expect(e.object == "Service shop/web")
+        #expect(e.field == "spec.sessionAffinityConfig.clientIP.timeoutSeconds")
+        #expect(e.message == message)
+    }
+
     @Test func fqdnSlicesCarryNoAddresses() throws {
         let o = try load("""
         {"kind":"EndpointSlice","metadata":{"name":"s-1","namespace":"n"},"addressType":"FQDN","endpoints":[{"addresses":["db.example.com"]}]}

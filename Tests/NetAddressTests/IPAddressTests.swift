@@ -54,3 +54,20 @@ import Testing
         }
     }
 }
+
+@Suite struct CIDRIntervalTests {
+    @Test(arguments: [("203.0.113.0/25", "203.0.113.127"), ("192.0.2.7/32", "192.0.2.7"), ("0.0.0.0/0", "255.255.255.255"),
+                      ("2001:db8:1::/48", "2001:db8:1:ffff:ffff:ffff:ffff:ffff"), ("2001:db8::/64", "2001:db8::ffff:ffff:ffff:ffff"),
+                      ("2001:db8::1/128", "2001:db8::1"), ("::/0", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")])
+    func lastAddressAndBackFromTheInterval(text: String, last: String) throws {
+        let c = try #require(CIDR(text))
+        #expect(c.last == IPAddress(last)!)
+        #expect(CIDR(first: c.address, last: c.last) == c)
+    }
+
+    @Test func anIntervalThatIsNotOneBlockHasNoCIDR() {
+        #expect(CIDR(first: IPAddress("203.0.113.1")!, last: IPAddress("203.0.113.2")!) == nil)
+        #expect(CIDR(first: IPAddress("203.0.113.0")!, last: IPAddress("203.0.113.2")!) == nil)
+        #expect(CIDR(first: IPAddress("203.0.113.0")!, last: IPAddress("2001:db8::")!) == nil)
+    }
+}

@@ -39,9 +39,15 @@ enum Fixtures {
         return objects
     }
 
+    /// `ranges` and `affinity` (ClientIP timeout in seconds) are given to every service.
     static func plan(_ specs: [ServiceSpec], settings: PlanSettings = PlanSettings(),
-                     strategy: TargetStrategy = .endpoints) throws -> RulePlan {
-        let resolution = ServiceResolver(options: ResolutionOptions(target: strategy)).resolve(objects(specs))
+                     strategy: TargetStrategy = .endpoints, ranges: [String] = [], affinity: Int? = nil) throws -> RulePlan {
+        var objects = objects(specs)
+        for i in objects.services.indices {
+            objects.services[i].loadBalancerSourceRanges = ranges
+            if let affinity { objects.services[i].sessionAffinity = "ClientIP"; objects.services[i].sessionAffinityTimeoutSeconds = affinity }
+        }
+        let resolution = ServiceResolver(options: ResolutionOptions(target: strategy)).resolve(objects)
         return try Planner(settings: settings).plan(resolution, strategy: strategy)
     }
 

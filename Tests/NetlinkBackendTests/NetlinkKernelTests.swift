@@ -1,4 +1,5 @@
 import Foundation
+import KubeObjects
 import NetAddress
 @testable import NetlinkBackend
 import RulePlanning
@@ -504,4 +505,44 @@ final class ErrorList: @unchecked Sendable {
     private var list: [String] = []
     func add(_ s: String) { lock.lock(); list.append(s); lock.unlock() }
     var items: [String] { lock.lock(); defer { lock.unlock() }; return list }
+}
+
+extension NetlinkKernelTests {
+    /// examples/policy.yaml: ranged maps (interval concatenations with key ends), affinity chains and dynamic
+    /// sets with a timeout.
+    static func policyPlan(settings: PlanSettings = PlanSettings(table: table)) throws -> RulePlan {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let bytes = try Array(Data(contentsOf: root.appendingPathComponent("examples/policy.yaml")))
+        let objects = try DocumentLoader.load(bytes, source: "examples/policy.yaml")
+        let options = ResolutionOptions(externalIPAllowlist: [CIDR("192.0.2.0/24")!])
+        return try Planner(settings: settings).plan(ServiceResolver(options: options).resolve(objects), strategy: .auto)
+    }
+
+    @Test("source ranges and ClientIP affinity: netlink apply lists like nft -f, and both read back as planned")
+    func policyParity() throws {
+        guard try requireKernelTests(tools: ["nft"]) else { return }
+        for masquerade in [true, false] {
+            let plan = try Self.policyPlan(settings: PlanSettings(table: Self.table, masquerade: masquerade))
+            #expect(plan.hasSourceRanges && plan.affinityChains.count == 2)
+            try withNamespaces(2, label: "parity-policy") { ns in
+                try ns[0].backend.apply(plan)
+                try ns[1].nftScript(try NftRenderer.render(plan))
+                let viaNetlink = try ns[0].nft("list", "table", "inet", Self.table)
+                #expect(normalizeListing(viaNetlink) == normalizeListing(try ns[1].nft("list", "table", "inet", Self.table)))
+                #expect(try kernelView(ns[0], Self.table) == kernelView(ns[1], Self.table))
+                #expect(try setAttributes(ns[0], Self.table) == setAttributes(ns[1], Self.table))
+                #expect(viaNetlink.contains("203.0.113.21 . tcp . 443 . 203.0.113.128/25 comment \"shop/reports:https\" : goto pick4-tcp-1"))
+                #expect(viaNetlink.contains("timeout 10m"))
+                let expected = NftablesNetlink.expected(plan)
+                #expect(expected.mappings.contains { $0.sourceRanges.count == 2 && $0.affinityTimeout == 600 })
+                for n in ns {
+                    let installed = try n.backend.read(table: Self.table)
+                    #expect(installed == expected, "\(installed.map { $0.differences(to: expected) } ?? ["no table"])")
+                }
+                // Applying again changes nothing.
+                try ns[0].backend.apply(plan)
+                #expect(try ns[0].backend.read(table: Self.table) == expected)
+            }
+        }
+    }
 }

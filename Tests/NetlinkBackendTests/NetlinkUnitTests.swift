@@ -307,6 +307,45 @@ struct NetlinkUnitTests {
         #expect(wrong.contains("- chain pick4-udp-1 is not used by any dispatch entry"))
     }
 
+    @Test("read-back decoding of source ranges and affinity chains; anomalies when they are tampered with")
+    func decodingPolicy() throws {
+        let plan = try Fixtures.plan([ServiceSpec(name: "admin", ips: ["203.0.113.20", "2001:db8:100::20"], ports: [("http", .tcp, 80, 8080)],
+                                                  endpoints4: ["198.51.100.21", "198.51.100.22"], endpoints6: ["2001:db8:200::21"])],
+                                     settings: PlanSettings(), ranges: ["203.0.113.0/25", "198.51.100.7/24", "2001:db8:1::/48"], affinity: 600)
+        let expected = NftablesNetlink.expected(plan)
+        #expect(expected.mappings.map(\.description) == [
+            "203.0.113.20 tcp/80 -> 198.51.100.21:8080, 198.51.100.22:8080 from 198.51.100.0/24, 203.0.113.0/25 affinity ClientIP 600s (default/admin:http)",
+            "2001:db8:100::20 tcp/80 -> [2001:db8:200::21]:8080 from 2001:db8:1::/48 affinity ClientIP 600s (default/admin:http)",
+        ])
+        let clean = try Self.simulatedDump(plan)
+        #expect(clean.elements["ranged4"]?.count == 2 && clean.elements["ranged4"]!.allSatisfy { $0.keyEnd?.count == 16 })
+        #expect(RulesetDecoder.decode(clean) == expected)
+        func decoded(_ change: (inout DumpedTable) -> Void) -> [String] {
+            var d = clean
+            change(&d)
+            return RulesetDecoder.decode(d).differences(to: expected)
+        }
+        // A block dropped from ranged4 shows as a mapping with fewer ranges.
+        #expect(decoded { d in d.elements["ranged4"]!.removeLast() }.contains {
+            $0.hasPrefix("- 203.0.113.20 tcp/80 -> 198.51.100.21:8080, 198.51.100.22:8080 from ") && !$0.contains(", 203.0.113.0/25")
+                || $0.hasPrefix("- 203.0.113.20 tcp/80") && !$0.contains("198.51.100.0/24,") })
+        // An interval that is not one CIDR block.
+        let odd = decoded { d in
+            d.elements["ranged4"]![0].keyEnd = RulesetProgram.rangedKey(IPAddress("203.0.113.20")!, .tcp, 80, source: IPAddress("198.51.100.2")!)
+        }
+        #expect(odd.contains("- map ranged4: undecodable element (not one address . protocol . port . CIDR block)"))
+        // An affinity set with another timeout, and an affinity chain missing its pick rules.
+        let chain = plan.affinityChains.first { $0.family == .ipv4 }!
+        let setName = chain.affinityName(chain.target.destinations[0])
+        let retimed = decoded { d in d.sets[d.sets.firstIndex { $0.name == setName }!].timeout = 5000 }
+        #expect(retimed.contains("- chain \(chain.iptablesName): affinity sets with different or fractional timeouts"), "\(retimed)")
+        let cut = decoded { d in d.rules.removeAll { $0.chain == chain.iptablesName && $0.expressions.contains { if case .numgen = $0 { true } else { false } } } }
+        #expect(cut.contains { $0.hasPrefix("- chain \(chain.iptablesName): ") })
+        // The ranged rule is checked like the dispatch rules.
+        #expect(decoded { d in d.rules.removeAll { $0.chain == "output" && $0.expressions.contains { if case .byteorder = $0 { true } else { false } } } }
+            .contains("- chain output: missing dispatch rule 3"))
+    }
+
     @Test("ownership: both NEWTABLEs carry the comment, with nft's bytes; a table without it is an anomaly")
     func ownershipComment() throws {
         // The renderer prints the same comment (RuleRendering is not a dependency of the backend).

@@ -53,6 +53,17 @@ struct NetlinkUpdateUnitTests {
         return ops
     }
 
+    @Test("a plan with source ranges or ClientIP affinity, before or after, takes a full replace")
+    func rangesAndAffinityAreNotIncremental() throws {
+        let plain = try Fixtures.plan(Self.specs())
+        let ranged = try Fixtures.plan(Self.specs(), ranges: ["203.0.113.0/25"])
+        let sticky = try Fixtures.plan(Self.specs(), affinity: 60)
+        #expect(try RulesetProgram.changes(from: plain, to: plain)?.isEmpty == true)
+        for (old, new) in [(plain, ranged), (ranged, plain), (ranged, ranged), (plain, sticky), (sticky, plain), (sticky, sticky)] {
+            #expect(try RulesetProgram.changes(from: old, to: new) == nil)
+        }
+    }
+
     @Test("one endpoint removed: the slots after it shift down, the dispatch entry moves to the pick chain for N-1")
     func endpointRemoved() throws {
         let old = try Self.plan(Self.specs())

@@ -218,9 +218,9 @@ func retryingInfrastructure<T>(attempts: Int = 3, _ body: () throws -> T) throws
 /// The servers that answered `count` fresh connections to `host:port`, and how many exchanges failed.
 /// 24 connections spread over two endpoints land on only one with probability 2^-23.
 func answers(from node: TestNamespace, _ transport: TestTransport, _ host: String, _ port: Int,
-             count: Int = 24, timeout: Double = 2) throws -> (servers: Set<String>, failures: Int) {
+             count: Int = 24, timeout: Double = 2, source: String? = nil) throws -> (servers: Set<String>, failures: Int) {
     let replies = try retryingInfrastructure(attempts: 2) {
-        try exchange(from: node, transport, host: host, port: port, count: count, timeout: timeout)
+        try exchange(from: node, transport, host: host, port: port, count: count, timeout: timeout, source: source)
     }
     return (Set(replies.compactMap(\.server)), replies.filter { !$0.succeeded }.count)
 }

@@ -27,7 +27,10 @@ import Testing
         return Service(id: ObjectName(namespace: ns, name: "s\(i)"), type: "LoadBalancer",
                        clusterIPs: [IPAddress("192.0.2.\(10 + i)")!], ports: ports,
                        loadBalancerIngress: g.next(5) == 0 ? [] : [LoadBalancerIngress(ip: lb)],
-                       sessionAffinity: g.next(6) == 0 ? "ClientIP" : nil)
+                       sessionAffinity: g.next(4) == 0 ? "ClientIP" : nil,
+                       sessionAffinityTimeoutSeconds: g.next(2) == 0 ? nil : 1 + g.next(3),
+                       loadBalancerSourceRanges: g.next(3) == 0 ? ["198.51.100.0/\(24 + g.next(3))", " 2001:db8::/32"] : [],
+                       loadBalancerSourceRangesAnnotation: g.next(4) == 0 ? "192.0.2.0/24,bad" : nil)
     }
 
     static func slice(_ g: inout Generator, service i: Int, k: Int) -> EndpointSlice {

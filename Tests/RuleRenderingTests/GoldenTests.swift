@@ -11,9 +11,10 @@ import Testing
 @Suite struct GoldenTests {
     static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
 
-    static func examplePlan(_ options: ResolutionOptions, settings: PlanSettings = PlanSettings()) throws -> RulePlan {
-        let bytes = try Array(Data(contentsOf: root.appendingPathComponent("examples/cluster.yaml")))
-        let objects = try DocumentLoader.load(bytes, source: "examples/cluster.yaml")
+    static func examplePlan(_ options: ResolutionOptions, settings: PlanSettings = PlanSettings(),
+                            file: String = "cluster.yaml") throws -> RulePlan {
+        let bytes = try Array(Data(contentsOf: root.appendingPathComponent("examples/\(file)")))
+        let objects = try DocumentLoader.load(bytes, source: "examples/\(file)")
         return try Planner(settings: settings).plan(ServiceResolver(options: options).resolve(objects), strategy: options.target)
     }
 
@@ -35,6 +36,21 @@ import Testing
         try check(IptablesRenderer.render(plan, family: .ipv4), "cluster.rules.v4")
         try check(IptablesRenderer.render(plan, family: .ipv6), "cluster.rules.v6")
         try check(JSONRenderer.render(plan), "cluster.json")
+    }
+
+    /// examples/policy.yaml: source ranges (spec and annotation) and ClientIP affinity, in every format.
+    @Test func sourceRangesAndAffinityRenderToTheCommittedFiles() throws {
+        let plan = try GoldenTests.examplePlan(ResolutionOptions(externalIPAllowlist: GoldenTests.allowlist), file: "policy.yaml")
+        try check(try NftRenderer.render(plan), "policy.nft")
+        try check(IptablesRenderer.render(plan, family: .ipv4), "policy.rules.v4")
+        try check(IptablesRenderer.render(plan, family: .ipv6), "policy.rules.v6")
+        try check(JSONRenderer.render(plan), "policy.json")
+        #expect(plan.hasSourceRanges)
+        #expect(plan.affinityChains.count == 2)
+        // The externalIP mapping has no ranges; the affinity chain is shared with the ranged LB mapping.
+        let ext = try #require(plan.rules.first { $0.mapping.source == .externalIP })
+        #expect(ext.mapping.sourceRanges.isEmpty)
+        #expect(plan.nftChain(of: ext) == plan.targetChains[ext.targetIndex].iptablesName)
     }
 
     @Test func kubeProxyTargetRendersJumpsForIptablesAndIsRefusedForNft() throws {

@@ -71,12 +71,66 @@ private func resolve(_ services: [Service], _ slices: [EndpointSlice] = [], _ op
         #expect(resolve([lbService(["203.0.113.10"])], [], ResolutionOptions(target: .kubeProxy)).mappings.count == 1)
     }
 
-    @Test func clientIPAffinityIsWarnedAbout() {
+    @Test func clientIPAffinityIsCarriedWithItsTimeoutOnEndpointTargetsOnly() {
         var svc = lbService(["203.0.113.10"])
         svc.sessionAffinity = "ClientIP"
         let r = resolve([svc], [httpsSlice], ResolutionOptions(target: .endpoints))
-        #expect(r.mappings.count == 1)
-        #expect(r.warnings.contains { $0.message.contains("sessionAffinity ClientIP") && $0.code == .sessionAffinityIgnored })
+        #expect(r.mappings.map(\.affinityTimeout) == [10800])
+        #expect(r.warnings.isEmpty)
+        svc.sessionAffinityTimeoutSeconds = 2
+        #expect(resolve([svc], [httpsSlice], ResolutionOptions(target: .endpoints)).mappings.map(\.affinityTimeout) == [2])
+        // A ClusterIP or a kube-proxy chain applies the Service's own affinity.
+        #expect(resolve([svc], [httpsSlice], ResolutionOptions(target: .clusterIP)).mappings.map(\.affinityTimeout) == [nil])
+        #expect(resolve([svc], [httpsSlice], ResolutionOptions(target: .kubeProxy)).mappings.map(\.affinityTimeout) == [nil])
+        svc.sessionAffinity = "None"
+        #expect(resolve([svc], [httpsSlice], ResolutionOptions(target: .endpoints)).mappings.map(\.affinityTimeout) == [nil])
+    }
+
+    @Test func sourceRangesAreTrimmedSplitByFamilyAndApplyToLoadBalancerIPsOnly() {
+        var svc = lbService(["203.0.113.10", "2001:db8:100::10"], families: [.ipv4, .ipv6], clusterIPs: ["198.18.0.10", "2001:db8:ffff::10"])
+        svc.externalIPs = [ip("192.0.2.20")]
+        svc.loadBalancerSourceRanges = [" 203.0.113.0/25", "2001:db8:1::/48 ", "198.51.100.7/24", "203.0.113.0/25"]
+        let r = resolve([svc], [httpsSlice, slice("web-6", family: "IPv6", ports: [EndpointPort(name: "https", port: 8443)],
+                                                  [Endpoint(addresses: [ip("2001:db8:200::1")])])],
+                        ResolutionOptions(target: .endpoints, externalIPAllowlist: [CIDR("192.0.2.0/24")!]))
+        let byIP = Dictionary(uniqueKeysWithValues: r.mappings.map { ($0.externalIP.description, $0.sourceRanges.map(\.description)) })
+        #expect(byIP["203.0.113.10"] == ["198.51.100.0/24", "203.0.113.0/25"])  // host bits masked, sorted, deduplicated
+        #expect(byIP["2001:db8:100::10"] == ["2001:db8:1::/48"])
+        #expect(byIP["192.0.2.20"] == [])  // spec.externalIPs are never subject to the ranges
+        #expect(r.warnings.isEmpty)
+    }
+
+    @Test func theAnnotationIsUsedOnlyWhenTheSpecFieldIsEmpty() {
+        var svc = lbService(["203.0.113.10"])
+        svc.loadBalancerSourceRangesAnnotation = "203.0.113.0/25, 192.0.2.0/24 ,"
+        #expect(resolve([svc], [httpsSlice]).mappings.first?.sourceRanges.map(\.description) == ["192.0.2.0/24", "203.0.113.0/25"])
+        svc.loadBalancerSourceRanges = ["198.51.100.0/24"]
+        #expect(resolve([svc], [httpsSlice]).mappings.first?.sourceRanges.map(\.description) == ["198.51.100.0/24"])
+        svc.loadBalancerSourceRanges = []
+        svc.loadBalancerSourceRangesAnnotation = ""
+        #expect(resolve([svc], [httpsSlice]).mappings.first?.sourceRanges == [])
+    }
+
+    @Test func badRangesAreIgnoredWithAWarningAsKubeProxyDoes() {
+        var svc = lbService(["203.0.113.10"])
+        svc.loadBalancerSourceRanges = ["203.0.113.0/33", "not-a-cidr", "203.0.113.0/25", "198.51.100.1", ""]
+        let r = resolve([svc], [httpsSlice])
+        #expect(r.mappings.first?.sourceRanges.map(\.description) == ["203.0.113.0/25"])
+        #expect(r.warnings.map(\.code) == [.invalidSourceRange])
+        #expect(r.warnings.first?.message.contains("\"not-a-cidr\"") == true)
+        #expect(r.warnings.first?.message.contains("3 entries") == true)
+        #expect(r.warnings.first?.service == web)
+    }
+
+    /// kube-proxy filters the ranges by family and installs no firewall for a family without any: an IPv6
+    /// ingress IP of a Service that lists only IPv4 ranges is unrestricted there, and here.
+    @Test func aFamilyWithoutRangesIsUnrestrictedAsInKubeProxy() {
+        var svc = lbService(["203.0.113.10", "2001:db8:100::10"], families: [.ipv4, .ipv6], clusterIPs: ["198.18.0.10", "2001:db8:ffff::10"])
+        svc.loadBalancerSourceRanges = ["203.0.113.0/25"]
+        let r = resolve([svc], [httpsSlice, slice("web-6", family: "IPv6", ports: [EndpointPort(name: "https", port: 8443)],
+                                                  [Endpoint(addresses: [ip("2001:db8:200::1")])])])
+        #expect(r.mappings.first { $0.family == .ipv6 }?.sourceRanges == [])
+        #expect(r.mappings.first { $0.family == .ipv4 }?.sourceRanges.count == 1)
     }
 
     @Test func noReadyEndpointsIsSkippedWithAReason() {

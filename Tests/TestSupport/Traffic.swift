@@ -38,6 +38,7 @@ else:
 private let clientScript = #"""
 import socket, sys
 proto, host, port, msg, count, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].encode(), int(sys.argv[5]), float(sys.argv[6])
+source = sys.argv[7] if len(sys.argv) > 7 else ''
 fam = socket.AF_INET6 if ':' in host else socket.AF_INET
 for i in range(count):
     s = None
@@ -45,12 +46,16 @@ for i in range(count):
         if proto == 'tcp':
             s = socket.socket(fam, socket.SOCK_STREAM)
             s.settimeout(timeout)
+            if source:
+                s.bind((source, 0))
             s.connect((host, port))
             s.sendall(msg)
             data = s.recv(65536)
         else:
             s = socket.socket(fam, socket.SOCK_DGRAM)
             s.settimeout(timeout)
+            if source:
+                s.bind((source, 0))
             s.sendto(msg, (host, port))
             data, _ = s.recvfrom(65536)
         print('OK ' + data.decode(errors='replace'), flush=True)
@@ -105,9 +110,11 @@ public struct ExchangeReply: Sendable, Hashable, CustomStringConvertible {
 
 /// Performs `count` independent exchanges (a new connection / new UDP socket each, so each is a new
 /// conntrack entry) from `namespace` to `host:port`, each with `timeout` seconds, in one client process.
+/// `source` binds the client to that local address (a node address inside or outside source ranges).
 public func exchange(from namespace: TestNamespace, _ transport: TestTransport, host: String, port: Int,
-                     count: Int = 1, timeout: Double = 2, message: String = "ping") throws -> [ExchangeReply] {
-    let r = try namespace.run(["python3", "-c", clientScript, transport.rawValue, host, String(port), message, String(count), String(timeout)],
+                     count: Int = 1, timeout: Double = 2, message: String = "ping", source: String? = nil) throws -> [ExchangeReply] {
+    let r = try namespace.run(["python3", "-c", clientScript, transport.rawValue, host, String(port), message, String(count), String(timeout)]
+                              + (source.map { [$0] } ?? []),
                               timeout: Double(count) * (timeout + 1) + 10)
     guard r.status == 0 else { throw TestSupportError("client failed: \(r)") }
     return r.stdout.split(separator: "\n").map { line -> ExchangeReply in
