@@ -84,8 +84,7 @@ public struct IncrementalPlanner: Sendable {
                 slots = arrange(fresh, after: old)
                 arranged[key] = slots
             }
-            return Mapping(service: m.service, portName: m.portName, protocol: m.protocol, externalIP: m.externalIP,
-                           port: m.port, source: m.source, target: .endpoints(slots))
+            return m.replacingTarget(.endpoints(slots))
         }
     }
 
@@ -148,12 +147,7 @@ public struct IncrementalPlanner: Sendable {
             }
             var position = [Int](repeating: 0, count: firsts.count)
             for (p, i) in order.enumerated() { position[i] = p }
-            chains = order.map { i in
-                let m = firsts[i]
-                let named = planner.chainName(for: m)
-                return TargetChain(service: m.service, portName: m.portName, family: m.family, protocol: m.protocol,
-                                   iptablesName: named.iptablesName, comment: named.comment, target: m.target)
-            }
+            chains = order.map { planner.targetChain(for: firsts[$0]) }
             chainOfMapping = local.map { position[$0] }
         }
     }

@@ -93,10 +93,7 @@ public struct Planner: Sendable {
             } else {
                 index = chains.count
                 chainIndex[ck] = index
-                let named = chainName(for: m)
-                chains.append(TargetChain(service: m.service, portName: m.portName, family: m.family, protocol: m.protocol,
-                                          iptablesName: named.iptablesName, comment: named.comment, target: m.target,
-                                          affinityTimeout: m.affinityTimeout))
+                chains.append(targetChain(for: m))
             }
             rulesUnordered.append((m, index))
         }
@@ -112,6 +109,14 @@ public struct Planner: Sendable {
 
         return RulePlan(settings: settings, strategy: strategy, rules: rules, targetChains: sortedChains,
                         skipped: skipped.sorted(), conflicts: conflicts, warnings: warnings)
+    }
+
+    /// The target chain of `m`'s service port and family (the one place a `TargetChain` is made).
+    func targetChain(for m: Mapping) -> TargetChain {
+        let named = chainName(for: m)
+        return TargetChain(service: m.service, portName: m.portName, family: m.family, protocol: m.protocol,
+                           iptablesName: named.iptablesName, comment: named.comment, target: m.target,
+                           affinityTimeout: m.affinityTimeout)
     }
 
     func chainName(for m: Mapping) -> (iptablesName: String, comment: String) {

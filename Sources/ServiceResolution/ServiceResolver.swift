@@ -82,6 +82,12 @@ public struct Mapping: Sendable, Hashable {
     }
 
     public var family: IPFamily { externalIP.family }
+
+    /// The same mapping leading elsewhere (every other field kept).
+    public func replacingTarget(_ target: MappingTarget) -> Mapping {
+        Mapping(service: service, portName: portName, protocol: `protocol`, externalIP: externalIP, port: port,
+                source: source, target: target, sourceRanges: sourceRanges, affinityTimeout: affinityTimeout)
+    }
 }
 
 /// Why something was not mapped. Every service that is not fully mapped gets at least one.

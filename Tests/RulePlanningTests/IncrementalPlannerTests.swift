@@ -54,12 +54,11 @@ import Testing
     static func normalized(_ p: RulePlan) -> ([PlannedRule], [TargetChain]) {
         (p.rules.map { r in
             let m = r.mapping
-            return PlannedRule(mapping: Mapping(service: m.service, portName: m.portName, protocol: m.protocol, externalIP: m.externalIP,
-                                                port: m.port, source: m.source, target: sortedDestinations(m.target)),
-                               targetIndex: r.targetIndex)
+            return PlannedRule(mapping: m.replacingTarget(sortedDestinations(m.target)), targetIndex: r.targetIndex)
         }, p.targetChains.map { c in
             TargetChain(service: c.service, portName: c.portName, family: c.family, protocol: c.protocol,
-                        iptablesName: c.iptablesName, comment: c.comment, target: sortedDestinations(c.target))
+                        iptablesName: c.iptablesName, comment: c.comment, target: sortedDestinations(c.target),
+                        affinityTimeout: c.affinityTimeout)
         })
     }
 
