@@ -114,11 +114,6 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
             }
             continuation.yield(.sourceEnded)
         }
-        let drift = installer.driftNotifications().map { notifications in
-            Task {
-                for await why in notifications { continuation.yield(.drift(why)) }
-            }
-        }
         var loop = Loop(agent: self, continuation: continuation)
         await withGracefulShutdownHandler {
             await loop.run(inputs)
@@ -126,7 +121,7 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
             continuation.yield(.shutdown)
         }
         feeder.cancel()
-        drift?.cancel()
+        loop.drift?.cancel()
         loop.cancelWakeup()
         if configuration.cleanupOnExit {
             do {
@@ -160,6 +155,10 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
         var lastFull: ContinuousClock.Instant? = nil
         var failures = 0
         var wakeup: (at: ContinuousClock.Instant, task: Task<Void, Never>)? = nil
+        /// Forwards change notifications (`.drift`). Started after the first sync has landed: a listener
+        /// makes the kernel build a notification for every element of a batch, which would slow the first,
+        /// full one (100k+ elements) by seconds.
+        var drift: Task<Void, Never>? = nil
         /// When each pending change happened (trigger time or when it was seen).
         var pendingSince: [Date] = []
         /// Objects that failed to decode, by kind and name, with the message; logged once each.
@@ -371,6 +370,10 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
                 return failed(kind, reason: error.exitCode == NodeError.noPermissionCode ? "permission" : "kernel", error.description)
             }
             let committed = ContinuousClock.now
+            if drift == nil, let notifications = agent.installer.driftNotifications() {
+                let continuation = self.continuation
+                drift = Task { for await why in notifications { continuation.yield(.drift(why)) } }
+            }
             let previous = installed
             installed = plan
             installedWarnings = warnings
