@@ -26,9 +26,10 @@ import Glibc
     /// A running `hostnet-dnat sync` against `api`, programming `node`.
     final class Agent {
         let process: LoggingProcess
-        init(api: FakeKubeAPI, node: TestNamespace, backend: String, extra: [String] = []) throws {
+        init(api: FakeKubeAPI, node: TestNamespace, backend: String, target: String = "endpoints", minSyncPeriod: String = "0s",
+             extra: [String] = []) throws {
             process = try LoggingProcess([CLI.binary.path, "sync", "--kubeconfig", api.kubeconfig, "--netns", node.name,
-                                          "--backend", backend, "--target", "endpoints", "--min-sync-period", "0s",
+                                          "--backend", backend, "--target", target, "--min-sync-period", minSyncPeriod,
                                           "--log-format", "json", "--log-level", "debug",
                                           "--metrics-bind-address", "127.0.0.1:0", "--healthz-bind-address", "127.0.0.1:0"] + extra,
                                          logPath: api.directory.appendingPathComponent("sync.log").path)
@@ -62,11 +63,13 @@ import Glibc
     }
 
     /// node + pods + API + agent, torn down whatever happens.
-    func withAgent(backend: String = "nftables", extra: [String] = [],
+    func withAgent(backend: String = "nftables", target: String = "endpoints", minSyncPeriod: String = "0s", extra: [String] = [],
+                   before: (TestNamespace) throws -> Void = { _ in },
                    _ body: (FakeKubeAPI, TestNamespace, TestNamespace, Agent) throws -> Void) throws {
         try withNodeAndPods { node, pod in
+            try before(node)
             try FakeKubeAPI.with(data: trafficCluster) { api in
-                let agent = try Agent(api: api, node: node, backend: backend, extra: extra)
+                let agent = try Agent(api: api, node: node, backend: backend, target: target, minSyncPeriod: minSyncPeriod, extra: extra)
                 defer { agent.process.stop() }
                 let first = agent.waitForSync(after: 0, changed: false, timeout: 60)
                 try #require(first != nil, "no first sync: \(agent.process.log)")
@@ -203,6 +206,41 @@ import Glibc
             #expect(try servers(node, count: 2, timeout: 0.5) == ["failed"])
             #expect(try eventually(timeout: 10) { try servers(node, count: 4, timeout: 0.5).isSubset(of: ["ep1", "ep2"]) },
                     "not restored within the sync period: \(agent.process.log.suffix(2000))")
+        }
+    }
+
+    /// `--target kube-proxy` jumps into kube-proxy's `KUBE-SVC-…` chains, which keeps them referenced: while
+    /// our jump is there, kube-proxy's restore that deletes the chain of a deleted Service fails (for every
+    /// Service on the node, as it is one transaction). The agent drops the jump on the delete event, so that
+    /// restore, one --min-sync-period later, succeeds.
+    @Test func aDeletedServicesJumpIsGoneBeforeKubeProxyDeletesItsChain() throws {
+        guard try requireKernelTests(tools: ["iptables-restore", "ip6tables-restore", "python3", "openssl"]) else { return }
+        let rendered = try CLI.run(["render", "-f", "-", "--format", "iptables", "--target", "kube-proxy"], stdin: trafficCluster)
+        let chains = Set(rendered.stdout.split(separator: " ").filter { $0.hasPrefix("KUBE-SVC-") }.map { String($0.prefix(25)) })
+        try #require(chains.count == 2, "\(rendered.stdout)")
+        let tcp = try #require(rendered.stdout.split(separator: "\n").first { $0.contains("--dport 80") }?.split(separator: " ").last.map(String.init))
+        // kube-proxy's side: KUBE-SERVICES from OUTPUT, a KUBE-SVC chain per port (a DNAT to one endpoint for IPv4).
+        func kubeProxy(_ v6: Bool) -> String {
+            var t = "*nat\n:KUBE-SERVICES - [0:0]\n" + chains.sorted().map { ":\($0) - [0:0]\n" }.joined()
+            t += "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n"
+            if !v6 { t += "-A \(tcp) -p tcp -j DNAT --to-destination 198.51.100.11:8080\n" }
+            return t + "COMMIT\n"
+        }
+        let deleteChain = "*nat\n:\(tcp) - [0:0]\n-X \(tcp)\nCOMMIT\n"
+        try withAgent(backend: "iptables", target: "kube-proxy", minSyncPeriod: "1s", before: { node in
+            try node.runChecked(["iptables-restore", "--noflush", "-w"], input: kubeProxy(false))
+            try node.runChecked(["ip6tables-restore", "--noflush", "-w"], input: kubeProxy(true))
+        }) { api, node, _, agent in
+            #expect(try servers(node, count: 4) == ["ep1"], "through our jump into KUBE-SVC: \(agent.process.log.suffix(1500))")
+            // The test can fail: while the jump is there, kube-proxy's restore is refused and changes nothing.
+            let refused = try node.run(["iptables-restore", "--noflush", "-w"], input: deleteChain)
+            #expect(refused.status != 0, "kube-proxy's restore went through although our jump references \(tcp)")
+            let n = agent.syncs.count
+            try api.delete(kind: "Service", namespace: "test", name: "echo")
+            #expect(agent.waitForSync(after: n) != nil, "\(agent.process.log.suffix(1500))")
+            let accepted = try node.run(["iptables-restore", "--noflush", "-w"], input: deleteChain)
+            #expect(accepted.status == 0, "\(accepted)")
+            #expect(try !node.runChecked(["iptables-save", "-t", "nat"]).stdout.contains(tcp))
         }
     }
 
