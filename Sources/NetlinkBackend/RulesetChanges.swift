@@ -64,9 +64,12 @@ extension RulesetProgram {
         // `old` was validated when it was applied; only a plan no table can carry is checked again.
         let oldChains = old.targetChains
         if oldChains.indices.contains(where: { oldChains[$0].isKubeProxyJump }) { return nil }
-        // Source ranges (ranged4/6 and their rules) and affinity chains and sets are not updated in place yet:
-        // a plan with either, before or after, takes a full replace (which also empties the affinity sets).
-        if old.hasSourceRanges || new.hasSourceRanges || !old.affinityChains.isEmpty || !new.affinityChains.isEmpty { return nil }
+        // Source ranges (ranged4/6 and their rules) and affinity chains and sets are not updated in place yet.
+        // When they are exactly as before, everything else is diffed as usual (their rules compare equal and
+        // give no operation; the affinity sets keep their clients); when they changed, a full replace (which
+        // also empties the affinity sets).
+        if (old.hasSourceRanges || new.hasSourceRanges || !old.affinityChains.isEmpty || !new.affinityChains.isEmpty)
+            && !samePolicy(old, new) { return nil }
         let table = new.settings.table
 
         // Pick chains.
@@ -212,12 +215,26 @@ extension RulesetProgram {
     // dozen strings and arrays): most of the cost of a diff of 26k mappings. These read the rules in place.
 
     /// `plan.nftPickChains`.
+    /// The mappings with source ranges or ClientIP affinity, with their target chains, are the same in both
+    /// plans (and so are the affinity chains): what `changes` cannot update in place is untouched.
+    static func samePolicy(_ old: RulePlan, _ new: RulePlan) -> Bool {
+        func policy(_ p: RulePlan) -> [(Mapping, TargetChain)] {
+            p.rules.compactMap { r in
+                let chain = p.targetChains[r.targetIndex]
+                return r.mapping.sourceRanges.isEmpty && chain.affinityTimeout == nil ? nil : (r.mapping, chain)
+            }
+        }
+        let a = policy(old), b = policy(new)
+        guard a.count == b.count, old.affinityChains == new.affinityChains else { return false }
+        return zip(a, b).allSatisfy { $0.0 == $1.0 && $0.1 == $1.1 }
+    }
+
     static func pickChains(_ plan: RulePlan) -> [NftPickChain] {
         // Which counts occur, per family and protocol (6 short bit lists instead of hashing every rule).
         let protocols = TransportProtocol.allCases.sorted()
         var used = [[Bool]](repeating: [], count: 2 * protocols.count)
-        let rules = plan.rules
-        for i in rules.indices {
+        let rules = plan.rules, chains = plan.targetChains
+        for i in rules.indices where chains[rules[i].targetIndex].affinityTimeout == nil {
             let n = rules[i].mapping.target.destinations.count
             guard n > 0, let p = protocols.firstIndex(of: rules[i].mapping.protocol) else { continue }
             let slot = (rules[i].mapping.externalIP.family == .ipv4 ? 0 : protocols.count) + p

@@ -39,11 +39,13 @@ enum Fixtures {
         return objects
     }
 
-    /// `ranges` and `affinity` (ClientIP timeout in seconds) are given to every service.
+    /// `ranges` and `affinity` (ClientIP timeout in seconds) are given to every service, or to those named in
+    /// `policyFor`.
     static func plan(_ specs: [ServiceSpec], settings: PlanSettings = PlanSettings(),
-                     strategy: TargetStrategy = .endpoints, ranges: [String] = [], affinity: Int? = nil) throws -> RulePlan {
+                     strategy: TargetStrategy = .endpoints, ranges: [String] = [], affinity: Int? = nil,
+                     policyFor: Set<String>? = nil) throws -> RulePlan {
         var objects = objects(specs)
-        for i in objects.services.indices {
+        for i in objects.services.indices where policyFor?.contains(objects.services[i].id.name) ?? true {
             objects.services[i].loadBalancerSourceRanges = ranges
             if let affinity { objects.services[i].sessionAffinity = "ClientIP"; objects.services[i].sessionAffinityTimeoutSeconds = affinity }
         }

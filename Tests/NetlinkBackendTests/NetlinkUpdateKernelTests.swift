@@ -20,6 +20,19 @@ struct NetlinkUpdateKernelTests {
         try Fixtures.plan(specs, settings: PlanSettings(table: table, priority: priority))
     }
 
+    /// dns with source ranges and api with ClientIP affinity (the others plain).
+    static func mixed(_ specs: [ServiceSpec]) throws -> RulePlan {
+        var objects = Fixtures.objects(specs)
+        for i in objects.services.indices {
+            if objects.services[i].id.name == "dns" { objects.services[i].loadBalancerSourceRanges = ["203.0.113.0/25"] }
+            if objects.services[i].id.name == "api" {
+                objects.services[i].sessionAffinity = "ClientIP"; objects.services[i].sessionAffinityTimeoutSeconds = 60
+            }
+        }
+        let resolution = ServiceResolver(options: ResolutionOptions(target: .endpoints)).resolve(objects)
+        return try Planner(settings: PlanSettings(table: table, priority: -101)).plan(resolution, strategy: .endpoints)
+    }
+
     /// A → B → … covering every kind of change, IPv4 and IPv6, then a settings change (full replace), a
     /// large change and back.
     static func transitions() throws -> [(String, RulePlan)] {
@@ -50,6 +63,13 @@ struct NetlinkUpdateKernelTests {
             ("J: back to A's services", try plan(a, priority: -101)),
             ("K: empty", try plan([], priority: -101)),
             ("L: A again", try plan(a, priority: -101)),
+            ("M: source ranges on dns, affinity on api (full replace)", try mixed(a)),
+            ("N: a plain service's endpoint removed beside them (incremental)", try mixed(b)),
+            ("O: the sticky service's endpoints change (full replace)", try mixed(b.map { s in
+                var s = s
+                if s.name == "api" { s.endpoints4 = ["198.51.100.8", "198.51.100.9"] }
+                return s
+            })),
         ]
     }
 
