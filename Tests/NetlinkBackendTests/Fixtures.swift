@@ -53,6 +53,19 @@ enum Fixtures {
         return try Planner(settings: settings).plan(resolution, strategy: strategy)
     }
 
+    /// dns with source ranges and api with ClientIP affinity (60 s), the other services plain.
+    static func mixedPolicyPlan(_ specs: [ServiceSpec], settings: PlanSettings = PlanSettings()) throws -> RulePlan {
+        var objects = objects(specs)
+        for i in objects.services.indices {
+            if objects.services[i].id.name == "dns" { objects.services[i].loadBalancerSourceRanges = ["203.0.113.0/25"] }
+            if objects.services[i].id.name == "api" {
+                objects.services[i].sessionAffinity = "ClientIP"; objects.services[i].sessionAffinityTimeoutSeconds = 60
+            }
+        }
+        let resolution = ServiceResolver(options: ResolutionOptions(target: .endpoints)).resolve(objects)
+        return try Planner(settings: settings).plan(resolution, strategy: .endpoints)
+    }
+
     /// IPv4 and IPv6, single and multiple destinations, TCP and UDP.
     static let sample: [ServiceSpec] = [
         ServiceSpec(name: "web", ips: ["203.0.113.10", "2001:db8::10"], ports: [("https", .tcp, 443, 8443), ("http", .tcp, 80, 8080)],

@@ -20,17 +20,8 @@ struct NetlinkUpdateKernelTests {
         try Fixtures.plan(specs, settings: PlanSettings(table: table, priority: priority))
     }
 
-    /// dns with source ranges and api with ClientIP affinity (the others plain).
     static func mixed(_ specs: [ServiceSpec]) throws -> RulePlan {
-        var objects = Fixtures.objects(specs)
-        for i in objects.services.indices {
-            if objects.services[i].id.name == "dns" { objects.services[i].loadBalancerSourceRanges = ["203.0.113.0/25"] }
-            if objects.services[i].id.name == "api" {
-                objects.services[i].sessionAffinity = "ClientIP"; objects.services[i].sessionAffinityTimeoutSeconds = 60
-            }
-        }
-        let resolution = ServiceResolver(options: ResolutionOptions(target: .endpoints)).resolve(objects)
-        return try Planner(settings: PlanSettings(table: table, priority: -101)).plan(resolution, strategy: .endpoints)
+        try Fixtures.mixedPolicyPlan(specs, settings: PlanSettings(table: table, priority: -101))
     }
 
     /// A → B → … covering every kind of change, IPv4 and IPv6, then a settings change (full replace), a

@@ -68,17 +68,7 @@ struct NetlinkUpdateUnitTests {
     @Test("a change to a plain service next to ranged and sticky ones is incremental and touches only its elements")
     func plainChangeBesidePolicyServices() throws {
         // dns has source ranges, api ClientIP affinity; web is plain.
-        func mixed(_ specs: [ServiceSpec]) throws -> RulePlan {
-            var objects = Fixtures.objects(specs)
-            for i in objects.services.indices {
-                if objects.services[i].id.name == "dns" { objects.services[i].loadBalancerSourceRanges = ["203.0.113.0/25"] }
-                if objects.services[i].id.name == "api" {
-                    objects.services[i].sessionAffinity = "ClientIP"; objects.services[i].sessionAffinityTimeoutSeconds = 60
-                }
-            }
-            let resolution = ServiceResolver(options: ResolutionOptions(target: .endpoints)).resolve(objects)
-            return try Planner().plan(resolution, strategy: .endpoints)
-        }
+        func mixed(_ specs: [ServiceSpec]) throws -> RulePlan { try Fixtures.mixedPolicyPlan(specs) }
         let old = try mixed(Self.specs())
         #expect(old.hasSourceRanges && !old.affinityChains.isEmpty)
         // web loses an endpoint: checked on the kernel model against expected(new).
