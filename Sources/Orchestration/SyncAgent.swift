@@ -274,16 +274,19 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
         func nextSync(now: ContinuousClock.Instant) -> ContinuousClock.Instant? {
             guard listed.count == APIResource.allCases.count else { return nil }
             var due: ContinuousClock.Instant? = nil
-            if !dirty.isEmpty || needFull || installed == nil || confirmAfterOutage {
-                var earliest = lastAttempt.map { $0 + configuration.minSyncPeriod } ?? now
-                if failures > 0, let last = lastAttempt { earliest = max(earliest, last + retryDelay) }
-                due = max(earliest, now)
-            }
+            if !dirty.isEmpty || needFull || installed == nil || confirmAfterOutage { due = now }
             if let lastFull {
                 let periodic = lastFull + configuration.syncPeriod
                 due = due.map { min($0, periodic) } ?? periodic
             }
-            return due
+            guard var next = due else { return nil }
+            // At most one sync per minSyncPeriod, and after a failure not before the backoff has passed
+            // (the periodic full sync too: a kernel that keeps refusing must not be retried in a loop).
+            if let last = lastAttempt {
+                next = max(next, last + configuration.minSyncPeriod)
+                if failures > 0 { next = max(next, last + retryDelay) }
+            }
+            return next
         }
 
         var retryDelay: Duration {

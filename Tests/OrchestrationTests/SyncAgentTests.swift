@@ -217,6 +217,18 @@ enum AgentFixtures {
         await h.stop()
     }
 
+    @Test func aKernelThatKeepsRefusingIsRetriedWithBackoffEvenPastTheSyncPeriod() async {
+        let h = AgentHarness(syncPeriod: .milliseconds(100))
+        for e in F.listed([F.service("web", lb: "203.0.113.10")], [F.slice("web", ["198.51.100.5"])]) { h.send(e) }
+        #expect(await h.waitFor { h.installer.calls.count == 1 })
+        h.installer.state.withLock { $0.failReplaces = 1_000_000 }
+        // Past the sync period, every full sync fails; retries wait 100 ms, then 200 ms (the harness's cap).
+        try? await Task.sleep(for: .seconds(1.2))
+        let attempts = h.installer.calls.count
+        #expect(attempts >= 4 && attempts <= 16, "\(attempts) attempts in 1.2 s")
+        await h.stop()
+    }
+
     @Test func oneUndecodableObjectNeverStopsTheOthers() async throws {
         let h = AgentHarness()
         for e in F.listed([F.service("web", lb: "203.0.113.10")], [F.slice("web", ["198.51.100.5"])]) { h.send(e) }
