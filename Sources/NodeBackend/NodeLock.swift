@@ -56,7 +56,10 @@ public final class NodeLock: @unchecked Sendable {
                 close(fd)
                 throw NodeError(exitCode: NodeError.cantCreateCode, description: "\(path): cannot lock (\(String(cString: strerror(e))))")
             }
-            let holder = readHolder(fd)
+            var holder = readHolder(fd)
+            // The text is the last holder's until the new one writes its own: a dead pid means a new holder
+            // is just starting (it is not known to be a sync yet).
+            if let h = holder, kill(h.pid, 0) != 0 && errno == ESRCH { holder = nil }
             let who = holder.map { "`hostnet-dnat \($0.role)` (pid \($0.pid))" } ?? "another hostnet-dnat process"
             if holder?.role == Role.sync.rawValue || ContinuousClock.now >= deadline {
                 close(fd)

@@ -101,6 +101,9 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
         case tick
         /// Someone else changed our rules (a change notification): repair with a full pass.
         case drift(String)
+        /// The change notifications ended (the monitor failed): resubscribe after the next sync, which is full
+        /// because changes may have been missed.
+        case driftStopped
         case shutdown
         case sourceEnded
     }
@@ -171,6 +174,12 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
         var unreachable: Set<APIResource> = []
         /// The API came back: sync once (even with nothing to change) to confirm it.
         var confirmAfterOutage = false
+        /// Undecodable objects reported since the last list of each kind (a list reports its own first).
+        var invalidSinceList: [APIResource: [String: String]] = [:]
+        /// The set of undecodable objects changed: sync so that diagnostics and metrics say so.
+        var reportPending = false
+        /// A conntrack cleanup failed: the next sync deletes every stale entry, whatever the change.
+        var conntrackStale = false
 
         init(agent: SyncAgent, continuation: AsyncStream<Input>.Continuation) {
             self.agent = agent
@@ -186,6 +195,10 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
                     return
                 case .source(let event, let seen):
                     handle(event, seen: seen)
+                case .driftStopped:
+                    agent.logger.warning("change notifications stopped; checking the rules and subscribing again")
+                    drift = nil
+                    needFull = true
                 case .drift(let why):
                     agent.logger.warning("our rules were changed by someone else; repairing", metadata: ["reason": "\(why)"])
                     needFull = true
@@ -209,25 +222,30 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
                 case .services: affected = store.replaceServices(objects.services)
                 case .endpointSlices: affected = store.replaceEndpointSlices(objects.endpointSlices)
                 }
+                // What this list reported as undecodable (its .invalidObject events come first) replaces
+                // what was known of this kind; objects fixed meanwhile drop out.
                 invalid = invalid.filter { !$0.key.hasPrefix(kind.rawValue + " ") }
+                    .merging(invalidSinceList[kind] ?? [:]) { _, new in new }
+                invalidSinceList[kind] = [:]
+                reportPending = true
                 if !listed.contains(kind) {
                     agent.logger.info("listed", metadata: ["resource": "\(kind.rawValue)",
                                                            "objects": "\(kind == .services ? objects.services.count : objects.endpointSlices.count)"])
                 }
                 listed.insert(kind)
                 unavailableLogged.remove(kind)
-                unreachable.remove(kind)
+                if unreachable.remove(kind) != nil && unreachable.isEmpty { confirmAfterOutage = true }
                 markDirty(affected, seen: seen, trigger: nil)
             case .changed(let change):
                 let affected = store.apply(change)
                 var trigger: Date? = nil
                 switch change {
-                case .service(let s): invalid["services \(s.id)"] = nil
-                case .serviceDeleted(let n): invalid["services \(n)"] = nil
+                case .service(let s): forgetInvalid(.services, s.id)
+                case .serviceDeleted(let n): forgetInvalid(.services, n)
                 case .endpointSlice(let e):
-                    invalid["endpointslices \(e.id)"] = nil
+                    forgetInvalid(.endpointSlices, e.id)
                     trigger = Self.triggerTime(e)
-                case .endpointSliceDeleted(let n): invalid["endpointslices \(n)"] = nil
+                case .endpointSliceDeleted(let n): forgetInvalid(.endpointSlices, n)
                 }
                 unavailableLogged = []
                 markDirty(affected, seen: seen, trigger: trigger)
@@ -239,6 +257,8 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
                                                   "reason": "\(message)"])
                 }
                 invalid[key] = message
+                invalidSinceList[kind, default: [:]][key] = message
+                if name != nil { reportPending = true }
             case .connected(let kind):
                 if unreachable.remove(kind) != nil {
                     agent.logger.info("the API is reachable again", metadata: ["resource": "\(kind.rawValue)"])
@@ -259,6 +279,12 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
             }
         }
 
+        mutating func forgetInvalid(_ kind: APIResource, _ name: ObjectName) {
+            let key = "\(kind.rawValue) \(name)"
+            if invalid.removeValue(forKey: key) != nil { reportPending = true }
+            invalidSinceList[kind]?[key] = nil
+        }
+
         /// `endpoints.kubernetes.io/last-change-trigger-time`, when the slice carries one.
         static func triggerTime(_ e: EndpointSlice) -> Date? {
             EndpointSliceTrigger.time(of: e)
@@ -267,14 +293,15 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
         mutating func markDirty(_ names: Set<ObjectName>, seen: Date, trigger: Date?) {
             guard !names.isEmpty else { return }
             dirty.formUnion(names)
-            pendingSince.append(trigger.map { min($0, seen) } ?? seen)
+            // The earliest ones are the longest waits; past this many the rest add nothing to the metric.
+            if pendingSince.count < 1024 { pendingSince.append(trigger.map { min($0, seen) } ?? seen) }
         }
 
         /// When the next sync is due, or nil when there is nothing to do.
         func nextSync(now: ContinuousClock.Instant) -> ContinuousClock.Instant? {
             guard listed.count == APIResource.allCases.count else { return nil }
             var due: ContinuousClock.Instant? = nil
-            if !dirty.isEmpty || needFull || installed == nil || confirmAfterOutage { due = now }
+            if !dirty.isEmpty || needFull || installed == nil || confirmAfterOutage || reportPending { due = now }
             if let lastFull {
                 let periodic = lastFull + configuration.syncPeriod
                 due = due.map { min($0, periodic) } ?? periodic
@@ -375,19 +402,29 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
             let committed = ContinuousClock.now
             if drift == nil, let notifications = agent.installer.driftNotifications() {
                 let continuation = self.continuation
-                drift = Task { for await why in notifications { continuation.yield(.drift(why)) } }
+                drift = Task {
+                    for await why in notifications { continuation.yield(.drift(why)) }
+                    if !Task.isCancelled { continuation.yield(.driftStopped) }
+                }
             }
             let previous = installed
             installed = plan
             installedWarnings = warnings
             confirmAfterOutage = false
+            reportPending = false
             needFull = false
             failures = 0
             if full || fellBack { lastFull = start }
             var conntrackDeleted = 0
             do {
-                if !unchanged { conntrackDeleted = try agent.installer.cleanConntrack(from: previous, to: plan) }
+                if conntrackStale {
+                    conntrackDeleted = try agent.installer.cleanConntrack(from: nil, to: plan)
+                    conntrackStale = false
+                } else if !unchanged {
+                    conntrackDeleted = try agent.installer.cleanConntrack(from: previous, to: plan)
+                }
             } catch {
+                conntrackStale = true
                 agent.logger.warning("could not clean up UDP conntrack entries", metadata: ["error": "\(error.description)"])
             }
             let now = Date()

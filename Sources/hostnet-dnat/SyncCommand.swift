@@ -107,7 +107,7 @@ struct Sync: AsyncParsableCommand {
             let watch: KubernetesWatch
             do { watch = try KubernetesWatch(apiOptions) } catch let e as KubernetesAPIError { throw CLIError(code: e.exitCode, e.description) }
             let lock: NodeLock
-            do { lock = try NodeLock.acquire(.sync, context: context, wait: .zero) } catch let e as NodeError { throw e.cliError }
+            do { lock = try NodeLock.acquire(.sync, context: context, wait: .seconds(30)) } catch let e as NodeError { throw e.cliError }
             defer { withExtendedLifetime(lock) {} }
 
             AgentLogging.bootstrap(format: logFormat, level: level)

@@ -245,6 +245,23 @@ enum AgentFixtures {
         await h.stop()
     }
 
+    /// A list reports its undecodable items before its `.listed` (as the watch does on every relist): they
+    /// must stay reported, and an item fixed by a later list must drop out.
+    @Test func undecodableItemsOfAListStayReportedUntilAListWithoutThem() async throws {
+        let h = AgentHarness()
+        let broken = ObjectName(namespace: "shop", name: "broken")
+        h.send(.invalidObject(.services, broken, message: "spec: expected an object, got a number"))
+        for e in F.listed([F.service("web", lb: "203.0.113.10")], [F.slice("web", ["198.51.100.5"])]) { h.send(e) }
+        #expect(await h.waitFor { h.observer.reports.withLock { $0.count } >= 1 })
+        #expect(h.observer.reports.withLock { $0.last?.skippedByReason[.invalidObject] } == 1)
+        #expect(h.installer.lastPlan?.warnings.contains { $0.code == .invalidObject && $0.message.contains("shop/broken") } == true)
+        // The next list of Services has it decodable again.
+        var fixed = ClusterObjects(); fixed.services = [F.service("web", lb: "203.0.113.10")]
+        h.send(.listed(.services, fixed, resourceVersion: "9"))
+        #expect(await h.waitFor { h.observer.reports.withLock { $0.last?.skippedByReason[.invalidObject] } == 0 })
+        await h.stop()
+    }
+
     @Test func aPeriodicFullSyncRepairsEvenWithoutChanges() async {
         let h = AgentHarness(syncPeriod: .milliseconds(300))
         for e in F.listed([F.service("web", lb: "203.0.113.10")], [F.slice("web", ["198.51.100.5"])]) { h.send(e) }
