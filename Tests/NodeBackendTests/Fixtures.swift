@@ -24,6 +24,26 @@ enum Net {
 }
 
 enum NodeFixtures {
+    /// `n` LoadBalancer service ports in namespace `scale`, two endpoints each (the scale tests' cluster);
+    /// `movingOneEndpoint` replaces the second endpoint of the middle service (an update touches one chain).
+    static func scalePlan(_ n: Int, movingOneEndpoint: Bool = false) throws -> RulePlan {
+        var objects = ClusterObjects()
+        for i in 0..<n {
+            let id = ObjectName(namespace: "scale", name: "svc\(i)")
+            objects.services.append(Service(id: id, type: "LoadBalancer",
+                                            ports: [ServicePort(name: "p", protocol: .tcp, port: 1000 + i / 250)],
+                                            loadBalancerIngress: [LoadBalancerIngress(ip: IPAddress("203.0.113.\(i % 250 + 1)"))]))
+            let second = movingOneEndpoint && i == n / 2 ? 250 : (i + 1) % 200 + 1
+            objects.endpointSlices.append(EndpointSlice(
+                id: ObjectName(namespace: "scale", name: "svc\(i)-1"), serviceName: "svc\(i)", addressType: "IPv4",
+                ports: [EndpointPort(name: "p", port: 8080)],
+                endpoints: [Endpoint(addresses: [IPAddress("198.51.100.\(i % 200 + 1)")!]),
+                            Endpoint(addresses: [IPAddress("198.51.100.\(second)")!])]))
+        }
+        let resolution = ServiceResolver(options: ResolutionOptions(target: .endpoints)).resolve(objects)
+        return try Planner().plan(resolution, strategy: .endpoints)
+    }
+
     static func ip(_ s: String) -> IPAddress { IPAddress(s)! }
 
     /// `default/web`: a LoadBalancer service with a TCP port (`http`) and a UDP port (`dns`), ClusterIP

@@ -241,20 +241,7 @@ extension NodeKernelTests {
     func largePlanAppliesReappliesAndRemoves(variant: IptablesVariant) throws {
         guard try requireKernelTests(tools: Self.iptablesTools), try Variants.available(variant) else { return }
         let n = Int(ProcessInfo.processInfo.environment["HNDNAT_NODE_SCALE"] ?? "") ?? 2000
-        var objects = ClusterObjects()
-        for i in 0..<n {
-            let id = ObjectName(namespace: "scale", name: "svc\(i)")
-            objects.services.append(Service(id: id, type: "LoadBalancer",
-                                            ports: [ServicePort(name: "p", protocol: .tcp, port: 1000 + i / 250)],
-                                            loadBalancerIngress: [LoadBalancerIngress(ip: IPAddress("203.0.113.\(i % 250 + 1)"))]))
-            objects.endpointSlices.append(EndpointSlice(
-                id: ObjectName(namespace: "scale", name: "svc\(i)-1"), serviceName: "svc\(i)", addressType: "IPv4",
-                ports: [EndpointPort(name: "p", port: 8080)],
-                endpoints: [Endpoint(addresses: [IPAddress("198.51.100.\(i % 200 + 1)")!]),
-                            Endpoint(addresses: [IPAddress("198.51.100.\((i + 1) % 200 + 1)")!])]))
-        }
-        let resolution = ServiceResolver(options: ResolutionOptions(target: .endpoints)).resolve(objects)
-        let plan = try Planner().plan(resolution, strategy: .endpoints)
+        let plan = try NodeFixtures.scalePlan(n)
         #expect(plan.rules.count == n)
         try withNamespace("ipt-scale") { node in
             let applier = NodeApplier(context: NodeFixtures.context(node), backend: .iptables, iptablesVariant: variant)

@@ -228,24 +228,7 @@ extension NodeKernelTests {
     func largePlanUpdateRestoresOneChain(variant: IptablesVariant) throws {
         guard try requireKernelTests(tools: Self.iptablesTools), try Variants.available(variant) else { return }
         let n = Int(ProcessInfo.processInfo.environment["HNDNAT_NODE_SCALE"] ?? "") ?? 2000
-        func plan(moved: Bool) throws -> RulePlan {
-            var objects = ClusterObjects()
-            for i in 0..<n {
-                let id = ObjectName(namespace: "scale", name: "svc\(i)")
-                objects.services.append(Service(id: id, type: "LoadBalancer",
-                                                ports: [ServicePort(name: "p", protocol: .tcp, port: 1000 + i / 250)],
-                                                loadBalancerIngress: [LoadBalancerIngress(ip: IPAddress("203.0.113.\(i % 250 + 1)"))]))
-                let second = moved && i == n / 2 ? 250 : (i + 1) % 200 + 1
-                objects.endpointSlices.append(EndpointSlice(
-                    id: ObjectName(namespace: "scale", name: "svc\(i)-1"), serviceName: "svc\(i)", addressType: "IPv4",
-                    ports: [EndpointPort(name: "p", port: 8080)],
-                    endpoints: [Endpoint(addresses: [IPAddress("198.51.100.\(i % 200 + 1)")!]),
-                                Endpoint(addresses: [IPAddress("198.51.100.\(second)")!])]))
-            }
-            let resolution = ServiceResolver(options: ResolutionOptions(target: .endpoints)).resolve(objects)
-            return try Planner().plan(resolution, strategy: .endpoints)
-        }
-        let (before, after) = (try plan(moved: false), try plan(moved: true))
+        let (before, after) = (try NodeFixtures.scalePlan(n), try NodeFixtures.scalePlan(n, movingOneEndpoint: true))
         try withNamespace("ipt-upd-scale") { node in
             let applier = NodeApplier(context: NodeFixtures.context(node), backend: .iptables, iptablesVariant: variant)
             func timed<T>(_ body: () throws -> T) rethrows -> (T, Double) {
