@@ -35,6 +35,7 @@ struct PKI: Sendable {
             try p.run()
             let errText = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
             p.waitUntilExit()
+            try? err.fileHandleForReading.close()
             guard p.terminationStatus == 0 else {
                 throw NSError(domain: "openssl", code: Int(p.terminationStatus),
                               userInfo: [NSLocalizedDescriptionKey: "openssl \(args.joined(separator: " ")): \(errText)"])

@@ -303,6 +303,7 @@ for line in sys.stdin:
     private let process = Process()
     private let input: FileHandle
     private let output: Int32
+    private let outputHandle: FileHandle
     private var pending = [UInt8]()
     private var counter = 0
     /// The socket's local port.
@@ -317,7 +318,8 @@ for line in sys.stdin:
         process.standardOutput = outPipe
         process.standardError = FileHandle.nullDevice
         input = inPipe.fileHandleForWriting
-        output = outPipe.fileHandleForReading.fileDescriptor
+        outputHandle = outPipe.fileHandleForReading
+        output = outputHandle.fileDescriptor
         try process.run()
         let ready = try readLine(timeout: 10)
         guard ready.hasPrefix("ready "), let p = Int(ready.dropFirst(6)) else { throw TestSupportError("UDP client did not start: \(ready)") }
@@ -353,10 +355,15 @@ for line in sys.stdin:
         }
     }
 
+    private var stopped = false
+
     func stop() {
-        guard process.isRunning else { return }
-        kill(process.processIdentifier, SIGKILL)
-        process.waitUntilExit()
+        if stopped { return }
+        stopped = true
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()  // releases the Process and its pipes (see Tools.run)
+        try? input.close()
+        try? outputHandle.close()
     }
 
     deinit { stop() }

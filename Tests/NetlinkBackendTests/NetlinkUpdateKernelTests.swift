@@ -483,6 +483,9 @@ final class LineClient {
     }
 
     func stop() {
-        if process.isRunning { kill(process.processIdentifier, SIGKILL); process.waitUntilExit() }
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()  // releases the Process and its pipes (see Tools.run)
+        try? input.fileHandleForWriting.close()
+        try? output.fileHandleForReading.close()
     }
 }

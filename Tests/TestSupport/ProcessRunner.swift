@@ -86,6 +86,12 @@ public enum Tools {
             finished.wait()
         }
         group.wait()
+        // Foundation's Process keeps itself (and the pipes it holds) alive through its run-loop source
+        // until waitUntilExit() runs; without these two steps every call left two pipe ends open, and
+        // after some thousands of them Process.run() itself crashed while walking the open descriptors.
+        try? outHandle.close()
+        try? errHandle.close()
+        p.waitUntilExit()
         return ProcessResult(command: [path] + arguments, status: p.terminationStatus,
                              stdout: String(decoding: collected.out, as: UTF8.self),
                              stderr: String(decoding: collected.err, as: UTF8.self), timedOut: timedOut)
@@ -108,6 +114,7 @@ public final class BackgroundProcess: @unchecked Sendable {
     private let lock = NSLock()
     private var stopped = false
     private let stderrHandle: FileHandle
+    private let stdoutHandle: FileHandle
 
     /// Starts the command and waits until it prints a line containing `readyMarker` on stdout (if given).
     public init(_ executable: String, _ arguments: [String], readyMarker: String? = nil, readyTimeout: Double = 10) throws {
@@ -121,6 +128,7 @@ public final class BackgroundProcess: @unchecked Sendable {
         process.standardError = err
         process.standardInput = FileHandle.nullDevice
         stderrHandle = err.fileHandleForReading
+        stdoutHandle = out.fileHandleForReading
         try process.run()
         guard let marker = readyMarker else { return }
         let fd = out.fileHandleForReading.fileDescriptor
@@ -133,8 +141,9 @@ public final class BackgroundProcess: @unchecked Sendable {
             var chunk = [UInt8](repeating: 0, count: 4096)
             let n = r > 0 ? read(fd, &chunk, chunk.count) : 0
             if n <= 0 {
-                stop()
+                if process.isRunning { kill(process.processIdentifier, SIGKILL) }
                 let errText = String(decoding: stderrHandle.readDataToEndOfFile(), as: UTF8.self)
+                stop()
                 throw TestSupportError("\(command.joined(separator: " ")) did not become ready (\(r == 0 ? "timeout" : "exited")): \(errText)")
             }
             seen.append(contentsOf: chunk[0..<n])
@@ -150,9 +159,11 @@ public final class BackgroundProcess: @unchecked Sendable {
         defer { lock.unlock() }
         if stopped { return }
         stopped = true
-        guard process.isRunning else { return }
-        kill(process.processIdentifier, SIGKILL)
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        // Also after an exit of its own: see `Tools.run` for why waitUntilExit() and the closes matter.
         process.waitUntilExit()
+        try? stdoutHandle.close()
+        try? stderrHandle.close()
     }
 
     deinit { stop() }
