@@ -156,15 +156,21 @@ struct Reflector: Sendable {
         case "ADDED", "MODIFIED":
             progressed = true
             remember(object)
+            let kept: Bool
             do throws(InputError) {
                 switch resource {
                 case .services:
-                    store.changed(.service(try ObjectDecoder.decodeService(object, source: source, locator: "\(type) event")))
+                    kept = store.changed(.service(try ObjectDecoder.decodeService(object, source: source, locator: "\(type) event")))
                 case .endpointSlices:
-                    store.changed(.endpointSlice(try ObjectDecoder.decodeEndpointSlice(object, source: source, locator: "\(type) event")))
+                    kept = store.changed(.endpointSlice(try ObjectDecoder.decodeEndpointSlice(object, source: source, locator: "\(type) event")))
                 }
             } catch {
+                kept = true
                 store.emit(.invalidObject(resource, looseObjectName(object), message: session.redacted(error.description)))
+            }
+            guard kept else {
+                return .end(.broken(session.badData(
+                    "\(source): more than \(store.limit) objects would be kept; stopped (the item limit); the watch is opened again")))
             }
             return .next
         case "DELETED":
@@ -212,9 +218,14 @@ final class ResourceStore: @unchecked Sendable {
     /// and failures, so that the first `.listed` is complete.
     private var unlisted: Set<String?>
 
-    init(_ resource: APIResource, scopes: [String?], continuation: AsyncStream<SourceEvent>.Continuation) {
+    /// At most this many objects are kept (the list limit times the namespaces watched): a server that
+    /// keeps adding objects in a watch cannot make us hold them without bound.
+    let limit: Int
+
+    init(_ resource: APIResource, scopes: [String?], limit: Int, continuation: AsyncStream<SourceEvent>.Continuation) {
         self.resource = resource
         self.unlisted = Set(scopes)
+        self.limit = limit
         self.continuation = continuation
     }
 
@@ -247,14 +258,20 @@ final class ResourceStore: @unchecked Sendable {
         }
     }
 
-    func changed(_ change: ObjectChange) {
+    /// Keeps and reports an added or modified object; false (nothing kept) when it is new and `limit`
+    /// objects are kept already.
+    func changed(_ change: ObjectChange) -> Bool {
         lock.withLock {
+            let name: ObjectName, item: Item
             switch change {
-            case .service(let s): objects[s.id] = .service(s)
-            case .endpointSlice(let e): objects[e.id] = .endpointSlice(e)
-            case .serviceDeleted, .endpointSliceDeleted: return
+            case .service(let s): (name, item) = (s.id, .service(s))
+            case .endpointSlice(let e): (name, item) = (e.id, .endpointSlice(e))
+            case .serviceDeleted, .endpointSliceDeleted: return true
             }
+            if objects[name] == nil && objects.count >= limit { return false }
+            objects[name] = item
             if unlisted.isEmpty { continuation.yield(.changed(change)) }
+            return true
         }
     }
 

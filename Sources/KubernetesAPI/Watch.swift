@@ -132,14 +132,17 @@ public final class KubernetesWatch: Sendable {
     /// Starts the loops and reports what they see until the consuming task is cancelled or stops iterating;
     /// then every loop ends and its connections close (an open watch request is cancelled at once).
     ///
-    /// The stream buffers without bound: the consumer must keep reading (it may coalesce). What the loops
-    /// hold themselves is one copy of each object, to hand out whole sets on a relist.
+    /// The stream itself does not coalesce: the consumer must keep reading (the agent moves every event
+    /// at once into a buffer that keeps one entry per object). What the loops hold themselves is one copy
+    /// of each object, to hand out whole sets on a relist, at most `maxItems` per namespace watched: a
+    /// watch that would add more ends with an error naming the limit, like a list that long.
     public func events() -> AsyncStream<SourceEvent> {
         let (stream, continuation) = AsyncStream.makeStream(of: SourceEvent.self)
         let scopes = Lister.scopes(options)
         var reflectors: [Reflector] = []
         for resource in APIResource.allCases {
-            let store = ResourceStore(resource, scopes: scopes, continuation: continuation)
+            let store = ResourceStore(resource, scopes: scopes, limit: options.maxItems.multipliedReportingOverflow(by: scopes.count).partialValue,
+                                      continuation: continuation)
             for scope in scopes {
                 reflectors.append(Reflector(resource: resource, namespace: scope,
                                             labelSelector: resource == .services ? options.labelSelector : nil,

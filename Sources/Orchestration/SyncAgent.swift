@@ -97,7 +97,8 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
     }
 
     enum Input: Sendable {
-        case source(SourceEvent, seen: Date)
+        /// Source events are waiting in `PendingSourceEvents`.
+        case sourceEvents
         case tick
         /// Someone else changed our rules (a change notification): repair with a full pass.
         case drift(String)
@@ -110,14 +111,18 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
 
     public func run() async throws {
         let (inputs, continuation) = AsyncStream<Input>.makeStream()
-        let source = self.source
+        let source = self.source, observer = self.observer
+        // Events wait here, coalesced, not in `inputs`: see PendingSourceEvents. `inputs` carries at most
+        // one wake-up for them at a time.
+        let pending = PendingSourceEvents()
         let feeder = Task {
             for await event in source() {
-                continuation.yield(.source(event, seen: Date()))
+                observer.sourceEvent(event)  // metrics count every event, also those coalesced away
+                if pending.add(event, seen: Date()) { continuation.yield(.sourceEvents) }
             }
             continuation.yield(.sourceEnded)
         }
-        var loop = Loop(agent: self, continuation: continuation)
+        var loop = Loop(agent: self, continuation: continuation, pending: pending)
         await withGracefulShutdownHandler {
             await loop.run(inputs)
         } onGracefulShutdown: {
@@ -142,6 +147,7 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
     struct Loop {
         let agent: SyncAgent
         let continuation: AsyncStream<Input>.Continuation
+        let pending: PendingSourceEvents
         var configuration: SyncConfiguration { agent.configuration }
 
         var store = ObjectStore()
@@ -181,9 +187,10 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
         /// A conntrack cleanup failed: the next sync deletes every stale entry, whatever the change.
         var conntrackStale = false
 
-        init(agent: SyncAgent, continuation: AsyncStream<Input>.Continuation) {
+        init(agent: SyncAgent, continuation: AsyncStream<Input>.Continuation, pending: PendingSourceEvents) {
             self.agent = agent
             self.continuation = continuation
+            self.pending = pending
         }
 
         mutating func cancelWakeup() { wakeup?.task.cancel(); wakeup = nil }
@@ -193,8 +200,9 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
                 switch input {
                 case .shutdown, .sourceEnded:
                     return
-                case .source(let event, let seen):
-                    handle(event, seen: seen)
+                case .sourceEvents:
+                    // Everything that arrived since the last wake-up (also during a sync): one sync for all.
+                    for (event, seen) in pending.drain() { handle(event, seen: seen) }
                 case .driftStopped:
                     agent.logger.warning("change notifications stopped; checking the rules and subscribing again")
                     drift = nil
@@ -214,7 +222,6 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
         }
 
         mutating func handle(_ event: SourceEvent, seen: Date) {
-            agent.observer.sourceEvent(event)
             switch event {
             case .listed(let kind, let objects, _):
                 let affected: Set<ObjectName>

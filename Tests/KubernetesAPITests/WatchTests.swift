@@ -202,6 +202,28 @@ struct WatchTests {
         }
     }
 
+    @Test("a watch that keeps adding objects stops at the item limit, as a list that long does; changes to kept objects still arrive")
+    func watchStopsAtTheItemLimit() async throws {
+        // The standard cluster lists 5 services; the limit is 6.
+        let handler = watchServing(Box(.standard)) { w in
+            guard w.resource == "services", w.number == 0 else { return nil }
+            return .stream(200) { s in
+                await s.write(watchLine("ADDED", service("shop", "new1", port: 8000, rv: "4712")))
+                await s.write(watchLine("MODIFIED", service("default", "web", port: 444, rv: "4713")))
+                for i in 2...50 { await s.write(watchLine("ADDED", service("shop", "new\(i)", port: 8000, rv: "\(4712 + i)"))) }
+            }
+        }
+        try await withWatch(handler, maxItems: 6) { server, events in
+            let seen = try await events.wait("the stop") { $0.described(.services).count >= 5 }
+            let described = seen.described(.services)
+            #expect(described[1] == "service shop/new1 :8000")
+            #expect(described[2] == "service default/web :444")
+            #expect(described[3] == "restarted services error")
+            #expect(described[4].contains("more than 6 objects would be kept; stopped (the item limit)"), "\(described)")
+            #expect(!described.contains { $0.contains("new2") })
+        }
+    }
+
     @Test("a watch that stays silent longer than timeoutSeconds + grace counts as a dead connection")
     func silentWatchRestarts() async throws {
         let handler = watchServing(Box(.standard)) { _ in nil }  // every watch: head, then nothing
@@ -503,15 +525,16 @@ extension TestAPIServer {
 
 /// Starts the server and a watch on it, runs `body`, then stops both (also when `body` fails).
 func withWatch(_ handler: @escaping @Sendable (RecordedRequest) -> Reply, namespaces: [String] = [],
-               labelSelector: String? = nil, tuning: WatchTuning = fastTuning,
+               labelSelector: String? = nil, tuning: WatchTuning = fastTuning, maxItems: Int? = nil,
                _ body: (TestAPIServer, EventRecorder) async throws -> Void) async throws {
     let server = try await TestAPIServer.start(handler: handler)
     let events: EventRecorder
     do {
         let ws = try Workspace()
         let config = try ws.tokenKubeconfig(server: server.url)
-        let watch = try KubernetesWatch(.init(kubeconfig: config, namespaces: namespaces, labelSelector: labelSelector),
-                                        environment: ws.environment(), tuning: tuning)
+        var options = KubernetesSourceOptions(kubeconfig: config, namespaces: namespaces, labelSelector: labelSelector)
+        if let maxItems { options.maxItems = maxItems }
+        let watch = try KubernetesWatch(options, environment: ws.environment(), tuning: tuning)
         events = EventRecorder(watch, port: server.port)
     } catch {
         await server.stop()
