@@ -29,6 +29,11 @@ public struct Planner: Sendable {
         guard settings.priority >= Int(Int32.min), settings.priority <= Int(Int32.max) else {
             throw .invalidSetting("--priority \(settings.priority) is out of range")
         }
+        // A nat chain at or below conntrack's priority is refused by the kernel (EOPNOTSUPP); say so here,
+        // for every caller, before anything is sent.
+        guard settings.priority > -200 else {
+            throw .invalidSetting("--priority \(settings.priority): a nat chain needs a priority above -200 (where conntrack runs); the kernel refuses it")
+        }
     }
 
     public func plan(_ resolution: Resolution, strategy: TargetStrategy) throws(PlanningError) -> RulePlan {

@@ -80,8 +80,13 @@ private func resolution(_ m: [Mapping]) -> Resolution {
         PlanSettings(table: "bad table"), PlanSettings(table: ""), PlanSettings(table: "1abc"),
         PlanSettings(chain: "THIS-CHAIN-NAME-IS-TOO-LONG"), PlanSettings(chain: "A;B"),
         PlanSettings(chain: "OUTPUT"), PlanSettings(chain: "DOCKER"), PlanSettings(chain: "KUBE-SERVICES"), PlanSettings(chain: "HNDNAT-X"),
+        PlanSettings(priority: -200), PlanSettings(priority: -300),
     ])
     func invalidSettingsAreRejected(settings: PlanSettings) {
         #expect(throws: PlanningError.self) { try Planner(settings: settings).plan(resolution([]), strategy: .auto) }
+    }
+
+    @Test func priorityJustAboveConntrackIsAccepted() throws {
+        _ = try Planner(settings: PlanSettings(priority: -199)).plan(resolution([]), strategy: .auto)
     }
 }
