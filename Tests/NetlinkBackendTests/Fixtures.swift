@@ -2,7 +2,7 @@ import Foundation
 import KubeObjects
 import NetAddress
 import NetlinkBackend
-import RulePlanning
+@testable import RulePlanning
 import ServiceResolution
 import TestSupport
 
@@ -78,6 +78,14 @@ enum Fixtures {
 
     static func samplePlan(table: String = "hostnet-dnat", priority: Int = -99, masquerade: Bool = true) throws -> RulePlan {
         try plan(sample, settings: PlanSettings(table: table, priority: priority, masquerade: masquerade))
+    }
+
+    /// `samplePlan` with a nat priority the planner refuses and the kernel too (at or below conntrack's
+    /// -200): a plan the backend sends and the kernel rejects, to test that a refused batch changes nothing.
+    static func samplePlanTheKernelRefuses(table: String = "hostnet-dnat") throws -> RulePlan {
+        let p = try samplePlan(table: table)
+        return RulePlan(settings: PlanSettings(table: table, priority: -300, masquerade: true), strategy: p.strategy,
+                        rules: p.rules, targetChains: p.targetChains, skipped: p.skipped, conflicts: p.conflicts, warnings: p.warnings)
     }
 
     /// `mappings` dispatch entries: services of 20 ports each on addresses 203.0.113.1-250 (every fourth

@@ -196,7 +196,7 @@ struct NetlinkKernelTests {
         guard try requireKernelTests(tools: ["nft"]) else { return }
         let good = try Fixtures.samplePlan(table: Self.table)
         // nat base chains must run after conntrack (priority -200): the kernel answers EOPNOTSUPP.
-        let bad = try Fixtures.samplePlan(table: Self.table, priority: -300)
+        let bad = try Fixtures.samplePlanTheKernelRefuses(table: Self.table)
         try withNamespace("refused") { ns in
             try ns.nftScript("table ip nat {\n\tchain KUBE-SERVICES {\n\t}\n}\n")
             try ns.backend.apply(good)
