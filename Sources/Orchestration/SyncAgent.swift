@@ -186,6 +186,8 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
         var reportPending = false
         /// A conntrack cleanup failed: the next sync deletes every stale entry, whatever the change.
         var conntrackStale = false
+        /// A list was taken in since the last sync: its transient memory is returned after that sync.
+        var listedSinceSync = false
 
         init(agent: SyncAgent, continuation: AsyncStream<Input>.Continuation, pending: PendingSourceEvents) {
             self.agent = agent
@@ -240,6 +242,7 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
                                                            "objects": "\(kind == .services ? objects.services.count : objects.endpointSlices.count)"])
                 }
                 listed.insert(kind)
+                listedSinceSync = true
                 unavailableLogged.remove(kind)
                 if unreachable.remove(kind) != nil && unreachable.isEmpty { confirmAfterOutage = true }
                 markDirty(affected, seen: seen, trigger: nil)
@@ -457,6 +460,8 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
                 "skipped": "\(plan.skipped.count)", "conflicts": "\(plan.conflicts.count)",
                 "conntrack_deleted": "\(conntrackDeleted)", "target": "\(strategy!.rawValue)",
             ].merging(fellBack ? ["fell_back_to_full": "true"] : [:]) { a, _ in a })
+            if full || fellBack || listedSinceSync { ProcessMemory.returnFreedPages() }
+            listedSinceSync = false
         }
 
         mutating func failed(_ kind: SyncReport.Kind, reason: String, _ message: String) {
