@@ -90,3 +90,18 @@ private func resolution(_ m: [Mapping]) -> Resolution {
         _ = try Planner(settings: PlanSettings(priority: -199)).plan(resolution([]), strategy: .auto)
     }
 }
+
+@Suite struct RuleTextTests {
+    @Test(arguments: [
+        ("shop/web:https", "shop/web:https"),
+        ("a\"b\\c\nd;e", "a_b_c_d_e"),
+        ("café/ñame:443", "caf_/_ame:443"),
+        ("x=1 y.z-_:/", "x=1 y.z-_:/"),
+        ("\u{1B}[31mred", "__31mred"),
+        (String(repeating: "a", count: 130), String(repeating: "a", count: 120)),
+        (String(repeating: "é", count: 130), String(repeating: "_", count: 120)),
+    ])
+    func commentsKeepOnlyTheSafeAlphabetAndAtMost120Characters(input: String, expected: String) {
+        #expect(RuleText.comment(input) == expected)
+    }
+}
