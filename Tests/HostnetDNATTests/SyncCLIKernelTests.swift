@@ -327,6 +327,40 @@ import Glibc
         }
     }
 
+    /// A node agent lives for months: watches that break and lists that are taken again must not leave
+    /// sockets, pipes or netlink sessions behind.
+    @Test func reconnectsAndRelistsLeaveNoDescriptorsBehind() throws {
+        guard try requireKernelTests(tools: ["nft", "python3", "openssl"]) else { return }
+        try withAgent { api, node, _, agent in
+            func descriptors() -> [String] {
+                let dir = "/proc/\(agent.process.pid)/fd"
+                return ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).map { fd in
+                    (try? FileManager.default.destinationOfSymbolicLink(atPath: dir + "/" + fd)) ?? "?"
+                }
+            }
+            func settle(_ i: Int) throws {
+                let n = agent.syncs.count
+                try api.apply(Self.slice4(i % 2 == 0 ? ["198.51.100.11"] : ["198.51.100.12"]))
+                #expect(agent.waitForSync(after: n, timeout: 30) != nil, "\(agent.process.log.suffix(2000))")
+            }
+            try settle(1)
+            let baseline = descriptors()
+            #expect(!baseline.isEmpty)
+            for i in 0..<6 {
+                if i % 2 == 1 { try api.post("/compact") }  // then the new watch gets a 410: a relist
+                try api.post("/drop-watches")
+                try settle(i)
+            }
+            let after = descriptors()
+            // The watches really were broken and a relist happened (410 after the compaction).
+            let restarts = agent.process.lines.filter { $0.contains("watch restarted") }
+            #expect(restarts.count >= 6, "\(agent.process.log.suffix(2000))")
+            #expect(restarts.contains { $0.contains("gone") }, "\(restarts)")
+            // A connection may be between close and reopen; anything that piles up shows as several.
+            #expect(after.count <= baseline.count + 2, "before: \(baseline.sorted())\nafter: \(after.sorted())")
+        }
+    }
+
     /// Answers every line on a connection with "<name> <line>", forever; one thread per connection.
     static let streamServer = #"""
     import socket, threading
