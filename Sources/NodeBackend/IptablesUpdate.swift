@@ -18,6 +18,22 @@ extension IptablesOwned {
     }
 }
 
+extension IptablesOwned {
+    /// The jumps a plan with mappings installs, as if read from the kernel: one OUTPUT jump into our chain
+    /// (in place), and one POSTROUTING jump into the masquerade chain when masquerading. Only for updates
+    /// that keep the jumps: their rule text is never used to delete them.
+    init(family: IPFamily, jumpsInPlace s: PlanSettings) {
+        var nat = SavedRuleset.Table(name: "nat")
+        nat.chainOrder = ["OUTPUT", "POSTROUTING"]
+        nat.rules["OUTPUT"] = [SavedRuleset.Rule(text: "-j \(s.chain)")]
+        nat.rules["POSTROUTING"] = s.masquerade ? [SavedRuleset.Rule(text: "-j \(s.masqueradeChain)")] : []
+        var saved = SavedRuleset()
+        saved.tables["nat"] = nat
+        saved.tableOrder = ["nat"]
+        self.init(family: family, saved: saved, settings: s)
+    }
+}
+
 extension IptablesTools {
     /// `iptables -S CHAIN` of the nat table: that chain's rules in iptables-save's spelling, without dumping
     /// the rest of the table (on a node, kube-proxy's chains can hold a hundred thousand rules).
@@ -37,8 +53,10 @@ extension IptablesBackend {
     /// rules that jumped to them are gone, in the same restore), and the masquerade chain only when its rules
     /// changed. Nothing changed: no restore at all. Jumps from OUTPUT/POSTROUTING are ensured as `apply` does.
     ///
-    /// Only OUTPUT and POSTROUTING are read (`-S`), never the whole table: `old` stands for what our chains
-    /// hold. Whatever drifted from it (someone flushed a chain) is the periodic full `apply`'s to repair.
+    /// Nothing is read when both plans have mappings in a family (`old` stands for what our chains hold, and
+    /// the jumps stay as they were); only OUTPUT and POSTROUTING (`-S`) when the jumps must be added or
+    /// removed; never the whole table. Whatever drifted (someone flushed a chain or deleted a jump) is the
+    /// periodic full `apply`'s to repair.
     /// When an incremental restore fails (for example `--target kube-proxy` and kube-proxy has not yet
     /// created the `KUBE-SVC-…` chain of a new service, or different settings), this falls back to a full
     /// `apply(new)`, which reads everything, leaves such mappings out with a warning, and says so.
@@ -82,6 +100,13 @@ extension IptablesBackend {
                 // A family this plan enters for the first time: read it as apply does (a stale chain of
                 // ours from an earlier run would otherwise be flushed without being compared).
                 hooks = try owned(family, settings: s, required: true)
+            } else if !desired.isEmpty {
+                // Rules before and after: the jumps into our chains were ensured when `old` was installed
+                // and the same jumps are wanted now. As kube-proxy does in its partial syncs, they are not
+                // read again: with iptables-legacy each `-S` copies the whole nat table out of the kernel
+                // (two of them cost more than the restore of a changed chain). A jump someone deleted is
+                // put back by the next full apply (every --sync-period).
+                hooks = IptablesOwned(family: family, jumpsInPlace: s)
             } else {
                 var nat = SavedRuleset.Table(name: "nat")
                 for chain in ["OUTPUT", "POSTROUTING"] {
