@@ -7,7 +7,7 @@ enum ProcessMemory {
     /// Returns the heap's free pages to the kernel (glibc `malloc_trim`). A full sync builds and drops
     /// hundreds of megabytes at 10k Services (the kernel's dump, the restore text, two plans); glibc keeps
     /// freed memory in its arenas, so without this the agent's resident size stays at that peak for good,
-    /// although the steady state needs far less. A few milliseconds, after full syncs and relists only.
+    /// although the steady state needs far less. A few milliseconds; the agent calls it after long syncs only.
     static func returnFreedPages() {
         #if canImport(Glibc)
         if let trim = mallocTrim { _ = trim(0) }

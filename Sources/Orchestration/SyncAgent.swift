@@ -460,7 +460,10 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
                 "skipped": "\(plan.skipped.count)", "conflicts": "\(plan.conflicts.count)",
                 "conntrack_deleted": "\(conntrackDeleted)", "target": "\(strategy!.rawValue)",
             ].merging(fellBack ? ["fell_back_to_full": "true"] : [:]) { a, _ in a })
-            if full || fellBack || listedSinceSync { ProcessMemory.returnFreedPages() }
+            // After a long sync (a full one, one after a list, an iptables restore of seconds) the trim's
+            // cost (the next sync faults its pages in again) is small next to what it gives back; after the
+            // short ones of a busy nftables node it is not, and they allocate little.
+            if full || fellBack || listedSinceSync || report.duration >= .milliseconds(250) { ProcessMemory.returnFreedPages() }
             listedSinceSync = false
         }
 
