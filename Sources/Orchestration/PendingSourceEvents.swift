@@ -31,6 +31,8 @@ final class PendingSourceEvents: @unchecked Sendable {
         var event: SourceEvent
         /// When the first of the events this entry stands for arrived (how long the change has waited).
         var seen: Date
+        /// How many events it stands for (metrics count each watch restart and outage report).
+        var occurrences: Int
     }
 
     private let lock = NSLock()
@@ -44,9 +46,10 @@ final class PendingSourceEvents: @unchecked Sendable {
         lock.withLock {
             let wasEmpty = index.isEmpty
             let key = Self.key(event)
-            var first = seen
+            var first = seen, occurrences = 1
             if let i = index.removeValue(forKey: key) {
                 first = min(first, entries[i]!.seen)
+                occurrences += entries[i]!.occurrences
                 entries[i] = nil
             }
             if case .listed(let kind, _, _) = event {
@@ -56,16 +59,16 @@ final class PendingSourceEvents: @unchecked Sendable {
                 }
             }
             index[key] = entries.count
-            entries.append(Entry(key: key, event: event, seen: first))
+            entries.append(Entry(key: key, event: event, seen: first, occurrences: occurrences))
             if entries.count > 64 && index.count * 2 < entries.count { compact() }
             return wasEmpty
         }
     }
 
     /// Everything pending, oldest first, and empties the buffer.
-    func drain() -> [(event: SourceEvent, seen: Date)] {
+    func drain() -> [(event: SourceEvent, seen: Date, occurrences: Int)] {
         lock.withLock {
-            let out = entries.compactMap { $0.map { ($0.event, $0.seen) } }
+            let out = entries.compactMap { $0.map { ($0.event, $0.seen, $0.occurrences) } }
             entries = []
             index = [:]
             return out

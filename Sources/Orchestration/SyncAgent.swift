@@ -111,13 +111,12 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
 
     public func run() async throws {
         let (inputs, continuation) = AsyncStream<Input>.makeStream()
-        let source = self.source, observer = self.observer
+        let source = self.source
         // Events wait here, coalesced, not in `inputs`: see PendingSourceEvents. `inputs` carries at most
         // one wake-up for them at a time.
         let pending = PendingSourceEvents()
         let feeder = Task {
             for await event in source() {
-                observer.sourceEvent(event)  // metrics count every event, also those coalesced away
                 if pending.add(event, seen: Date()) { continuation.yield(.sourceEvents) }
             }
             continuation.yield(.sourceEnded)
@@ -204,7 +203,12 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
                     return
                 case .sourceEvents:
                     // Everything that arrived since the last wake-up (also during a sync): one sync for all.
-                    for (event, seen) in pending.drain() { handle(event, seen: seen) }
+                    for (event, seen, occurrences) in pending.drain() {
+                        // In the loop's order (health follows syncs and outages as they happen), and once
+                        // for every event an entry stands for (metrics count each restart).
+                        for _ in 0..<occurrences { agent.observer.sourceEvent(event) }
+                        handle(event, seen: seen)
+                    }
                 case .driftStopped:
                     agent.logger.warning("change notifications stopped; checking the rules and subscribing again")
                     drift = nil

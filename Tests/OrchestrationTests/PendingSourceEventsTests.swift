@@ -11,7 +11,7 @@ import Testing
     typealias F = AgentFixtures
     let t0 = Date(timeIntervalSince1970: 1_000)
 
-    func describe(_ events: [(event: SourceEvent, seen: Date)]) -> [String] {
+    func describe(_ events: [(event: SourceEvent, seen: Date, occurrences: Int)]) -> [String] {
         events.map { e in
             switch e.event {
             case .listed(let k, let o, _): return "listed \(k.rawValue) \(o.services.count + o.endpointSlices.count)"
@@ -76,6 +76,9 @@ import Testing
         #expect(p.count == 51)
         let out = p.drain()
         #expect(out.count == 51)
+        // Each entry knows how many events it stands for: the restarts are still counted one by one.
+        #expect(out.map(\.occurrences).reduce(0, +) == 200 * 51)
+        #expect(out.last?.occurrences == 200)
         #expect(describe(out).filter { $0.hasSuffix("198.51.100.199") }.count == 50)
     }
 }
