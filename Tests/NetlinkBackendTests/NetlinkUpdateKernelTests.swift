@@ -365,6 +365,29 @@ struct NetlinkUpdateKernelTests {
 }
 
 extension NetlinkUpdateKernelTests {
+    @Test("an affinity set the update keeps, deleted by hand: the batch is refused as out of sync and commits nothing")
+    func refusedAffinityUpdate() throws {
+        guard try requireKernelTests(tools: ["nft"]) else { return }
+        let a = try Self.mixed(NetlinkUpdateUnitTests.specs())
+        let b = try Self.mixed(Self.api(NetlinkUpdateUnitTests.specs(), ["198.51.100.8", "198.51.100.9"]))
+        let api = try #require(a.affinityChains.first)
+        try withNamespace("upd-refused-affinity") { ns in
+            let connection = try NftablesConnection(namespace: ns.netns)
+            try connection.apply(a)
+            // (A set still looked up cannot be deleted: the chain is flushed first.)
+            try ns.nft("flush", "chain", "inet", Self.table, api.iptablesName)
+            try ns.nft("delete", "set", "inet", Self.table, api.affinityName(api.target.destinations[0]))
+            let before = try ns.nft("-a", "list", "ruleset")
+            if let error = netlinkError({ try connection.update(from: a, to: b) }) {
+                #expect(error.kind == .rejected && error.errno == 2 && error.isOutOfSync, "\(error)")
+                #expect(error.operation?.hasPrefix("adding rule to chain \(api.iptablesName)") == true, "\(error)")
+            }
+            #expect(try ns.nft("-a", "list", "ruleset") == before)
+            try connection.apply(b)
+            #expect(try connection.read(table: Self.table) == NftablesNetlink.expected(b))
+        }
+    }
+
     @Test("the change monitor reports other processes' changes to our table, not our own nor other tables'")
     func changeMonitor() async throws {
         guard try requireKernelTests(tools: ["nft"]) else { return }
