@@ -104,7 +104,15 @@ public struct NetlinkError: Error, Sendable, Equatable, CustomStringConvertible 
             switch op.kind {
             case .newChain(let c) where c.base?.type == "nat": return .unavailable
             case .newRule(let r) where r.expressions.contains(where: { $0.name == "nat" || $0.name == "masq" || $0.name == "ct" }):
-                return .unavailable
+                // Unless it looks up a set the batch does not create (no set id: an affinity set that an
+                // update keeps): then that set is what is missing.
+                let existingSet = r.expressions.contains { e in
+                    switch e {
+                    case .lookup(_, nil, _, _, _), .dynset(_, _, _, nil): return true
+                    default: return false
+                    }
+                }
+                return existingSet ? .rejected : .unavailable
             default: return .rejected
             }
         default:

@@ -394,6 +394,12 @@ struct NftOperation: Sendable {
         /// rule elsewhere still jumps to it, so it must come after their deletes in the batch.
         case deleteChain(NftChain)
         case newSet(NftSet)
+        /// Deletes a set or map with its elements (no NLM_F_NONREC); it fails with EBUSY while a rule still
+        /// looks it up, so it must come after the deletes (or the flush) of those rules in the batch.
+        case deleteSet(NftSet)
+        /// Deletes every rule of the chain (NFT_MSG_DELRULE without a handle, `nft flush chain`), keeping the
+        /// chain and whatever jumps to it: an affinity chain whose rules are written anew.
+        case flushChain(NftChain)
         /// `set` carries the target set's family, table, name and id; its other fields are ignored.
         case newElements(NftSet, [NftElement])
         /// Deletes elements by key (data, verdict and userdata of `elements` are not sent).
@@ -408,7 +414,7 @@ struct NftOperation: Sendable {
     var elementDescription: @Sendable (Int) -> String = { i in "element \(i + 1)" }
     /// For `newRule`: one description per expression (same order).
     var expressionDescriptions: [String] = []
-    /// NLM_F_EXCL for `newChain` / `newElements`: fail with EEXIST when the object is already there instead of
+    /// NLM_F_EXCL for `newChain` / `newSet` / `newElements`: fail with EEXIST when the object is already there instead of
     /// keeping it. Incremental updates use it, so that a kernel table that is not what the caller believes
     /// (edited by hand) makes the whole batch fail rather than silently diverge.
     var exclusive = false

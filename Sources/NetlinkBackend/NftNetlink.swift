@@ -346,6 +346,26 @@ struct NftEncoder {
                 nftnl_chain_free(o)
                 return nlh
             }
+        case .flushChain(let c):
+            build(into: &out) { buf in
+                let nlh = hdr(buf, NFT_MSG_DELRULE, c.family, 0)
+                let o = nftnl_rule_alloc()!
+                nftnl_rule_set_str(o, NftEncoder.attr(NFTNL_RULE_TABLE.rawValue), c.table)
+                nftnl_rule_set_str(o, NftEncoder.attr(NFTNL_RULE_CHAIN.rawValue), c.name)
+                nftnl_rule_nlmsg_build_payload(nlh, o)
+                nftnl_rule_free(o)
+                return nlh
+            }
+        case .deleteSet(let s):
+            build(into: &out) { buf in
+                let nlh = hdr(buf, NFT_MSG_DELSET, s.family, 0)
+                let o = nftnl_set_alloc()!
+                nftnl_set_set_str(o, NftEncoder.attr(NFTNL_SET_TABLE.rawValue), s.table)
+                nftnl_set_set_str(o, NftEncoder.attr(NFTNL_SET_NAME.rawValue), s.name)
+                nftnl_set_nlmsg_build_payload(nlh, o)
+                nftnl_set_free(o)
+                return nlh
+            }
         case .deleteElements(let s, let elements):
             build(into: &out) { buf in
                 let nlh = hdr(buf, NFT_MSG_DELSETELEM, s.family, 0)
@@ -353,6 +373,10 @@ struct NftEncoder {
                 for e in elements {
                     let x = nftnl_set_elem_alloc()!
                     e.key.withUnsafeBytes { _ = nftnl_set_elem_set(x, NftEncoder.attr(NFTNL_SET_ELEM_KEY), $0.baseAddress, UInt32($0.count)) }
+                    // An interval element is named by its whole range (as nft deletes one).
+                    if let k = e.keyEnd {
+                        k.withUnsafeBytes { _ = nftnl_set_elem_set(x, NftEncoder.attr(NFTNL_SET_ELEM_KEY_END), $0.baseAddress, UInt32($0.count)) }
+                    }
                     nftnl_set_elem_add(o, x)
                 }
                 nftnl_set_elems_nlmsg_build_payload(nlh, o)
@@ -360,8 +384,9 @@ struct NftEncoder {
                 return nlh
             }
         case .newSet(let s):
+            let excl = op.exclusive ? Int32(NLM_F_EXCL) : 0
             build(into: &out) { buf in
-                let nlh = hdr(buf, NFT_MSG_NEWSET, s.family, Int32(NLM_F_CREATE))
+                let nlh = hdr(buf, NFT_MSG_NEWSET, s.family, Int32(NLM_F_CREATE) | excl)
                 let o = NftEncoder.makeSet(s)
                 if let size = s.size { nftnl_set_set_u32(o, NftEncoder.attr(NFTNL_SET_DESC_SIZE.rawValue), size) }
                 nftnl_set_set_u32(o, NftEncoder.attr(NFTNL_SET_FLAGS.rawValue), s.flags)

@@ -26,9 +26,18 @@ public struct ApplyReport: Sendable, Equatable {
     /// full replace, every chain of the plan.
     public var chainsAdded: Int = 0
     public var chainsDeleted: Int = 0
+    /// Sets and maps the batch added and deleted: affinity sets (one per destination of a ClientIP service)
+    /// and the ranged maps. For a full replace, every set of the plan.
+    public var setsAdded: Int = 0
+    public var setsDeleted: Int = 0
+    /// Affinity chains whose rules the batch deleted and wrote anew (their destinations changed).
+    public var chainsRewritten: Int = 0
 
-    /// Kernel objects the batch changed: elements and chains added and deleted. 0 when nothing was sent.
-    public var objectsChanged: Int { elementsAdded + elementsDeleted + chainsAdded + chainsDeleted }
+    /// Kernel objects the batch changed: elements, chains and sets added and deleted, and rewritten chains.
+    /// 0 when nothing was sent.
+    public var objectsChanged: Int {
+        elementsAdded + elementsDeleted + chainsAdded + chainsDeleted + setsAdded + setsDeleted + chainsRewritten
+    }
 }
 
 /// The nftables backend over netlink (libnftnl + libmnl framing, no `nft` binary): installs a `RulePlan` as
@@ -73,22 +82,27 @@ public struct NftablesNetlink: Sendable {
         return ApplyReport(table: plan.settings.table, mappings: plan.rules.count, pickChains: plan.nftPickChains.count,
                            elements: c.elementsAdded, messages: result.messages, bytes: result.bytes,
                            seconds: Date().timeIntervalSince(start), incremental: false,
-                           elementsAdded: c.elementsAdded, elementsDeleted: 0, chainsAdded: c.chainsAdded, chainsDeleted: 0)
+                           elementsAdded: c.elementsAdded, elementsDeleted: 0, chainsAdded: c.chainsAdded, chainsDeleted: 0,
+                           setsAdded: c.setsAdded)
     }
 
     /// Turns the table that `old` installed (a plan this process applied or updated to before) into `new`
-    /// in ONE batch that touches only what differs: the dispatch, endpoint-slot and masquerade elements
-    /// whose key, data or comment changed (a changed element is deleted and added again), and the pick
-    /// chains that appear or are no longer used; never the table, the base chains or the maps. Equal plans
-    /// send nothing (`objectsChanged == 0`). A different table name, priority or masquerade setting is not
-    /// incremental: `update` then replaces the whole table like `apply(new)` (`incremental == false`).
+    /// in ONE batch that touches only what differs: the dispatch, ranged, endpoint-slot and masquerade
+    /// elements whose key, data or comment changed (a changed element is deleted and added again), the pick
+    /// chains that appear or are no longer used, and the affinity chains and sets of ClientIP services whose
+    /// destinations changed (the set of a destination that stays keeps its clients); never the table, the
+    /// base chains or the dispatch, endpoints and masquerade maps. Equal plans send nothing
+    /// (`objectsChanged == 0`). A different table name, priority or masquerade setting, the last source
+    /// range gone, or a changed affinity timeout is not incremental: `update` then replaces the whole table
+    /// like `apply(new)` (`incremental == false`; see `RulesetProgram.changes`).
     ///
     /// The batch assumes the kernel holds exactly what `old` installed: its deletes name existing keys and
     /// its adds are exclusive. When the table was changed behind our back (an element deleted or added by
     /// hand, the table gone) the kernel refuses the whole batch and nothing is committed: a `.rejected`
     /// error, `isOutOfSync` for the usual ENOENT / EEXIST / EBUSY. The caller then applies `new` in full.
     /// Unlike `apply`, it does not look up the table's ownership first (one sendmsg per update): it only
-    /// changes elements of the maps `old` created and chains named `pick…`, and fails when they are not there.
+    /// changes elements of the maps `old` created and the chains and sets `old` and `new` name, and fails
+    /// when they are not there.
     @discardableResult
     public func update(from old: RulePlan, to new: RulePlan) throws(NetlinkError) -> ApplyReport {
         let start = Date()
@@ -110,7 +124,8 @@ public struct NftablesNetlink: Sendable {
         return ApplyReport(table: new.settings.table, mappings: new.rules.count, pickChains: RulesetProgram.pickChains(new).count,
                            elements: elementCount(new), messages: result.messages, bytes: result.bytes,
                            seconds: Date().timeIntervalSince(start), incremental: true, elementsAdded: c.elementsAdded,
-                           elementsDeleted: c.elementsDeleted, chainsAdded: c.chainsAdded, chainsDeleted: c.chainsDeleted)
+                           elementsDeleted: c.elementsDeleted, chainsAdded: c.chainsAdded, chainsDeleted: c.chainsDeleted,
+                           setsAdded: c.setsAdded, setsDeleted: c.setsDeleted, chainsRewritten: c.chainsRewritten)
     }
 
     /// Elements of the installed plan: dispatch entries, endpoint slots, masquerade addresses.

@@ -316,10 +316,7 @@ struct RulesetProgram {
                                     description: "adding chain \(p.name)"))
         }
         let affinity = plan.affinityChains
-        for c in affinity {
-            ops.append(NftOperation(kind: .newChain(NftChain(family: .inet, table: table, name: c.iptablesName, base: nil)),
-                                    description: "adding chain \(c.iptablesName) (ClientIP affinity for \(c.comment))"))
-        }
+        for c in affinity { ops.append(affinityChainOperation(table, c)) }
 
         // Maps and sets; their elements go last (see above).
         let families: [IPFamily] = [.ipv4, .ipv6]
@@ -334,20 +331,16 @@ struct RulesetProgram {
             var elements: [NftElement] = []
             elements.reserveCapacity(rules.count)
             for (i, r) in rules.enumerated() {
-                let m = r.mapping
-                elements.append(NftElement(key: dispatchKey(m.externalIP, m.protocol, m.port),
-                                           verdict: NftVerdict(code: Nft.verdictGoto, chain: targets[i]),
-                                           userdata: Userdata.elementComment(comments[i])))
+                elements.append(dispatchElement(r.mapping, target: targets[i], comment: comments[i]))
             }
             elementOps += elementOperations(set: set, kind: "map", elements: elements) { i in
-                let m = rules[i].mapping
-                return "\(m.externalIP) . \(m.protocol.lowercased) . \(m.port) comment \"\(comments[i])\" : goto \(targets[i])"
+                dispatchText(rules[i].mapping, target: targets[i], comment: comments[i])
             }
         }
         let ranged = plan.hasSourceRanges
         for f in families where ranged {
             let set = rangedSet(table, f, id: setID(rangedOf: f))
-            ops.append(NftOperation(kind: .newSet(set), description: "adding map \(set.name) (\(typeText(set, f)))"))
+            ops.append(rangedSetOperation(set, f))
             let rules = plan.rules(f, ranged: true)
             var elements: [NftElement] = []
             var texts: [String] = []
@@ -355,11 +348,8 @@ struct RulesetProgram {
                 let m = r.mapping
                 let comment = plan.targetChains[r.targetIndex].comment, target = plan.nftChain(of: r)
                 for block in m.sourceRanges {
-                    elements.append(NftElement(key: rangedKey(m.externalIP, m.protocol, m.port, source: block.address),
-                                               keyEnd: rangedKey(m.externalIP, m.protocol, m.port, source: block.last),
-                                               verdict: NftVerdict(code: Nft.verdictGoto, chain: target),
-                                               userdata: Userdata.elementComment(comment)))
-                    texts.append("\(m.externalIP) . \(m.protocol.lowercased) . \(m.port) . \(block) comment \"\(comment)\" : goto \(target)")
+                    elements.append(rangedElement(m, block, target: target, comment: comment))
+                    texts.append(rangedText(m, block, target: target, comment: comment))
                 }
             }
             elementOps += elementOperations(set: set, kind: "map", elements: elements) { [texts] i in texts[i] }
@@ -395,42 +385,88 @@ struct RulesetProgram {
         for c in affinity {
             var sets: [(name: String, id: UInt32?)] = []
             for d in c.target.destinations {
-                let set = affinitySet(table, name: c.affinityName(d), c.family, timeoutSeconds: c.affinityTimeout!, id: nextID)
+                ops.append(affinitySetOperation(table, c, d, id: nextID))
+                sets.append((c.affinityName(d), nextID))
                 nextID += 1
-                ops.append(NftOperation(kind: .newSet(set), description: "adding set \(set.name) (\(typeText(set, c.family)), ClientIP affinity to \(d))"))
-                sets.append((set.name, set.id))
             }
             affinitySets.append(sets)
         }
 
         // Rules.
-        func rule(_ chain: String, _ exprs: [NftExpr], text: String) -> NftOperation {
-            NftOperation(kind: .newRule(NftRule(family: .inet, table: table, chain: chain, expressions: exprs, userdata: nil)),
-                         description: "adding rule to chain \(chain): \(text)",
-                         expressionDescriptions: exprs.map(\.description))
-        }
         for f in families {
-            ops.append(rule(outputChain, dispatchRule(f), text: "\(f.nftKeyword) daddr . meta l4proto . th dport vmap @\(dispatchMap(f))"))
+            ops.append(ruleOperation(table, outputChain, dispatchRule(f), text: "\(f.nftKeyword) daddr . meta l4proto . th dport vmap @\(dispatchMap(f))"))
         }
-        for f in families where ranged {
-            ops.append(rule(outputChain, rangedRule(f),
-                            text: "\(f.nftKeyword) daddr . meta l4proto . th dport . \(f.nftKeyword) saddr vmap @\(rangedMap(f))"))
-        }
+        for f in families where ranged { ops.append(rangedRuleOperation(table, f)) }
         if masq {
             for f in families {
-                ops.append(rule(postroutingChain, masqueradeRule(f),
-                                text: "ct status dnat ct original \(f.nftKeyword) daddr @\(masqueradeSet(f)) masquerade"))
+                ops.append(ruleOperation(table, postroutingChain, masqueradeRule(f),
+                                         text: "ct status dnat ct original \(f.nftKeyword) daddr @\(masqueradeSet(f)) masquerade"))
             }
         }
         for p in picks {
-            ops.append(rule(p.name, pickRule(family: p.family, protocol: p.protocol, count: p.count), text: pickRuleText(p)))
+            ops.append(ruleOperation(table, p.name, pickRule(family: p.family, protocol: p.protocol, count: p.count), text: pickRuleText(p)))
         }
-        for (c, sets) in zip(affinity, affinitySets) {
-            for (exprs, text) in zip(affinityRules(c, sets: sets), c.nftAffinityRules) {
-                ops.append(rule(c.iptablesName, exprs, text: text))
-            }
-        }
+        for (c, sets) in zip(affinity, affinitySets) { ops += affinityRuleOperations(table, c, sets: sets) }
         return ops + elementOps
+    }
+
+    // MARK: objects shared by the full apply and incremental updates (so that the two cannot drift)
+
+    static func ruleOperation(_ table: String, _ chain: String, _ exprs: [NftExpr], text: String) -> NftOperation {
+        NftOperation(kind: .newRule(NftRule(family: .inet, table: table, chain: chain, expressions: exprs, userdata: nil)),
+                     description: "adding rule to chain \(chain): \(text)",
+                     expressionDescriptions: exprs.map(\.description))
+    }
+
+    /// `addr . proto . port comment "…" : goto <target>` (a pick chain or an affinity chain).
+    static func dispatchElement(_ m: Mapping, target: String, comment: String) -> NftElement {
+        NftElement(key: dispatchKey(m.externalIP, m.protocol, m.port), verdict: NftVerdict(code: Nft.verdictGoto, chain: target),
+                   userdata: Userdata.elementComment(comment))
+    }
+
+    static func dispatchText(_ m: Mapping, target: String, comment: String) -> String {
+        "\(m.externalIP) . \(m.protocol.lowercased) . \(m.port) comment \"\(comment)\" : goto \(target)"
+    }
+
+    /// `addr . proto . port . <block> comment "…" : goto <target>`: one source block of a mapping with
+    /// `loadBalancerSourceRanges`, an interval from the block's first to its last address.
+    static func rangedElement(_ m: Mapping, _ block: CIDR, target: String, comment: String) -> NftElement {
+        NftElement(key: rangedKey(m.externalIP, m.protocol, m.port, source: block.address),
+                   keyEnd: rangedKey(m.externalIP, m.protocol, m.port, source: block.last),
+                   verdict: NftVerdict(code: Nft.verdictGoto, chain: target),
+                   userdata: Userdata.elementComment(comment))
+    }
+
+    static func rangedText(_ m: Mapping, _ block: CIDR, target: String, comment: String) -> String {
+        "\(m.externalIP) . \(m.protocol.lowercased) . \(m.port) . \(block) comment \"\(comment)\" : goto \(target)"
+    }
+
+    /// `set` is `rangedSet(table, f, id:)`.
+    static func rangedSetOperation(_ set: NftSet, _ f: IPFamily, exclusive: Bool = false) -> NftOperation {
+        NftOperation(kind: .newSet(set), description: "adding map \(set.name) (\(typeText(set, f)))", exclusive: exclusive)
+    }
+
+    /// Appended to the output chain after both dispatch rules.
+    static func rangedRuleOperation(_ table: String, _ f: IPFamily) -> NftOperation {
+        ruleOperation(table, outputChain, rangedRule(f),
+                      text: "\(f.nftKeyword) daddr . meta l4proto . th dport . \(f.nftKeyword) saddr vmap @\(rangedMap(f))")
+    }
+
+    static func affinityChainOperation(_ table: String, _ c: TargetChain, exclusive: Bool = false) -> NftOperation {
+        NftOperation(kind: .newChain(NftChain(family: .inet, table: table, name: c.iptablesName, base: nil)),
+                     description: "adding chain \(c.iptablesName) (ClientIP affinity for \(c.comment))", exclusive: exclusive)
+    }
+
+    /// The affinity set of destination `d` of the affinity chain `c`.
+    static func affinitySetOperation(_ table: String, _ c: TargetChain, _ d: Destination, id: UInt32?, exclusive: Bool = false) -> NftOperation {
+        let set = affinitySet(table, name: c.affinityName(d), c.family, timeoutSeconds: c.affinityTimeout ?? 0, id: id)
+        return NftOperation(kind: .newSet(set), description: "adding set \(set.name) (\(typeText(set, c.family)), ClientIP affinity to \(d))",
+                            exclusive: exclusive)
+    }
+
+    /// The rules of the affinity chain `c`; `sets[i]` is destination i's affinity set (name and batch id).
+    static func affinityRuleOperations(_ table: String, _ c: TargetChain, sets: [(name: String, id: UInt32?)]) -> [NftOperation] {
+        zip(affinityRules(c, sets: sets), c.nftAffinityRules).map { exprs, text in ruleOperation(table, c.iptablesName, exprs, text: text) }
     }
 
     /// The exact size of an element's attributes inside NFTA_SET_ELEM_LIST_ELEMENTS (libnftnl's encoding:

@@ -53,13 +53,16 @@ enum Fixtures {
         return try Planner(settings: settings).plan(resolution, strategy: strategy)
     }
 
-    /// dns with source ranges and api with ClientIP affinity (60 s), the other services plain.
-    static func mixedPolicyPlan(_ specs: [ServiceSpec], settings: PlanSettings = PlanSettings()) throws -> RulePlan {
+    /// dns with source ranges and api with ClientIP affinity (60 s), the other services plain; or the
+    /// services named in `ranged` with `ranges`, and those in `sticky` with affinity for `timeout` seconds.
+    static func mixedPolicyPlan(_ specs: [ServiceSpec], settings: PlanSettings = PlanSettings(),
+                                ranged: Set<String> = ["dns"], ranges: [String] = ["203.0.113.0/25"],
+                                sticky: Set<String> = ["api"], timeout: Int = 60) throws -> RulePlan {
         var objects = objects(specs)
         for i in objects.services.indices {
-            if objects.services[i].id.name == "dns" { objects.services[i].loadBalancerSourceRanges = ["203.0.113.0/25"] }
-            if objects.services[i].id.name == "api" {
-                objects.services[i].sessionAffinity = "ClientIP"; objects.services[i].sessionAffinityTimeoutSeconds = 60
+            if ranged.contains(objects.services[i].id.name) { objects.services[i].loadBalancerSourceRanges = ranges }
+            if sticky.contains(objects.services[i].id.name) {
+                objects.services[i].sessionAffinity = "ClientIP"; objects.services[i].sessionAffinityTimeoutSeconds = timeout
             }
         }
         let resolution = ServiceResolver(options: ResolutionOptions(target: .endpoints)).resolve(objects)

@@ -20,8 +20,9 @@ struct NetlinkUpdateKernelTests {
         try Fixtures.plan(specs, settings: PlanSettings(table: table, priority: priority))
     }
 
-    static func mixed(_ specs: [ServiceSpec]) throws -> RulePlan {
-        try Fixtures.mixedPolicyPlan(specs, settings: PlanSettings(table: table, priority: -101))
+    static func mixed(_ specs: [ServiceSpec], ranged: Set<String> = ["dns"], ranges: [String] = ["203.0.113.0/25"],
+                      sticky: Set<String> = ["api"]) throws -> RulePlan {
+        try Fixtures.mixedPolicyPlan(specs, settings: PlanSettings(table: table, priority: -101), ranged: ranged, ranges: ranges, sticky: sticky)
     }
 
     /// A → B → … covering every kind of change, IPv4 and IPv6, then a settings change (full replace), a
@@ -54,14 +55,40 @@ struct NetlinkUpdateKernelTests {
             ("J: back to A's services", try plan(a, priority: -101)),
             ("K: empty", try plan([], priority: -101)),
             ("L: A again", try plan(a, priority: -101)),
-            ("M: source ranges on dns, affinity on api (full replace)", try mixed(a)),
-            ("N: a plain service's endpoint removed beside them (incremental)", try mixed(b)),
-            ("O: the sticky service's endpoints change (full replace)", try mixed(b.map { s in
-                var s = s
-                if s.name == "api" { s.endpoints4 = ["198.51.100.8", "198.51.100.9"] }
-                return s
-            })),
+            ("M: source ranges on dns, affinity on api (ranged maps, affinity chain and sets created in place)", try mixed(a)),
+            ("N: a plain service's endpoint removed beside them", try mixed(b)),
+            ("O: the sticky service loses an endpoint (its rules rewritten, its set deleted)", try mixed(api(b, ["198.51.100.8", "198.51.100.9"]))),
+            ("P: the sticky service: an endpoint replaced, one added", try mixed(api(b, ["198.51.100.8", "198.51.100.20", "198.51.100.21"]))),
+            ("Q: a second source block; a ranged sticky service added", try mixed(api(b, ["198.51.100.8", "198.51.100.20", "198.51.100.21"]) + [cart],
+                                                                            ranged: ["dns", "cart"], ranges: ["203.0.113.0/25", "192.0.2.128/25"],
+                                                                            sticky: ["api", "cart"])),
+            ("R: the ranged sticky service deleted; one source block narrowed", try mixed(api(b, ["198.51.100.8", "198.51.100.20", "198.51.100.21"]),
+                                                                                       ranges: ["203.0.113.0/26"])),
+            ("S: api loses its affinity (chain and sets deleted, slots back)", try mixed(b, ranges: ["203.0.113.0/26"], sticky: [])),
+            ("T: api sticky again", try mixed(b, ranges: ["203.0.113.0/26"])),
+            ("U: the last source range gone (full replace)", try mixed(b, ranged: [])),
         ]
+    }
+
+    static func changesRangedElements(_ op: NftOperation) -> Bool {
+        switch op.kind {
+        case .newElements(let s, _), .deleteElements(let s, _): return s.name.hasPrefix("ranged")
+        default: return false
+        }
+    }
+
+    /// `specs` with api's IPv4 endpoints replaced.
+    static func api(_ specs: [ServiceSpec], _ endpoints: [String]) -> [ServiceSpec] {
+        specs.map { s in
+            var s = s
+            if s.name == "api" { s.endpoints4 = endpoints }
+            return s
+        }
+    }
+
+    static var cart: ServiceSpec {
+        ServiceSpec(namespace: "shop", name: "cart", ips: ["192.0.2.30", "2001:db8::30"], ports: [("http", .tcp, 80, 8080)],
+                    endpoints4: ["198.51.100.31", "198.51.100.32"], endpoints6: ["2001:db8::31"])
     }
 
     @Test("each update reads back as expected(new) and lists like a fresh apply; nft monitor sees exactly the counted objects")
@@ -84,8 +111,10 @@ struct NetlinkUpdateKernelTests {
                 #expect(report.incremental == (expectedOps != nil), "\(name)")
                 if let ops = expectedOps {
                     let c = RulesetProgram.counts(ops)
-                    #expect([report.elementsAdded, report.elementsDeleted, report.chainsAdded, report.chainsDeleted]
-                            == [c.elementsAdded, c.elementsDeleted, c.chainsAdded, c.chainsDeleted] as [Int], "\(name)")
+                    #expect([report.elementsAdded, report.elementsDeleted, report.chainsAdded, report.chainsDeleted,
+                             report.setsAdded, report.setsDeleted, report.chainsRewritten]
+                            == [c.elementsAdded, c.elementsDeleted, c.chainsAdded, c.chainsDeleted,
+                                c.setsAdded, c.setsDeleted, c.chainsRewritten] as [Int], "\(name)")
                     #expect(report.messages == (ops.isEmpty ? 0 : ops.count + 2), "\(name)")
                 }
                 // Path 1: our own read-back.
@@ -95,8 +124,15 @@ struct NetlinkUpdateKernelTests {
                 let (updated, fresh) = (try ns[0].nft("list", "table", "inet", Self.table), try ns[1].nft("list", "table", "inet", Self.table))
                 #expect(sortingChains(normalizeListing(updated)) == sortingChains(normalizeListing(fresh)), "\(name):\n\(updated)\n\(fresh)")
                 #expect(try kernelView(ns[0], Self.table) == kernelView(ns[1], Self.table), "\(name)")
-                // Path 3: what the kernel announced for the transaction.
-                if report.messages > 0 {
+                // Path 3: what the kernel announced for the transaction. nft 1.0.6's monitor stops printing at
+                // the first event for an element of an interval concatenation map it knows (ranged4/6): such
+                // batches are not checked here (their elements are checked by paths 1 and 2), and it is restarted.
+                if let ops = expectedOps, ops.contains(where: Self.changesRangedElements) {
+                    print("\(name): \(report.objectsChanged) objects, ranged elements changed (nft monitor not checked)")
+                    monitor.stop()
+                    monitor = try NftMonitor(in: ns[0])
+                    generations = 0
+                } else if report.messages > 0 {
                     generations += 1
                     let seen = try monitor.waitForGenerations(generations)
                     if report.incremental {
@@ -105,8 +141,16 @@ struct NetlinkUpdateKernelTests {
                         #expect(seen.elementsAdded + seen.elementsDeleted + seen.unknownElements == report.elementsAdded + report.elementsDeleted
                                 && seen.elementsAdded <= report.elementsAdded && seen.elementsDeleted <= report.elementsDeleted
                                 && seen.chainsAdded == report.chainsAdded && seen.chainsDeleted == report.chainsDeleted
-                                && seen.other.isEmpty, "\(name): nft monitor saw \(seen), the report says \(report)")
+                                && seen.setsAdded == report.setsAdded && seen.setsDeleted == report.setsDeleted
+                                && seen.other.isEmpty, "\(name): nft monitor saw \(seen), the report says \(report):\n\(seen.lines.joined(separator: "\n"))")
                         #expect(!seen.tableReplaced, "\(name)")
+                        // It only decodes (and, for interval maps, survives) elements of the sets it listed when
+                        // it started: restarted after a batch that created sets.
+                        if report.setsAdded > 0 {
+                            monitor.stop()
+                            monitor = try NftMonitor(in: ns[0])
+                            generations = 0
+                        }
                     } else {
                         #expect(seen.tableReplaced, "\(name)")
                         monitor.stop()
@@ -114,7 +158,8 @@ struct NetlinkUpdateKernelTests {
                         generations = 0
                     }
                     print("\(name): \(report.objectsChanged) objects (\(report.elementsAdded)+/\(report.elementsDeleted)- elements, "
-                          + "\(report.chainsAdded)+/\(report.chainsDeleted)- chains), \(report.messages) messages, incremental \(report.incremental)")
+                          + "\(report.chainsAdded)+/\(report.chainsDeleted)- chains, \(report.setsAdded)+/\(report.setsDeleted)- sets, "
+                          + "\(report.chainsRewritten) rewritten), \(report.messages) messages, incremental \(report.incremental)")
                 } else {
                     #expect(report.objectsChanged == 0 && report.incremental, "\(name)")
                 }
@@ -187,6 +232,83 @@ struct NetlinkUpdateKernelTests {
         }
     }
 
+    @Test("ClientIP clients of destinations that stay keep their endpoint across an update; source blocks switch in place")
+    func policyTraffic() throws {
+        guard try requireKernelTests(tools: ["python3", "nft"]) else { return }
+        let pods = ["198.51.100.5", "198.51.100.6", "198.51.100.7"], names = ["a", "b", "c"]
+        // api and cart sticky (cart never changes), admin reachable from the node's source block only.
+        func plan(api: [String], adminFrom block: String) throws -> RulePlan {
+            try Fixtures.mixedPolicyPlan([
+                ServiceSpec(namespace: "prod", name: "api", ips: ["203.0.113.12"], ports: [("", .tcp, 8000, 9000)], endpoints4: api),
+                ServiceSpec(namespace: "shop", name: "cart", ips: ["203.0.113.20"], ports: [("http", .tcp, 80, 8080)], endpoints4: pods),
+                ServiceSpec(name: "admin", ips: ["203.0.113.30"], ports: [("ssh", .tcp, 22, 2222)], endpoints4: [pods[0]]),
+            ], settings: PlanSettings(table: Self.table), ranged: ["admin"], ranges: [block], sticky: ["api", "cart"])
+        }
+        func affinitySet(_ plan: RulePlan, _ service: String, _ ip: String, port: Int) throws -> String {
+            let chain = try #require(plan.affinityChains.first { $0.service.name == service })
+            return chain.affinityName(Destination(ip: IPAddress(ip)!, port: port))
+        }
+        try withNamespaces(2, label: "upd-policy") { ns in
+            let (node, pod) = (ns[0], ns[1])
+            try connect(node, pod, aAddresses: ["198.51.100.1/24"], bAddresses: ["198.51.100.5/24"])
+            try addAddresses(node, ["198.51.100.2/24"])
+            try addAddresses(pod, ["198.51.100.6/24", "198.51.100.7/24"])
+            let servers = zip(pods, names).flatMap { ip, name in
+                [9000, 8080, 2222].map { (namespace: pod, transport: TestTransport.tcp, address: ip, port: $0, name: name) }
+            }
+            try withEchoServers(servers) { _ in
+                let connection = try NftablesConnection(namespace: node.netns)
+                let a = try plan(api: pods, adminFrom: "198.51.100.1/32")
+                try connection.apply(a)
+                func sticky(_ port: Int, _ host: String) throws -> String? {
+                    let replies = try exchange(from: node, .tcp, host: host, port: port, count: 6, source: "198.51.100.1")
+                    let used = Set(replies.compactMap(\.server))
+                    #expect(replies.allSatisfy(\.succeeded) && used.count == 1, "\(host):\(port): \(replies)")
+                    return used.first
+                }
+                func admin(from source: String) throws -> Bool {
+                    try exchange(from: node, .tcp, host: "203.0.113.30", port: 22, timeout: 1, source: source).first?.server == "a"
+                }
+                func members(_ set: String) throws -> String? { try? node.nft("list", "set", "inet", Self.table, set) }
+                // Real clients stick: one endpoint per service, and 198.51.100.1 in its set.
+                let apiServer = try #require(try sticky(8000, "203.0.113.12"))
+                let cartServer = try #require(try sticky(80, "203.0.113.20"))
+                let cartSet = try affinitySet(a, "cart", pods[names.firstIndex(of: cartServer)!], port: 8080)
+                #expect(try members(cartSet)?.contains("198.51.100.1") == true)
+                #expect(try admin(from: "198.51.100.1") && !admin(from: "198.51.100.2"))
+                // A marker client in every affinity set of api, added by hand (a full replace would drop it).
+                for ip in pods { try node.nft("add", "element", "inet", Self.table, try affinitySet(a, "api", ip, port: 9000), "{ 192.0.2.99 }") }
+
+                // api loses the endpoint its client stuck to; admin's block moves to the other node address.
+                let stuck = pods[names.firstIndex(of: apiServer)!]
+                let b = try plan(api: pods.filter { $0 != stuck }, adminFrom: "198.51.100.2/32")
+                let ops = try #require(try RulesetProgram.changes(from: a, to: b))
+                let report = try connection.update(from: a, to: b)
+                let c = RulesetProgram.counts(ops)
+                #expect(report.incremental)
+                #expect([report.elementsAdded, report.elementsDeleted, report.chainsAdded, report.chainsDeleted,
+                         report.setsAdded, report.setsDeleted, report.chainsRewritten] == [1, 1, 0, 0, 0, 1, 1] as [Int], "\(report)")
+                #expect([c.elementsAdded, c.elementsDeleted, c.setsDeleted, c.chainsRewritten] == [1, 1, 1, 1] as [Int])
+                #expect(try connection.read(table: Self.table) == NftablesNetlink.expected(b))
+
+                // Not replaced: the sets of the staying destinations still hold the marker, cart's its client;
+                // the removed destination's set is gone.
+                #expect(try members(try affinitySet(a, "api", stuck, port: 9000)) == nil)
+                for ip in pods where ip != stuck {
+                    #expect(try members(try affinitySet(b, "api", ip, port: 9000))?.contains("192.0.2.99") == true, "\(ip)")
+                }
+                #expect(try members(cartSet).map { $0.contains("198.51.100.1") && !$0.contains("192.0.2.99") } == true)
+                // Traffic: cart's client still lands on its endpoint; api's client picks one of the remaining
+                // two and sticks to it; admin answers the other source block only.
+                #expect(try sticky(80, "203.0.113.20") == cartServer)
+                let newServer = try #require(try sticky(8000, "203.0.113.12"))
+                #expect(newServer != apiServer)
+                #expect(try members(try affinitySet(b, "api", pods[names.firstIndex(of: newServer)!], port: 9000))?.contains("198.51.100.1") == true)
+                #expect(try admin(from: "198.51.100.2") && !admin(from: "198.51.100.1"))
+            }
+        }
+    }
+
     @Test("a batch the kernel refuses (table edited by hand) commits nothing; a full apply then repairs it")
     func refusedUpdate() throws {
         guard try requireKernelTests(tools: ["nft"]) else { return }
@@ -243,6 +365,29 @@ struct NetlinkUpdateKernelTests {
 }
 
 extension NetlinkUpdateKernelTests {
+    @Test("an affinity set the update keeps, deleted by hand: the batch is refused as out of sync and commits nothing")
+    func refusedAffinityUpdate() throws {
+        guard try requireKernelTests(tools: ["nft"]) else { return }
+        let a = try Self.mixed(NetlinkUpdateUnitTests.specs())
+        let b = try Self.mixed(Self.api(NetlinkUpdateUnitTests.specs(), ["198.51.100.8", "198.51.100.9"]))
+        let api = try #require(a.affinityChains.first)
+        try withNamespace("upd-refused-affinity") { ns in
+            let connection = try NftablesConnection(namespace: ns.netns)
+            try connection.apply(a)
+            // (A set still looked up cannot be deleted: the chain is flushed first.)
+            try ns.nft("flush", "chain", "inet", Self.table, api.iptablesName)
+            try ns.nft("delete", "set", "inet", Self.table, api.affinityName(api.target.destinations[0]))
+            let before = try ns.nft("-a", "list", "ruleset")
+            if let error = netlinkError({ try connection.update(from: a, to: b) }) {
+                #expect(error.kind == .rejected && error.errno == 2 && error.isOutOfSync, "\(error)")
+                #expect(error.operation?.hasPrefix("adding rule to chain \(api.iptablesName)") == true, "\(error)")
+            }
+            #expect(try ns.nft("-a", "list", "ruleset") == before)
+            try connection.apply(b)
+            #expect(try connection.read(table: Self.table) == NftablesNetlink.expected(b))
+        }
+    }
+
     @Test("the change monitor reports other processes' changes to our table, not our own nor other tables'")
     func changeMonitor() async throws {
         guard try requireKernelTests(tools: ["nft"]) else { return }
@@ -291,34 +436,45 @@ extension NetlinkUpdateKernelTests {
 
 // MARK: - helpers
 
-/// A table listing with its chains sorted by name: nft lists chains in creation order, and an update adds
-/// pick chains after the others where a fresh apply creates them sorted.
+/// A table listing with its sets and maps, and its chains, sorted by name: nft lists both in creation order,
+/// and an update adds pick chains, affinity chains and sets and the ranged maps after the others where a
+/// fresh apply creates them in the plan's order.
 func sortingChains(_ listing: String) -> String {
-    var head: [String] = [], chains: [[String]] = [], tail: [String] = []
+    var head: [String] = [], sets: [[String]] = [], chains: [[String]] = [], tail: [String] = []
     var current: [String]?
     for line in listing.split(separator: "\n", omittingEmptySubsequences: false).map(String.init) {
         if var c = current {
             c.append(line)
-            if line == "\t}" { chains.append(c); current = nil } else { current = c }
-        } else if line.hasPrefix("\tchain ") {
+            if line == "\t}" {
+                if c[0].hasPrefix("\tchain ") { chains.append(c) } else { sets.append(c) }
+                current = nil
+            } else {
+                current = c
+            }
+        } else if line.hasPrefix("\tchain ") || line.hasPrefix("\tset ") || line.hasPrefix("\tmap ") {
             current = [line]
-        } else if chains.isEmpty {
+        } else if chains.isEmpty && sets.isEmpty {
             head.append(line)
         } else {
             tail.append(line)
         }
     }
-    return (head + chains.sorted { $0[0] < $1[0] }.flatMap { $0 } + tail).joined(separator: "\n")
+    return (head + sets.sorted { $0[0] < $1[0] }.flatMap { $0 } + chains.sorted { $0[0] < $1[0] }.flatMap { $0 } + tail)
+        .joined(separator: "\n")
 }
 
 /// `nft monitor` in a namespace, its output in a file: the kernel's own account of each transaction.
 final class NftMonitor {
     struct Transaction: CustomStringConvertible {
         var elementsAdded = 0, elementsDeleted = 0, chainsAdded = 0, chainsDeleted = 0, unknownElements = 0
+        var setsAdded = 0, setsDeleted = 0
+        /// What nft printed for the transaction.
+        var lines: [String] = []
         var tableReplaced = false
         var other: [String] = []
         var description: String {
-            "\(elementsAdded)+/\(elementsDeleted)-/\(unknownElements)? elements, \(chainsAdded)+/\(chainsDeleted)- chains, table replaced \(tableReplaced), other \(other.prefix(5))"
+            "\(elementsAdded)+/\(elementsDeleted)-/\(unknownElements)? elements, \(chainsAdded)+/\(chainsDeleted)- chains, "
+                + "\(setsAdded)+/\(setsDeleted)- sets, table replaced \(tableReplaced), other \(other.prefix(5))"
         }
     }
 
@@ -369,6 +525,7 @@ final class NftMonitor {
                 let end = gens[baseline + count - 1]
                 let start = baseline + count - 2 >= 0 ? gens[baseline + count - 2] + 1 : 0
                 var t = Transaction()
+                t.lines = Array(lines[start..<end])
                 for line in lines[start..<end] {
                     let items = line.firstIndex(of: "{").map { i in line[i...].components(separatedBy: ", ").count } ?? 1
                     // (Adds with NLM_F_EXCL print as "create".)
@@ -376,6 +533,8 @@ final class NftMonitor {
                     else if line.hasPrefix("delete element ") { t.elementsDeleted += items }
                     else if line.hasPrefix("add chain ") || line.hasPrefix("create chain ") { t.chainsAdded += 1 }
                     else if line.hasPrefix("delete chain ") { t.chainsDeleted += 1 }
+                    else if ["add set ", "create set ", "add map ", "create map "].contains(where: { line.hasPrefix($0) }) { t.setsAdded += 1 }
+                    else if line.hasPrefix("delete set ") || line.hasPrefix("delete map ") { t.setsDeleted += 1 }
                     else if line.hasPrefix("delete table ") { t.tableReplaced = true }
                     else if line == "W: Received event for an unknown set." { t.unknownElements += 1 }
                     else if line.hasPrefix("add rule ") || line.hasPrefix("delete rule ") || line.hasPrefix("W: Unable to cache set_elem") { continue }
@@ -384,7 +543,10 @@ final class NftMonitor {
                 if gens.count > baseline + count { throw TestSupportError("more generations than expected: \(lines[end...])") }
                 return t
             }
-            guard Date() < deadline else { throw TestSupportError("nft monitor saw \(gens.count - baseline) of \(count) generations") }
+            guard Date() < deadline else {
+                throw TestSupportError("nft monitor saw \(gens.count - baseline) of \(count) generations; it printed last:\n"
+                                       + lines.suffix(30).joined(separator: "\n"))
+            }
             Thread.sleep(forTimeInterval: 0.01)
         }
     }

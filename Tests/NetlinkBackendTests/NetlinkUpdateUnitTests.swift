@@ -39,6 +39,8 @@ struct NetlinkUpdateUnitTests {
             case .newElements(_, let e): kind = "newElements(\(e.count))"
             case .deleteElements(_, let e): kind = "deleteElements(\(e.count))"
             case .newRule: kind = "newRule"
+            case .deleteSet: kind = "deleteSet"
+            case .flushChain: kind = "flushChain"
             }
             return "\(kind)\(op.exclusive ? "!" : ""): \(op.description)"
         }
@@ -53,36 +55,199 @@ struct NetlinkUpdateUnitTests {
         return ops
     }
 
-    @Test("source ranges or ClientIP affinity that change take a full replace; unchanged ones are left alone")
-    func rangesAndAffinityAreNotIncremental() throws {
-        let plain = try Fixtures.plan(Self.specs())
-        let ranged = try Fixtures.plan(Self.specs(), ranges: ["203.0.113.0/25"])
-        let sticky = try Fixtures.plan(Self.specs(), affinity: 60)
-        #expect(try RulesetProgram.changes(from: plain, to: plain)?.isEmpty == true)
-        for (old, new) in [(plain, ranged), (ranged, plain), (plain, sticky), (sticky, plain), (ranged, sticky)] {
-            #expect(try RulesetProgram.changes(from: old, to: new) == nil)
-        }
-        for same in [ranged, sticky] { #expect(try RulesetProgram.changes(from: same, to: same)?.isEmpty == true) }
+    /// dns has source ranges (203.0.113.0/25), api ClientIP affinity (60 s); web is plain.
+    static func mixed(_ specs: [ServiceSpec], ranged: Set<String> = ["dns"], ranges: [String] = ["203.0.113.0/25"],
+                      sticky: Set<String> = ["api"], timeout: Int = 60) throws -> RulePlan {
+        try Fixtures.mixedPolicyPlan(specs, ranged: ranged, ranges: ranges, sticky: sticky, timeout: timeout)
     }
 
-    @Test("a change to a plain service next to ranged and sticky ones is incremental and touches only its elements")
+    /// `specs()` with api's IPv4 endpoints replaced.
+    static func specs(api: [String], extra: [ServiceSpec] = []) -> [ServiceSpec] {
+        Self.specs(extra: extra).map { s in
+            var s = s
+            if s.name == "api" { s.endpoints4 = api }
+            return s
+        }
+    }
+
+    /// The descriptions `changes` gives api's affinity chain and sets in `plan`.
+    struct Sticky {
+        let chain: TargetChain
+        init(_ plan: RulePlan, _ service: String = "api") throws {
+            chain = try #require(plan.affinityChains.first { $0.service.name == service })
+        }
+        var name: String { chain.iptablesName }
+        func set(_ ip: String, port: Int = 9000) -> String { chain.affinityName(Destination(ip: IPAddress(ip)!, port: port)) }
+        func newSet(_ ip: String, port: Int = 9000) -> String {
+            "newSet!: adding set \(set(ip, port: port)) (type ipv4_addr; flags dynamic,timeout; timeout \(chain.affinityTimeout!)s, "
+                + "ClientIP affinity to \(ip):\(port))"
+        }
+        func deleteSet(_ ip: String, port: Int = 9000) -> String {
+            "deleteSet: deleting set \(set(ip, port: port)) (ClientIP affinity to \(ip):\(port), with its clients)"
+        }
+        var flush: String { "flushChain: deleting the rules of chain \(name) (ClientIP affinity for \(chain.comment))" }
+        /// The rules as the full apply writes them.
+        var rules: [String] { chain.nftAffinityRules.map { "newRule: adding rule to chain \(name): \($0)" } }
+    }
+
+    @Test("no change next to ranged and sticky services sends nothing; dropping the last source range or changing an affinity timeout replaces")
+    func policyNoChangeAndReplaces() throws {
+        let plain = try Self.plan(Self.specs())
+        let mixed = try Self.mixed(Self.specs())
+        #expect(mixed.hasSourceRanges && !mixed.affinityChains.isEmpty)
+        #expect(try RulesetProgram.changes(from: mixed, to: try Self.mixed(Self.specs()))?.isEmpty == true)
+        // The ranged rules would have to be deleted by handle: a full replace.
+        #expect(try RulesetProgram.changes(from: mixed, to: try Self.mixed(Self.specs(), ranged: [])) == nil)
+        #expect(try RulesetProgram.changes(from: mixed, to: plain) == nil)
+        // A set's timeout is fixed when it is created.
+        #expect(try RulesetProgram.changes(from: mixed, to: try Self.mixed(Self.specs(), timeout: 61)) == nil)
+        // Everything else is incremental, also from and to no policy at all (checked on the kernel model).
+        _ = try Self.changes(plain, mixed)
+        _ = try Self.changes(mixed, try Self.mixed(Self.specs(), sticky: []))
+        _ = try Self.changes(try Self.mixed(Self.specs(), sticky: []), mixed)
+    }
+
+    @Test("a change to a plain service next to ranged and sticky ones touches only its elements")
     func plainChangeBesidePolicyServices() throws {
-        // dns has source ranges, api ClientIP affinity; web is plain.
-        func mixed(_ specs: [ServiceSpec]) throws -> RulePlan { try Fixtures.mixedPolicyPlan(specs) }
-        let old = try mixed(Self.specs())
-        #expect(old.hasSourceRanges && !old.affinityChains.isEmpty)
-        // web loses an endpoint: checked on the kernel model against expected(new).
-        let new = try mixed(Self.specs(web4: ["198.51.100.5", "198.51.100.7"]))
+        let old = try Self.mixed(Self.specs())
+        let new = try Self.mixed(Self.specs(web4: ["198.51.100.5", "198.51.100.7"]))
         let ops = try Self.changes(old, new)
         #expect(!ops.isEmpty)
         #expect(ops.allSatisfy { !$0.description.contains("ranged") && !$0.description.contains("affinity") }, "\(Self.summary(ops))")
-        // api (sticky) loses an endpoint: its affinity chain changes, so a full replace.
-        let stickyChanged = try mixed(Self.specs().map { s in
+    }
+
+    @Test("sticky service: an endpoint added gets its set, the chain's rules are written anew, the other sets stay")
+    func affinityEndpointAdded() throws {
+        let old = try Self.mixed(Self.specs())
+        let new = try Self.mixed(Self.specs(api: ["198.51.100.8", "198.51.100.9", "198.51.100.10", "198.51.100.11"]))
+        let api = try Sticky(new)
+        #expect(Self.summary(try Self.changes(old, new)) == [api.newSet("198.51.100.11"), api.flush] + api.rules)
+        #expect(api.rules.count == 8)
+        let c = RulesetProgram.counts(try Self.changes(old, new))
+        #expect([c.elementsAdded, c.elementsDeleted, c.chainsAdded, c.chainsDeleted, c.setsAdded, c.setsDeleted, c.chainsRewritten]
+                == [0, 0, 0, 0, 1, 0, 1] as [Int])
+    }
+
+    @Test("sticky service: an endpoint removed: the rules first, then its set; the other sets stay")
+    func affinityEndpointRemoved() throws {
+        let old = try Self.mixed(Self.specs())
+        let new = try Self.mixed(Self.specs(api: ["198.51.100.8", "198.51.100.10"]))
+        let api = try Sticky(new)
+        #expect(Self.summary(try Self.changes(old, new)) == [api.flush] + api.rules + [api.deleteSet("198.51.100.9")])
+        #expect(api.rules.count == 4)
+        // Deleting the set before its rules are gone is refused (EBUSY), on the model as in the kernel.
+        var reordered = try #require(try RulesetProgram.changes(from: old, to: new))
+        reordered.insert(reordered.removeLast(), at: 0)
+        var model = try KernelModel(NetlinkUnitTests.simulatedDump(old))
+        #expect(throws: KernelModel.Refused.self) { try model.commit(reordered) }
+    }
+
+    @Test("sticky service: an endpoint replaced: the new set before the rules, the old set after them")
+    func affinityEndpointReplaced() throws {
+        let old = try Self.mixed(Self.specs())
+        let new = try Self.mixed(Self.specs(api: ["198.51.100.8", "198.51.100.9", "198.51.100.20"]))
+        let api = try Sticky(new)
+        #expect(Self.summary(try Self.changes(old, new)) == [api.newSet("198.51.100.20"), api.flush] + api.rules + [api.deleteSet("198.51.100.10")])
+        // A port change is a new destination too (the set is named by address and port).
+        let port = try Self.mixed(Self.specs().map { s in
             var s = s
-            if s.name == "api" { s.endpoints4 = ["198.51.100.8", "198.51.100.9"] }
+            if s.name == "api" { s.ports = [("", .tcp, 8000, 9001)] }
             return s
         })
-        #expect(try RulesetProgram.changes(from: old, to: stickyChanged) == nil)
+        let p = try Sticky(port)
+        #expect(Self.summary(try Self.changes(old, port))
+                == ["198.51.100.8", "198.51.100.9", "198.51.100.10"].map { p.newSet($0, port: 9001) } + [p.flush] + p.rules
+                    + ["198.51.100.8", "198.51.100.9", "198.51.100.10"].map { p.deleteSet($0) })
+    }
+
+    @Test("a sticky service added and deleted beside others: sets, chain, rules, dispatch element; and the way back")
+    func stickyServiceAddedAndDeleted() throws {
+        let cart = ServiceSpec(namespace: "shop", name: "cart", ips: ["192.0.2.30"], ports: [("http", .tcp, 80, 8080)],
+                               endpoints4: ["198.51.100.31", "198.51.100.32"])
+        let old = try Self.mixed(Self.specs())
+        let new = try Self.mixed(Self.specs(extra: [cart]), sticky: ["api", "cart"])
+        let c = try Sticky(new, "cart")
+        #expect(Self.summary(try Self.changes(old, new)) == [
+            c.newSet("198.51.100.31", port: 8080), c.newSet("198.51.100.32", port: 8080),
+            "newChain!: adding chain \(c.name) (ClientIP affinity for shop/cart:http)",
+        ] + c.rules + [
+            "newElements(1)!: adding element 192.0.2.30 . tcp . 80 comment \"shop/cart:http\" : goto \(c.name) to map dispatch4",
+            "newElements(1)!: adding element 192.0.2.30 to set masquerade4",
+        ])
+        #expect(Self.summary(try Self.changes(new, old)) == [
+            "deleteElements(1): deleting element 192.0.2.30 . tcp . 80 comment \"shop/cart:http\" : goto \(c.name) from map dispatch4",
+            "deleteElements(1): deleting element 192.0.2.30 from set masquerade4",
+            "deleteChain: deleting chain \(c.name) (ClientIP affinity for shop/cart:http, with its rules)",
+            c.deleteSet("198.51.100.31", port: 8080), c.deleteSet("198.51.100.32", port: 8080),
+        ])
+    }
+
+    @Test("a service gains and loses affinity: its chain and sets come and go, its dispatch entry and slots move")
+    func affinityGainedAndLost() throws {
+        let plain = try Self.mixed(Self.specs(), sticky: [])
+        let sticky = try Self.mixed(Self.specs())
+        let api = try Sticky(sticky)
+        #expect(Self.summary(try Self.changes(plain, sticky)) == [
+            api.newSet("198.51.100.8"), api.newSet("198.51.100.9"), api.newSet("198.51.100.10"),
+            "newChain!: adding chain \(api.name) (ClientIP affinity for prod/api:8000)",
+        ] + api.rules + [
+            "deleteElements(1): deleting element 203.0.113.12 . tcp . 8000 comment \"prod/api:8000\" : goto pick4-tcp-3 from map dispatch4",
+            "deleteElements(3): deleting 3 elements (203.0.113.12 . tcp . 8000 . 0 : 198.51.100.8 . 9000 … 203.0.113.12 . tcp . 8000 . 2 : 198.51.100.10 . 9000) from map endpoints4",
+            "newElements(1)!: adding element 203.0.113.12 . tcp . 8000 comment \"prod/api:8000\" : goto \(api.name) to map dispatch4",
+        ])  // pick4-tcp-3 stays: web uses it
+        #expect(Self.summary(try Self.changes(sticky, plain)) == [
+            "deleteElements(1): deleting element 203.0.113.12 . tcp . 8000 comment \"prod/api:8000\" : goto \(api.name) from map dispatch4",
+            "newElements(1)!: adding element 203.0.113.12 . tcp . 8000 comment \"prod/api:8000\" : goto pick4-tcp-3 to map dispatch4",
+            "newElements(3)!: adding 3 elements (203.0.113.12 . tcp . 8000 . 0 : 198.51.100.8 . 9000 … 203.0.113.12 . tcp . 8000 . 2 : 198.51.100.10 . 9000) to map endpoints4",
+            "deleteChain: deleting chain \(api.name) (ClientIP affinity for prod/api:8000, with its rules)",
+            api.deleteSet("198.51.100.8"), api.deleteSet("198.51.100.9"), api.deleteSet("198.51.100.10"),
+        ])
+    }
+
+    @Test("source ranges: a block added, removed or changed is exactly that ranged element; the first ranged mapping creates the maps")
+    func sourceRanges() throws {
+        let old = try Self.mixed(Self.specs())
+        let two = try Self.mixed(Self.specs(), ranges: ["203.0.113.0/25", "192.0.2.0/24"])
+        let element = { (block: String) in "203.0.113.11 . udp . 53 . \(block) comment \"default/dns:dns\" : goto pick4-udp-1" }
+        #expect(Self.summary(try Self.changes(old, two)) == ["newElements(1)!: adding element \(element("192.0.2.0/24")) to map ranged4"])
+        #expect(Self.summary(try Self.changes(two, old)) == ["deleteElements(1): deleting element \(element("192.0.2.0/24")) from map ranged4"])
+        // A delete names the whole interval (key and key end), as nft does.
+        let delete = try #require(try RulesetProgram.changes(from: two, to: old)?.first)
+        guard case .deleteElements(_, let es) = delete.kind else { Issue.record("\(delete.description)"); return }
+        #expect(es.count == 1 && es[0].keyEnd != nil && es[0].verdict == nil)
+        let narrower = try Self.mixed(Self.specs(), ranges: ["203.0.113.0/26"])
+        #expect(Self.summary(try Self.changes(old, narrower)) == [
+            "deleteElements(1): deleting element \(element("203.0.113.0/25")) from map ranged4",
+            "newElements(1)!: adding element \(element("203.0.113.0/26")) to map ranged4",
+        ])
+        // A ranged mapping's verdict follows its target: an endpoint added to dns moves all its blocks.
+        var more = Self.specs()
+        more[1].endpoints4 = ["198.51.100.53", "198.51.100.54"]
+        let moved = Self.summary(try Self.changes(two, try Self.mixed(more, ranges: ["203.0.113.0/25", "192.0.2.0/24"])))
+        #expect(moved.contains("deleteElements(2): deleting 2 elements (\(element("192.0.2.0/24")) … \(element("203.0.113.0/25"))) from map ranged4"), "\(moved)")
+        #expect(!moved.contains { $0.contains("dispatch4") }, "\(moved)")
+        // A ranged service added beside another: its blocks, slots and masquerade address.
+        let admin = ServiceSpec(name: "admin", ips: ["192.0.2.40"], ports: [("ssh", .tcp, 22, 22)], endpoints4: ["198.51.100.40"])
+        let added = try Self.mixed(Self.specs(extra: [admin]), ranged: ["dns", "admin"])
+        #expect(Self.summary(try Self.changes(old, added)) == [
+            "newChain!: adding chain pick4-tcp-1",
+            "newRule: adding rule to chain pick4-tcp-1: meta l4proto tcp dnat ip to ip daddr . meta l4proto . th dport . numgen random mod 1 map @endpoints4",
+            "newElements(1)!: adding element 192.0.2.40 . tcp . 22 . 203.0.113.0/25 comment \"default/admin:ssh\" : goto pick4-tcp-1 to map ranged4",
+            "newElements(1)!: adding element 192.0.2.40 . tcp . 22 . 0 : 198.51.100.40 . 22 to map endpoints4",
+            "newElements(1)!: adding element 192.0.2.40 to set masquerade4",
+        ])
+        #expect(Self.summary(try Self.changes(added, old)).contains(
+            "deleteElements(1): deleting element 192.0.2.40 . tcp . 22 . 203.0.113.0/25 comment \"default/admin:ssh\" : goto pick4-tcp-1 from map ranged4"))
+        // The first source range: both ranged maps and their rules, then dns moves from dispatch4 to ranged4.
+        let plain = try Self.mixed(Self.specs(), ranged: [])
+        #expect(Self.summary(try Self.changes(plain, old)) == [
+            "newSet!: adding map ranged4 (type ipv4_addr . inet_proto . inet_service . ipv4_addr : verdict; flags interval)",
+            "newSet!: adding map ranged6 (type ipv6_addr . inet_proto . inet_service . ipv6_addr : verdict; flags interval)",
+            "newRule: adding rule to chain output: ip daddr . meta l4proto . th dport . ip saddr vmap @ranged4",
+            "newRule: adding rule to chain output: ip6 daddr . meta l4proto . th dport . ip6 saddr vmap @ranged6",
+            "deleteElements(1): deleting element 203.0.113.11 . udp . 53 comment \"default/dns:dns\" : goto pick4-udp-1 from map dispatch4",
+            "newElements(1)!: adding element \(element("203.0.113.0/25")) to map ranged4",
+        ])
     }
 
     @Test("one endpoint removed: the slots after it shift down, the dispatch entry moves to the pick chain for N-1")
@@ -333,8 +498,9 @@ extension NetlinkUpdateUnitTests {
 }
 
 /// What the kernel checks for the operations of an incremental batch, on a dumped table: deletes need the
-/// key, exclusive adds need its absence, a new chain must not exist, a deleted chain must exist and no
-/// dispatch element may still jump to it. All or nothing, like the kernel.
+/// key, exclusive adds need its absence, a new chain or set must not exist, a deleted chain must exist and no
+/// element may still jump to it, a deleted set must exist and no rule may still look it up, a rule's chain
+/// and sets and an element's set must exist. All or nothing, like the kernel.
 struct KernelModel {
     struct Refused: Error, CustomStringConvertible { var description: String }
     private(set) var dump: DumpedTable
@@ -354,7 +520,26 @@ struct KernelModel {
                 }
             case .newRule(let r):
                 guard d.chains.contains(where: { $0.name == r.chain }) else { throw Refused(description: "ENOENT: \(op.description)") }
+                for set in Self.sets(r) where !d.sets.contains(where: { $0.name == set }) {
+                    throw Refused(description: "ENOENT (set \(set)): \(op.description)")
+                }
                 d.rules.append(r)
+            case .flushChain(let c):
+                guard d.chains.contains(where: { $0.name == c.name }) else { throw Refused(description: "ENOENT: \(op.description)") }
+                d.rules.removeAll { $0.chain == c.name }
+            case .newSet(var s):
+                if d.sets.contains(where: { $0.name == s.name }) {
+                    if op.exclusive { throw Refused(description: "EEXIST: \(op.description)") }
+                } else {
+                    s.id = nil  // as the kernel dumps it (see NetlinkUnitTests.simulatedDump)
+                    if s.dataType == Nft.dataVerdict { s.dataLength = 16 }
+                    d.sets.append(s)
+                }
+            case .deleteSet(let s):
+                guard d.sets.contains(where: { $0.name == s.name }) else { throw Refused(description: "ENOENT: \(op.description)") }
+                if d.rules.contains(where: { Self.sets($0).contains(s.name) }) { throw Refused(description: "EBUSY: \(op.description)") }
+                d.sets.removeAll { $0.name == s.name }
+                elements[s.name] = nil
             case .deleteChain(let c):
                 guard d.chains.contains(where: { $0.name == c.name }) else { throw Refused(description: "ENOENT: \(op.description)") }
                 if elements.values.contains(where: { $0.values.contains { $0.verdict?.chain == c.name } }) {
@@ -363,6 +548,7 @@ struct KernelModel {
                 d.chains.removeAll { $0.name == c.name }
                 d.rules.removeAll { $0.chain == c.name }
             case .newElements(let s, let es):
+                guard d.sets.contains(where: { $0.name == s.name }) else { throw Refused(description: "ENOENT (set): \(op.description)") }
                 for e in es {
                     if elements[s.name]?[e.key] != nil {
                         if op.exclusive { throw Refused(description: "EEXIST: \(op.description)") }
@@ -377,11 +563,21 @@ struct KernelModel {
                 for e in es {
                     guard elements[s.name]?.removeValue(forKey: e.key) != nil else { throw Refused(description: "ENOENT: \(op.description)") }
                 }
-            case .newTable, .deleteTable, .newSet:
+            case .newTable, .deleteTable:
                 throw Refused(description: "not an incremental operation: \(op.description)")
             }
         }
         d.elements = elements.mapValues { Array($0.values) }
         dump = d
+    }
+
+    /// The sets a rule looks up or updates.
+    static func sets(_ r: NftRule) -> [String] {
+        r.expressions.compactMap { e in
+            switch e {
+            case .lookup(let set, _, _, _, _), .dynset(_, _, let set, _): return set
+            default: return nil
+            }
+        }
     }
 }
