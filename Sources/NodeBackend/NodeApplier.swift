@@ -161,14 +161,18 @@ struct NftablesBackend: Sendable {
         } catch {
             throw NodeError(netlink: error, action: "updating table inet \(new.settings.table) in \(context.place)")
         }
-        let what = report.incremental
-            ? "\(report.elementsAdded) element(s) added, \(report.elementsDeleted) deleted, \(report.chainsAdded) pick chain(s) added, \(report.chainsDeleted) deleted"
-            : "replaced in full (the settings changed)"
+        var what = "replaced in full (a change an update cannot make in place: table, priority or masquerading, "
+            + "the last source range removed, or an affinity timeout)"
+        if report.incremental {
+            what = "\(report.elementsAdded) element(s) added, \(report.elementsDeleted) deleted, \(report.chainsAdded) chain(s) added, \(report.chainsDeleted) deleted"
+            if report.setsAdded + report.setsDeleted > 0 { what += ", \(report.setsAdded) affinity set(s) added, \(report.setsDeleted) deleted" }
+            if report.chainsRewritten > 0 { what += ", \(report.chainsRewritten) affinity chain(s) rewritten" }
+        }
         var result = ApplyResult(changed: report.objectsChanged > 0 || !report.incremental, differences: [],
                                  summary: "nftables table inet \(new.settings.table) in \(context.place): \(new.rules.count) mapping(s); \(what); "
                                     + "\(report.messages) netlink message(s), \(report.bytes) bytes")
-        result.added = report.elementsAdded + report.chainsAdded
-        result.removed = report.elementsDeleted + report.chainsDeleted
+        result.added = report.elementsAdded + report.chainsAdded + report.setsAdded + report.chainsRewritten
+        result.removed = report.elementsDeleted + report.chainsDeleted + report.setsDeleted
         result.incremental = report.incremental
         return result
     }
