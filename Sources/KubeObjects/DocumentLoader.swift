@@ -109,7 +109,13 @@ public enum DocumentLoader {
     static func jsonValue(from node: Node) throws -> JSONValue {
         switch node {
         case .scalar(let s):
-            switch Tag.Name(rawValue: node.tag.rawValue) {
+            let tag = Tag.Name(rawValue: node.tag.rawValue)
+            if (tag == .int || tag == .float) && s.string.contains(":") {
+                // YAML 1.1's base-60 numbers (`1:30`) are strings to Kubernetes (sigs.k8s.io/yaml reads
+                // them so), and Yams' conversion of a long one traps on overflow (found by fuzzing).
+                return .string(s.string)
+            }
+            switch tag {
             case .null: return .null
             case .bool: return node.bool.map(JSONValue.bool) ?? .string(s.string)
             case .int:

@@ -107,6 +107,16 @@ import Testing
         }
     }
 
+    /// Found by `scripts/fuzz objects`: a YAML 1.1 base-60 integer too long for Int made Yams trap
+    /// (`render -f` crashed with SIGILL). Base-60 numbers are strings, as sigs.k8s.io/yaml reads them.
+    @Test(arguments: ["1111111111111112222:8", "1:30", "-90:00:00", "190:20:30.15"])
+    func baseSixtyNumbersAreStringsAndNeverTrap(value: String) throws {
+        #expect(throws: InputError.self) { try DocumentLoader.load(Array("\(value)\n".utf8), source: "in.yaml") }
+        let service = "kind: Service\nmetadata: {name: a, namespace: n, labels: {v: \(value)}}\nspec: {ports: [{port: 80}]}\n"
+        let o = try DocumentLoader.load(Array(service.utf8), source: "in.yaml")
+        #expect(o.services.first?.labels["v"] == value)
+    }
+
     @Test func inputReaderStopsAtTheLimit() throws {
         var fds: [Int32] = [0, 0]
         #expect(pipe(&fds) == 0)
