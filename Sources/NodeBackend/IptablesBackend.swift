@@ -185,14 +185,16 @@ struct IptablesBackend: Sendable {
         if !wantMasq { lines += owned.postroutingJumps.map { "-D POSTROUTING \($0.rule.text)" } }
         else if owned.postroutingJumps.count > 1 { lines += owned.postroutingJumps.dropFirst().map { "-D POSTROUTING \($0.rule.text)" } }
         let (write, stale) = chainChanges(desired, owned)
+        var script = lines.joined(separator: "\n") + "\n"
         // Declaring a chain creates it or flushes it; only our chains are declared.
-        lines += desired.restoreLines(write)
+        desired.appendRestoreText(write, to: &script)
         // Stale chains: flushed by declaring them, deleted once nothing refers to them any more.
-        lines += stale.map { ":\($0) - [0:0]" }
-        lines += stale.map { "-X \($0)" }
-        lines += IptablesRenderer.jumpLines(s, output: fixOutput, postrouting: wantMasq && owned.postroutingJumps.isEmpty)
-        lines.append("COMMIT")
-        return (lines.joined(separator: "\n") + "\n", write, stale)
+        var tail = stale.map { ":\($0) - [0:0]" }
+        tail += stale.map { "-X \($0)" }
+        tail += IptablesRenderer.jumpLines(s, output: fixOutput, postrouting: wantMasq && owned.postroutingJumps.isEmpty)
+        tail.append("COMMIT")
+        script += tail.joined(separator: "\n") + "\n"
+        return (script, write, stale)
     }
 
     /// Jumps out first, then flush and delete our chains: nothing else is named, so nothing else changes.

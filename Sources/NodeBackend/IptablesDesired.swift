@@ -111,6 +111,21 @@ struct IptablesDesired: Sendable {
         return out
     }
 
+    /// `restoreLines(chains)`, each line ending in a newline, appended to one string: a full apply at 10k
+    /// Services writes ~160k lines, and building each as its own string and joining them cost as much again.
+    func appendRestoreText(_ chains: [String], to out: inout String) {
+        var size = 0
+        for chain in chains {
+            size += chain.utf8.count + 8
+            for r in rules[chain] ?? [] { size += chain.utf8.count + r.utf8.count + 5 }
+        }
+        out.reserveCapacity(out.utf8.count + size)
+        for chain in chains { out += ":"; out += chain; out += " - [0:0]\n" }
+        for chain in chains {
+            for r in rules[chain] ?? [] { out += "-A "; out += chain; out += " "; out += r; out += "\n" }
+        }
+    }
+
     /// Every chain, as a full apply into an empty table writes it.
     var body: [String] { restoreLines(chainOrder) }
 
