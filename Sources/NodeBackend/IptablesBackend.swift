@@ -20,6 +20,9 @@ struct IptablesOwned: Sendable {
     var postroutingJumps: [Jump] = []
     /// Position of kube-proxy's `-j KUBE-SERVICES` in nat OUTPUT.
     var kubeServicesIndex: Int?
+    /// The jumps were not read but assumed in place (`init(family:jumpsInPlace:)`): their positions are
+    /// unknown, so a rollback leaves them as they are (the update did not touch them either).
+    var jumpsAssumed = false
 
     var isEmpty: Bool { chains.isEmpty && outputJumps.isEmpty && postroutingJumps.isEmpty }
 
@@ -212,16 +215,21 @@ struct IptablesBackend: Sendable {
     /// with their old rules in, the old jumps at their old positions. Nothing else is named.
     func rollbackScript(before: IptablesOwned, now: IptablesOwned) -> String {
         var lines = ["*nat"]
-        lines += now.outputJumps.map { "-D OUTPUT \($0.rule.text)" }
-        lines += now.postroutingJumps.map { "-D POSTROUTING \($0.rule.text)" }
+        let jumps = !before.jumpsAssumed
+        if jumps {
+            lines += now.outputJumps.map { "-D OUTPUT \($0.rule.text)" }
+            lines += now.postroutingJumps.map { "-D POSTROUTING \($0.rule.text)" }
+        }
         let old = Set(before.chainOrder)
         for chain in before.chainOrder + now.chainOrder.filter({ !old.contains($0) }) { lines.append(":\(chain) - [0:0]") }
         for chain in before.chainOrder {
             lines += (before.chains[chain] ?? []).map { "-A \(chain) \($0.text)" }
         }
         lines += now.chainOrder.filter { !old.contains($0) }.map { "-X \($0)" }
-        lines += before.outputJumps.sorted { $0.index < $1.index }.map { "-I OUTPUT \($0.index + 1) \($0.rule.text)" }
-        lines += before.postroutingJumps.sorted { $0.index < $1.index }.map { "-I POSTROUTING \($0.index + 1) \($0.rule.text)" }
+        if jumps {
+            lines += before.outputJumps.sorted { $0.index < $1.index }.map { "-I OUTPUT \($0.index + 1) \($0.rule.text)" }
+            lines += before.postroutingJumps.sorted { $0.index < $1.index }.map { "-I POSTROUTING \($0.index + 1) \($0.rule.text)" }
+        }
         lines.append("COMMIT")
         return lines.joined(separator: "\n") + "\n"
     }

@@ -31,6 +31,7 @@ extension IptablesOwned {
         saved.tables["nat"] = nat
         saved.tableOrder = ["nat"]
         self.init(family: family, saved: saved, settings: s)
+        jumpsAssumed = true
     }
 }
 
@@ -53,9 +54,9 @@ extension IptablesBackend {
     /// rules that jumped to them are gone, in the same restore), and the masquerade chain only when its rules
     /// changed. Nothing changed: no restore at all. Jumps from OUTPUT/POSTROUTING are ensured as `apply` does.
     ///
-    /// Nothing is read when both plans have mappings in a family (`old` stands for what our chains hold, and
-    /// the jumps stay as they were); only OUTPUT and POSTROUTING (`-S`) when the jumps must be added or
-    /// removed; never the whole table. Whatever drifted (someone flushed a chain or deleted a jump) is the
+    /// Nothing is read when both plans have mappings in a family and neither jumps into kube-proxy's chains
+    /// (`old` stands for what our chains hold, and the jumps stay as they were); otherwise only OUTPUT and
+    /// POSTROUTING (`-S`), to add or remove the jumps; never the whole table. Whatever drifted (someone flushed a chain or deleted a jump) is the
     /// periodic full `apply`'s to repair.
     /// When an incremental restore fails (for example `--target kube-proxy` and kube-proxy has not yet
     /// created the `KUBE-SVC-…` chain of a new service, or different settings), this falls back to a full
@@ -86,6 +87,10 @@ extension IptablesBackend {
         var changes: [String] = []
         var written = 0, deleted = 0
         var parts: [String] = []
+        // With `--target kube-proxy` a full apply leaves out mappings whose KUBE-SVC chain kube-proxy has not
+        // made yet, and with them a family's jumps, while the plan (and so `old`) still has the family: its
+        // jumps are read, so the update adds them as soon as one of its mappings can go in.
+        let jumpsMayBeMissing = old.targetChains.contains { $0.isKubeProxyJump } || new.targetChains.contains { $0.isKubeProxyJump }
         for family in IPFamily.allCases {
             let installed = IptablesDesired(plan: old, family: family)
             let desired = IptablesDesired(plan: new, family: family)
@@ -100,7 +105,7 @@ extension IptablesBackend {
                 // A family this plan enters for the first time: read it as apply does (a stale chain of
                 // ours from an earlier run would otherwise be flushed without being compared).
                 hooks = try owned(family, settings: s, required: true)
-            } else if !desired.isEmpty {
+            } else if !desired.isEmpty && !jumpsMayBeMissing {
                 // Rules before and after: the jumps into our chains were ensured when `old` was installed
                 // and the same jumps are wanted now. As kube-proxy does in its partial syncs, they are not
                 // read again: with iptables-legacy each `-S` copies the whole nat table out of the kernel

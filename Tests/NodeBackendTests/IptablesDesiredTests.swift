@@ -85,4 +85,25 @@ import Testing
         #expect(removed.script.contains("-D OUTPUT -j HOSTNET-DNAT\n") && removed.script.contains("-X HOSTNET-DNAT\n"))
         #expect(removed.deleted.count == 2 + full.targetChains.count)
     }
+
+    /// A partial update assumes the jumps are where the last full apply put them and never touches them; a
+    /// rollback after it (the other family's restore failed) must not move them either: their real position
+    /// (after kube-proxy's KUBE-SERVICES) is unknown to it, and `-I OUTPUT 1` would put ours first.
+    @Test func aRollbackLeavesAssumedJumpsAlone() throws {
+        let backend = IptablesBackend(context: NodeContext(), variant: .nft, variantReason: "test")
+        let settings = PlanSettings()
+        let full = try NodeFixtures.plan(families: [.ipv4])
+        let assumed = IptablesOwned(family: .ipv4, installed: IptablesDesired(plan: full, family: .ipv4),
+                                    hooks: IptablesOwned(family: .ipv4, jumpsInPlace: settings))
+        #expect(assumed.jumpsAssumed && assumed.outputJumpInPlace(settings))
+        let now = IptablesOwned(family: .ipv4, saved: SavedRuleset.parse(
+            "*nat\n-A OUTPUT -j KUBE-SERVICES\n-A OUTPUT -j HOSTNET-DNAT\n-A POSTROUTING -j HOSTNET-DNAT-MASQ\nCOMMIT\n"), settings: settings)
+        let script = backend.rollbackScript(before: assumed, now: now)
+        #expect(!script.contains("OUTPUT") && !script.contains("POSTROUTING"), "\(script)")
+        #expect(script.contains(":HOSTNET-DNAT - [0:0]"))
+        // Jumps that were read are put back where they were.
+        let read = IptablesOwned(family: .ipv4, saved: SavedRuleset.parse(
+            "*nat\n-A OUTPUT -j KUBE-SERVICES\n-A OUTPUT -j HOSTNET-DNAT\nCOMMIT\n"), settings: settings)
+        #expect(backend.rollbackScript(before: read, now: now).contains("-I OUTPUT 2 -j HOSTNET-DNAT"))
+    }
 }

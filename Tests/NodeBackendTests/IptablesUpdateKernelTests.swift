@@ -228,6 +228,28 @@ extension NodeKernelTests {
         }
     }
 
+    /// `--target kube-proxy`, dual-stack, before kube-proxy has made its IPv6 chains: the full apply leaves
+    /// the IPv6 family out (no chain, no jump) while the agent's installed plan still has it. Once the chains
+    /// exist, the next update must give IPv6 its rules and jump (it reads the jumps for kube-proxy targets and
+    /// falls back to a full apply when the restore cannot go in), not leave them to the full sync minutes later.
+    @Test(arguments: IptablesVariant.allCases)
+    func aFamilyLeftOutForWantOfKubeProxyChainsIsInstalledAtTheNextUpdate(variant: IptablesVariant) throws {
+        guard try requireKernelTests(tools: Self.iptablesTools), try Variants.available(variant) else { return }
+        try withNamespace("ipt-upd-late") { node in
+            try NodeFixtures.restore(node, variant, .ipv4, NodeFixtures.kubeProxyRuleset())
+            let applier = NodeApplier(context: NodeFixtures.context(node), backend: .iptables, iptablesVariant: variant)
+            let plan = try UpdateFixtures.plan(strategy: .kubeProxy, families: [.ipv4, .ipv6])
+            let first = try applier.apply(plan, dryRun: false)
+            #expect(!first.warnings.isEmpty, "\(first.summary)")
+            #expect(!(try NodeFixtures.save(node, variant, .ipv6)).contains("HOSTNET-DNAT"))
+            let chains = [NodeFixtures.webServiceChain, NodeFixtures.dnsServiceChain]
+            try NodeFixtures.restore(node, variant, .ipv6, "*nat\n" + chains.map { ":\($0) - [0:0]\n" }.joined() + "COMMIT\n")
+            _ = try applier.update(from: plan, to: plan)
+            #expect(try NodeFixtures.save(node, variant, .ipv6).contains("-A OUTPUT -j HOSTNET-DNAT"))
+            #expect(try applier.diff(plan).isEmpty)
+        }
+    }
+
     /// Many mappings (HNDNAT_NODE_SCALE service ports, default 2000): a full apply, then an update that moves
     /// one endpoint restores one chain, leaves the namespace as `diff` expects, and prints both timings.
     @Test(arguments: IptablesVariant.allCases)
