@@ -171,28 +171,16 @@ struct ConntrackSession {
 
     /// Reads one dump's datagrams; nil at its end, or the errno it failed with.
     private func receiveDump(seq: UInt32, what: String, scanned: inout Int, _ visit: (ConntrackEntry) -> Void) throws(NetlinkError) -> Int32? {
+        var reader = ConntrackDumpReader(sequence: seq)
+        defer { scanned = reader.scanned }
         while true {
             guard let datagram = try socket.receive(timeoutMilliseconds: 10_000) else {
                 throw NetlinkError(kind: .io, operation: what, errno: 110, message: "the kernel did not answer within 10 s")
             }
-            for h in NetlinkParse.messages(in: datagram) where h.sequence == seq {
-                switch h.type {
-                case NetlinkWire.nlmsgError:
-                    let e = NetlinkParse.ack(h, in: datagram)?.errno ?? 5
-                    if e != 0 { return e }
-                case NetlinkWire.nlmsgDone:
-                    // The dump's own result travels in NLMSG_DONE's payload.
-                    if h.payload.count >= 4 {
-                        let r = Int32(bitPattern: NetlinkWire.u32(datagram, h.payload.lowerBound))
-                        if r < 0 { return -r }
-                    }
-                    return nil
-                case Ctnl.msgNew:
-                    scanned += 1
-                    if let entry = ConntrackWire.entry(datagram, h) { visit(entry) }
-                default:
-                    continue
-                }
+            switch reader.consume(datagram, visit) {
+            case .more: continue
+            case .finished: return nil
+            case .failed(let e): return e
             }
         }
     }
@@ -243,6 +231,48 @@ struct ConntrackSession {
             }
         }
         return (deleted, gone)
+    }
+}
+
+/// One ctnetlink dump as its datagrams arrive: the entries of the messages with the request's sequence
+/// number, up to NLMSG_DONE (whose payload carries the dump's result) or an NLMSG_ERROR. `ConntrackSession`
+/// feeds it what the socket receives; the fuzz target (Tests/Fuzz/conntrack.swift) feeds it arbitrary bytes.
+/// Entries are handed to the caller one by one, never collected. Pure.
+struct ConntrackDumpReader {
+    enum Progress: Equatable {
+        case more
+        case finished
+        /// The dump failed with this errno.
+        case failed(Int32)
+    }
+
+    let sequence: UInt32
+    /// NEW messages seen (decodable or not).
+    private(set) var scanned = 0
+
+    init(sequence: UInt32) { self.sequence = sequence }
+
+    mutating func consume(_ datagram: [UInt8], _ visit: (ConntrackEntry) -> Void) -> Progress {
+        for h in NetlinkParse.messages(in: datagram) where h.sequence == sequence {
+            switch h.type {
+            case NetlinkWire.nlmsgError:
+                let e = NetlinkParse.ack(h, in: datagram)?.errno ?? NetlinkWire.malformedErrno
+                if e != 0 { return .failed(e) }
+            case NetlinkWire.nlmsgDone:
+                // The dump's own result travels in NLMSG_DONE's payload (a negative errno, 0 when it succeeded).
+                if h.payload.count >= 4 {
+                    let r = Int32(bitPattern: NetlinkWire.u32(datagram, h.payload.lowerBound))
+                    if r < 0 { return .failed(r >= -4095 ? -r : NetlinkWire.malformedErrno) }
+                }
+                return .finished
+            case Ctnl.msgNew:
+                scanned += 1
+                if let entry = ConntrackWire.entry(datagram, h) { visit(entry) }
+            default:
+                continue
+            }
+        }
+        return .more
     }
 }
 

@@ -57,33 +57,29 @@ struct NetlinkBatch {
         while try socket.receive(timeoutMilliseconds: 0) != nil {}
         try socket.send(enc.bytes, what: "sending the nftables batch (\(n) messages, \(enc.bytes.count) bytes)")
 
-        var answered = [Bool](repeating: false, count: n)
-        var answeredCount = 0
-        var failures: [(index: Int?, ack: NetlinkAck)] = []
+        var answers = BatchAnswers(enc)
         var waitedMilliseconds: Int32 = 0
-        while answeredCount < n {
+        while !answers.isComplete {
             // The kernel handles the batch inside sendmsg, so the answers are normally queued already;
             // only wait (briefly) when some are still missing and nothing failed.
-            let timeout: Int32 = failures.isEmpty ? 200 : 0
+            let timeout: Int32 = answers.failed ? 0 : 200
             guard let datagram = try socket.receive(timeoutMilliseconds: timeout) else {
-                if !failures.isEmpty { break }
+                if answers.failed { break }
                 waitedMilliseconds += timeout
                 if waitedMilliseconds >= 5000 { break }
                 continue
             }
-            for h in NetlinkParse.messages(in: datagram) where h.type == NetlinkWire.nlmsgError {
-                guard let ack = NetlinkParse.ack(h, in: datagram) else { continue }
-                let rel = Int(ack.sequence &- seq0) - 1
-                if rel >= 0 && rel < n {
-                    if !answered[rel] { answered[rel] = true; answeredCount += 1 }
-                    if ack.errno != 0 { failures.append((rel, ack)) }
-                } else if ack.errno != 0 && (ack.sequence == seq0 || ack.sequence == enc.endSequence) {
-                    failures.append((nil, ack))  // the batch itself (e.g. EPERM for the whole datagram)
-                }
-            }
+            answers.consume(datagram)
         }
-        if !failures.isEmpty {
-            failures.sort { ($0.index ?? -1) < ($1.index ?? -1) }
+        return try result(answers, enc)
+    }
+
+    /// What the answers say: the first failure (with the others attached) named by its operation, an I/O
+    /// error when some messages went unanswered, else the batch's size. Pure.
+    func result(_ answers: BatchAnswers, _ enc: Encoded) throws(NetlinkError) -> Result {
+        let n = operations.count
+        if !answers.failures.isEmpty {
+            let failures = answers.failures.sorted { ($0.index ?? -1) < ($1.index ?? -1) }
             let described = failures.map { describe($0.index, $0.ack, enc) }
             let first = failures[0]
             let op = first.index.map { operations[$0] }
@@ -92,9 +88,9 @@ struct NetlinkBatch {
                                          message: described[0].message,
                                          otherFailures: described.dropFirst().map { "\($0.operation ?? "the batch"): \($0.message)" })
         }
-        if answeredCount < n {
+        if answers.answeredCount < n {
             throw NetlinkError(kind: .io, operation: "reading the answers to the nftables batch", errno: EIO,
-                               message: "the kernel answered \(answeredCount) of \(n) messages; the ruleset state is unknown")
+                               message: "the kernel answered \(answers.answeredCount) of \(n) messages; the ruleset state is unknown")
         }
         return Result(messages: n + 2, bytes: enc.bytes.count)
     }
@@ -127,6 +123,40 @@ struct NetlinkBatch {
     }
 }
 
+/// The kernel's answers to one encoded batch, as its datagrams arrive: which messages were answered (each
+/// has NLM_F_ACK) and which failed, matched by sequence number; errors for BATCH_BEGIN or BATCH_END concern
+/// the whole batch (`index` nil). `NetlinkBatch.commit` feeds it what the socket receives; the fuzz target
+/// feeds it arbitrary bytes. Pure.
+struct BatchAnswers {
+    let beginSequence: UInt32
+    let endSequence: UInt32
+    private var answered: [Bool]
+    private(set) var answeredCount = 0
+    private(set) var failures: [(index: Int?, ack: NetlinkAck)] = []
+
+    init(_ enc: NetlinkBatch.Encoded) {
+        beginSequence = enc.beginSequence
+        endSequence = enc.endSequence
+        answered = [Bool](repeating: false, count: enc.ranges.count)
+    }
+
+    var isComplete: Bool { answeredCount == answered.count }
+    var failed: Bool { !failures.isEmpty }
+
+    mutating func consume(_ datagram: [UInt8]) {
+        for h in NetlinkParse.messages(in: datagram) where h.type == NetlinkWire.nlmsgError {
+            guard let ack = NetlinkParse.ack(h, in: datagram) else { continue }
+            let rel = Int(ack.sequence &- beginSequence) - 1
+            if rel >= 0 && rel < answered.count {
+                if !answered[rel] { answered[rel] = true; answeredCount += 1 }
+                if ack.errno != 0 { failures.append((rel, ack)) }
+            } else if ack.errno != 0 && (ack.sequence == beginSequence || ack.sequence == endSequence) {
+                failures.append((nil, ack))  // the batch itself (e.g. EPERM for the whole datagram)
+            }
+        }
+    }
+}
+
 /// Request / reply exchanges on one socket: single GETs and dumps.
 struct NetlinkSession {
     let socket: NetlinkSocket
@@ -152,38 +182,19 @@ struct NetlinkSession {
         encoder.request(type: type, family: family?.rawValue ?? 0, flags: dump ? NftMessageType.flagDump : 0, seq: seq,
                     table: table, chain: chain, set: set, into: &bytes)
         try socket.send(bytes, what: "sending a netlink request")
-        var out: [([UInt8], NetlinkHeader)] = []
-        var interrupted = false
+        var collector = NetlinkReplyCollector(sequence: seq, dump: dump)
         while true {
             guard let d = try socket.receive(timeoutMilliseconds: 10_000) else {
                 throw NetlinkError(kind: .io, operation: "reading a netlink reply", errno: 110 /* ETIMEDOUT */,
                                    message: "the kernel did not answer within 10 s")
             }
-            for h in NetlinkParse.messages(in: d) {
-                guard h.sequence == seq else { continue }  // stale answers to an earlier request
-                if h.flags & NetlinkWire.flagDumpInterrupted != 0 { interrupted = true }
-                switch h.type {
-                case NetlinkWire.nlmsgError:
-                    let e = NetlinkParse.ack(h, in: d)?.errno ?? 5
-                    if e == 0 && dump { continue }
-                    if e == 0 { return .messages(out) }
-                    return .error(e)
-                case NetlinkWire.nlmsgDone:
-                    if interrupted { throw DumpInterrupted() }
-                    return .messages(out)
-                case NetlinkWire.nlmsgNoop:
-                    continue
-                default:
-                    out.append((d, h))
-                    if !dump { return .messages(out) }
-                }
-            }
+            if let reply = try collector.consume(d) { return reply }
         }
     }
 
-    /// The ruleset generation; it changes with every committed transaction.
-    mutating func generation() throws -> UInt32 {
-        switch try request(NftMessageType.getGen, family: nil, dump: false) {
+    /// The generation in the answer to a GETGEN. Pure.
+    static func generation(_ reply: Reply) throws(NetlinkError) -> UInt32 {
+        switch reply {
         case .messages(let m):
             guard let (b, h) = m.first, let g = NftDecoder.generation(b, h) else {
                 throw NetlinkError(kind: .io, operation: "reading the ruleset generation", errno: 5, message: "unexpected reply")

@@ -12,6 +12,8 @@ enum NetlinkWire {
     static let flagCapped: UInt16 = 0x100
     static let flagAckTLVs: UInt16 = 0x200
     static let nlaTypeMask: UInt16 = 0x3fff
+    /// EIO: what an NLMSG_ERROR that cannot be read (or names no errno) is reported as.
+    static let malformedErrno: Int32 = 5
 
     static func align4(_ n: Int) -> Int { (n + 3) & ~3 }
 
@@ -76,7 +78,10 @@ enum NetlinkParse {
         let inner = p.lowerBound + 4
         let origSeq = NetlinkWire.u32(b, inner + 8)
         let origLen = Int(NetlinkWire.u32(b, inner))
-        var ack = NetlinkAck(sequence: origSeq, errno: -error, extMessage: nil, extOffset: nil)
+        // The kernel sends a negative errno (0 for an ACK); anything else is not an answer we can name (and
+        // -Int32.min would trap): EIO.
+        var ack = NetlinkAck(sequence: origSeq, errno: (-4095...0).contains(error) ? -error : NetlinkWire.malformedErrno,
+                             extMessage: nil, extOffset: nil)
         guard h.flags & NetlinkWire.flagAckTLVs != 0 else { return ack }
         // The TLVs follow the echoed request: only its header when capped (or for an ACK), else all of it.
         let echoed = (h.flags & NetlinkWire.flagCapped != 0 || error == 0) ? NetlinkWire.headerLength : NetlinkWire.align4(origLen)
@@ -123,6 +128,43 @@ enum NetlinkParse {
             return attributes(in: b, a.value).map { ($0.whole.lowerBound - start)..<($0.whole.upperBound - start) }
         }
         return []
+    }
+}
+
+/// The answer to one request (a GET, or a dump when `dump`), assembled from the datagrams that carry it:
+/// the messages with the request's sequence number, up to the NLMSG_ERROR or NLMSG_DONE that ends it.
+/// `NetlinkSession.request` feeds it what the socket receives; the fuzz target feeds it arbitrary bytes. Pure.
+struct NetlinkReplyCollector {
+    let sequence: UInt32
+    let dump: Bool
+    private var messages: [([UInt8], NetlinkHeader)] = []
+    private var interrupted = false
+
+    init(sequence: UInt32, dump: Bool) { self.sequence = sequence; self.dump = dump }
+
+    /// Takes one datagram: the reply once it is complete, nil while more datagrams are needed.
+    /// `DumpInterrupted` when the kernel flagged the dump as inconsistent (the ruleset changed meanwhile).
+    mutating func consume(_ d: [UInt8]) throws(NetlinkSession.DumpInterrupted) -> NetlinkSession.Reply? {
+        for h in NetlinkParse.messages(in: d) {
+            guard h.sequence == sequence else { continue }  // stale answers to an earlier request
+            if h.flags & NetlinkWire.flagDumpInterrupted != 0 { interrupted = true }
+            switch h.type {
+            case NetlinkWire.nlmsgError:
+                let e = NetlinkParse.ack(h, in: d)?.errno ?? NetlinkWire.malformedErrno
+                if e == 0 && dump { continue }
+                if e == 0 { return .messages(messages) }
+                return .error(e)
+            case NetlinkWire.nlmsgDone:
+                if interrupted { throw NetlinkSession.DumpInterrupted() }
+                return .messages(messages)
+            case NetlinkWire.nlmsgNoop:
+                continue
+            default:
+                messages.append((d, h))
+                if !dump { return .messages(messages) }
+            }
+        }
+        return nil
     }
 }
 
@@ -196,6 +238,12 @@ struct NftChangeFilter {
         defer { touched = false }
         guard touched, !isOwnPort(n.portID) else { return nil }
         return NftablesChange(generation: n.generation ?? 0, processID: n.processID, processName: n.processName, lostNotifications: false)
+    }
+
+    /// The changes that one datagram of notifications completes (`NftablesChangeMonitor` feeds it what its
+    /// socket receives; the fuzz target feeds it arbitrary bytes).
+    mutating func consume(datagram: [UInt8]) -> [NftablesChange] {
+        NetlinkParse.messages(in: datagram).compactMap { h in NftNotification.parse(h, in: datagram).flatMap { consume($0) } }
     }
 
     /// Notifications were lost: whatever was half-seen is forgotten.

@@ -36,6 +36,9 @@ final class NetlinkSocket {
     private let fd: Int32
     private(set) var portID: UInt32 = 0
     private var receiveBuffer: [UInt8]
+    /// Called with every datagram `receive` returns: tests record the kernel's answers with it (the fuzz
+    /// targets' seed corpus, replayed through `NetlinkReplay`).
+    var tap: (([UInt8]) -> Void)?
 
     init() throws(NetlinkError) {
         let s = socket(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), NETLINK_NETFILTER)
@@ -158,7 +161,9 @@ final class NetlinkSocket {
                 throw NetlinkError(kind: .io, operation: "reading the kernel's answer", errno: EMSGSIZE,
                                    message: "a netlink message of \(n) bytes did not fit the \(capacity)-byte buffer")
             }
-            return Array(receiveBuffer[0..<n])
+            let datagram = Array(receiveBuffer[0..<n])
+            tap?(datagram)
+            return datagram
         }
     }
 
@@ -519,8 +524,18 @@ struct NftEncoder {
 enum NftDecoder {
     private static func attr(_ v: some BinaryInteger) -> UInt16 { UInt16(v) }
 
-    private static func withHeader<T>(_ b: [UInt8], _ h: NetlinkHeader, _ body: (UnsafePointer<nlmsghdr>) -> T) -> T {
-        b.withUnsafeBytes { raw in body((raw.baseAddress! + h.offset).assumingMemoryBound(to: nlmsghdr.self)) }
+    /// Hands libnftnl one message, when it passes the checks libnftnl would otherwise exit the process (or
+    /// read out of bounds) over (`NftAttributeCheck`, with `policy`); nil when it does not, or when it is too
+    /// short for its nfgenmsg, which every parser reads. A copy followed by zeros: libnftnl strdup()s string
+    /// attributes without checking that they end in a NUL (libmnl's MNL_TYPE_STRING checks only the length),
+    /// so an unterminated one would be read past the message's end.
+    private static func withHeader<T>(_ b: [UInt8], _ h: NetlinkHeader, _ policy: NftAttributeCheck.Policy,
+                                      _ body: (UnsafePointer<nlmsghdr>) -> T?) -> T? {
+        guard h.length >= NetlinkWire.headerLength + 4, h.offset >= 0, h.offset <= b.count - h.length,
+              NftAttributeCheck.accepts(b, h, policy) else { return nil }
+        var message = Array(b[h.offset..<(h.offset + h.length)])
+        message.append(contentsOf: [0, 0, 0, 0])
+        return message.withUnsafeBytes { raw in body(raw.baseAddress!.assumingMemoryBound(to: nlmsghdr.self)) }
     }
 
     private static func family(_ b: [UInt8], _ h: NetlinkHeader) -> NftFamily? {
@@ -536,7 +551,7 @@ enum NftDecoder {
     private static func string(_ p: UnsafePointer<CChar>?) -> String { p.map { String(cString: $0) } ?? "" }
 
     static func generation(_ b: [UInt8], _ h: NetlinkHeader) -> UInt32? {
-        withHeader(b, h) { nlh in
+        withHeader(b, h, NftAttributeCheck.generation) { nlh in
             let g = nftnl_gen_alloc()!
             defer { nftnl_gen_free(g) }
             guard nftnl_gen_nlmsg_parse(nlh, g) >= 0 else { return nil }
@@ -546,7 +561,7 @@ enum NftDecoder {
 
     static func table(_ b: [UInt8], _ h: NetlinkHeader) -> NftTable? {
         guard let fam = family(b, h) else { return nil }
-        return withHeader(b, h) { nlh in
+        return withHeader(b, h, NftAttributeCheck.table) { nlh in
             let o = nftnl_table_alloc()!
             defer { nftnl_table_free(o) }
             guard nftnl_table_nlmsg_parse(nlh, o) >= 0 else { return nil }
@@ -563,7 +578,7 @@ enum NftDecoder {
 
     static func chain(_ b: [UInt8], _ h: NetlinkHeader) -> NftChain? {
         guard let fam = family(b, h) else { return nil }
-        return withHeader(b, h) { nlh in
+        return withHeader(b, h, NftAttributeCheck.chain) { nlh in
             let o = nftnl_chain_alloc()!
             defer { nftnl_chain_free(o) }
             guard nftnl_chain_nlmsg_parse(nlh, o) >= 0 else { return nil }
@@ -581,7 +596,7 @@ enum NftDecoder {
 
     static func set(_ b: [UInt8], _ h: NetlinkHeader) -> NftSet? {
         guard let fam = family(b, h) else { return nil }
-        return withHeader(b, h) { nlh in
+        return withHeader(b, h, NftAttributeCheck.set) { nlh in
             let o = nftnl_set_alloc()!
             defer { nftnl_set_free(o) }
             guard nftnl_set_nlmsg_parse(nlh, o) >= 0 else { return nil }
@@ -602,7 +617,7 @@ enum NftDecoder {
 
     /// (set name, elements) of one NEWSETELEM dump message.
     static func elements(_ b: [UInt8], _ h: NetlinkHeader) -> (String, [NftElement])? {
-        withHeader(b, h) { nlh in
+        withHeader(b, h, NftAttributeCheck.elementList) { nlh in
             let o = nftnl_set_alloc()!
             defer { nftnl_set_free(o) }
             guard nftnl_set_elems_nlmsg_parse(nlh, o) >= 0 else { return nil }
@@ -642,7 +657,7 @@ enum NftDecoder {
 
     static func rule(_ b: [UInt8], _ h: NetlinkHeader) -> NftRule? {
         guard let fam = family(b, h) else { return nil }
-        return withHeader(b, h) { nlh in
+        return withHeader(b, h, NftAttributeCheck.rule) { nlh in
             let o = nftnl_rule_alloc()!
             defer { nftnl_rule_free(o) }
             guard nftnl_rule_nlmsg_parse(nlh, o) >= 0 else { return nil }

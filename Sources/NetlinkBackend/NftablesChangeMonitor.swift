@@ -94,9 +94,7 @@ public final class NftablesChangeMonitor: @unchecked Sendable {
             }
             guard let datagram else { return }
             lock.lock()
-            for h in NetlinkParse.messages(in: datagram) {
-                if let n = NftNotification.parse(h, in: datagram), let change = filter.consume(n) { pending.append(change) }
-            }
+            pending += filter.consume(datagram: datagram)
             lock.unlock()
         }
     }

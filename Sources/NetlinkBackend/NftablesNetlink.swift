@@ -191,6 +191,13 @@ public struct NftablesNetlink: Sendable {
         } catch {
             throw NetlinkError(kind: .io, operation: what, errno: 5, message: "\(error)")
         }
+        return try ownership(reply, name: name, verb: verb)
+    }
+
+    /// The answer to `refuseForeignTable`'s GETTABLE: false when the table does not exist, true when it is
+    /// ours, `.foreignTable` otherwise. Pure.
+    static func ownership(_ reply: NetlinkSession.Reply, name: String, verb: String) throws(NetlinkError) -> Bool {
+        let what = "looking up table inet \(name)"
         switch reply {
         case .error(2): return false
         case .error(let e):
@@ -229,9 +236,18 @@ public struct NftablesNetlink: Sendable {
         var lastError: NetlinkError?
         for _ in 0..<8 {
             do {
-                let before = try session.generation()
-                guard let dumped = try dumpOnce(&session, family: family, name: name) else { return nil }
-                if try session.generation() == before { return dumped }
+                var reader = TableDumpReader(family: family, name: name)
+                var step = reader.first
+                retry: while true {
+                    switch step {
+                    case .send(let r):
+                        step = try reader.next(session.request(r.type, family: r.family, dump: r.dump, table: r.table, set: r.set))
+                    case .done(let dumped):
+                        return dumped
+                    case .changed:
+                        break retry
+                    }
+                }
             } catch is NetlinkSession.DumpInterrupted {
                 continue
             } catch let e as NetlinkError {
@@ -243,39 +259,6 @@ public struct NftablesNetlink: Sendable {
         }
         throw lastError ?? NetlinkError(kind: .io, operation: "reading table \(family) \(name)", errno: 11,
                                         message: "the ruleset kept changing while it was read")
-    }
-
-    private static func dumpOnce(_ s: inout NetlinkSession, family: NftFamily, name: String) throws -> DumpedTable? {
-        func failure(_ what: String, _ e: Int32) -> NetlinkError {
-            NetlinkError(kind: NetlinkError.kind(errno: e, operation: nil), operation: what, errno: e, message: NetlinkSocket.describe(e))
-        }
-        let table: NftTable
-        switch try s.request(NftMessageType.getTable, family: family, dump: false, table: name) {
-        case .error(2): return nil
-        case .error(let e): throw failure("reading table \(family) \(name)", e)
-        case .messages(let m):
-            guard let (b, h) = m.first, let t = NftDecoder.table(b, h) else { throw failure("reading table \(family) \(name)", 5) }
-            table = t
-        }
-        func dump<T>(_ type: UInt16, _ what: String, set: String? = nil, _ decode: ([UInt8], NetlinkHeader) -> T?) throws -> [T] {
-            switch try s.request(type, family: family, dump: true, table: name, set: set) {
-            case .error(2): return []  // the table vanished meanwhile; the generation check retries
-            case .error(let e): throw failure(what, e)
-            case .messages(let m): return m.compactMap { decode($0.0, $0.1) }
-            }
-        }
-        let chains = try dump(NftMessageType.getChain, "listing chains of \(family) \(name)", NftDecoder.chain)
-            .filter { $0.table == name && $0.family == family }
-        let sets = try dump(NftMessageType.getSet, "listing sets of \(family) \(name)", NftDecoder.set)
-            .filter { $0.table == name && $0.family == family }
-        var elements: [String: [NftElement]] = [:]
-        for set in sets {
-            let parts = try dump(NftMessageType.getSetElem, "listing elements of \(family) \(name) \(set.name)", set: set.name, NftDecoder.elements)
-            elements[set.name] = parts.flatMap { $0.1 }
-        }
-        let rules = try dump(NftMessageType.getRule, "listing rules of \(family) \(name)", NftDecoder.rule)
-            .filter { $0.table == name && $0.family == family }
-        return DumpedTable(table: table, chains: chains, sets: sets, elements: elements, rules: rules)
     }
 
     // MARK: proxy detection helpers
@@ -304,6 +287,111 @@ public struct NftablesNetlink: Sendable {
             throw e
         } catch {
             throw NetlinkError(kind: .io, operation: what, errno: 5, message: "\(error)")
+        }
+    }
+}
+
+/// Reads `table <family> <name>` as the series of requests that dump it: the ruleset generation, the table,
+/// its chains, its sets, each set's elements, its rules, and the generation again (a different one: the
+/// ruleset changed meanwhile, `.changed`, read it again). Pure: `NftablesNetlink.dumpTable` sends the
+/// requests it asks for and feeds it the kernel's replies; the fuzz target (Tests/Fuzz/netlink.swift) feeds
+/// it arbitrary ones. A reply that cannot be decoded throws; objects of other tables are dropped.
+struct TableDumpReader {
+    struct Request: Equatable {
+        var type: UInt16
+        var family: NftFamily?
+        var dump: Bool
+        var table: String?
+        var set: String?
+    }
+
+    enum Step {
+        case send(Request)
+        /// The table as dumped; nil when it does not exist.
+        case done(DumpedTable?)
+        case changed
+    }
+
+    let family: NftFamily
+    let name: String
+    private enum Stage { case generation, table, chains, sets, elements(Int), rules, generationAgain, finished }
+    private var stage = Stage.generation
+    private var generation: UInt32 = 0
+    private var table: NftTable?
+    private var chains: [NftChain] = []
+    private var sets: [NftSet] = []
+    private var elements: [String: [NftElement]] = [:]
+    private var rules: [NftRule] = []
+
+    init(family: NftFamily, name: String) { self.family = family; self.name = name }
+
+    /// The first request.
+    var first: Step { .send(Request(type: NftMessageType.getGen, family: nil, dump: false, table: nil, set: nil)) }
+
+    private func request(_ type: UInt16, dump: Bool = true, set: String? = nil) -> Step {
+        .send(Request(type: type, family: family, dump: dump, table: name, set: set))
+    }
+
+    private func failure(_ what: String, _ e: Int32) -> NetlinkError {
+        NetlinkError(kind: NetlinkError.kind(errno: e, operation: nil), operation: what, errno: e, message: NetlinkSocket.describe(e))
+    }
+
+    private func dumped<T>(_ reply: NetlinkSession.Reply, _ what: String, _ decode: ([UInt8], NetlinkHeader) -> T?) throws(NetlinkError) -> [T] {
+        switch reply {
+        case .error(2): return []  // the table vanished meanwhile; the generation check reads it again
+        case .error(let e): throw failure(what, e)
+        case .messages(let m): return m.compactMap { decode($0.0, $0.1) }
+        }
+    }
+
+    private mutating func elements(from i: Int) -> Step {
+        guard i < sets.count else { stage = .rules; return request(NftMessageType.getRule) }
+        stage = .elements(i)
+        return request(NftMessageType.getSetElem, set: sets[i].name)
+    }
+
+    /// The reply to the last request → the next request, or the result.
+    mutating func next(_ reply: NetlinkSession.Reply) throws(NetlinkError) -> Step {
+        let t = "\(family) \(name)"
+        switch stage {
+        case .generation:
+            generation = try NetlinkSession.generation(reply)
+            stage = .table
+            return request(NftMessageType.getTable, dump: false)
+        case .table:
+            switch reply {
+            case .error(2):
+                stage = .finished
+                return .done(nil)
+            case .error(let e):
+                throw failure("reading table \(t)", e)
+            case .messages(let m):
+                guard let (b, h) = m.first, let decoded = NftDecoder.table(b, h) else { throw failure("reading table \(t)", 5) }
+                table = decoded
+            }
+            stage = .chains
+            return request(NftMessageType.getChain)
+        case .chains:
+            chains = try dumped(reply, "listing chains of \(t)", NftDecoder.chain).filter { $0.table == name && $0.family == family }
+            stage = .sets
+            return request(NftMessageType.getSet)
+        case .sets:
+            sets = try dumped(reply, "listing sets of \(t)", NftDecoder.set).filter { $0.table == name && $0.family == family }
+            return elements(from: 0)
+        case .elements(let i):
+            let set = sets[i].name
+            elements[set] = try dumped(reply, "listing elements of \(t) \(set)", NftDecoder.elements).flatMap { $0.1 }
+            return elements(from: i + 1)
+        case .rules:
+            rules = try dumped(reply, "listing rules of \(t)", NftDecoder.rule).filter { $0.table == name && $0.family == family }
+            stage = .generationAgain
+            return first
+        case .generationAgain:
+            stage = .finished
+            guard try NetlinkSession.generation(reply) == generation, let table else { return .changed }
+            return .done(DumpedTable(table: table, chains: chains, sets: sets, elements: elements, rules: rules))
+        case .finished:
+            throw NetlinkError(kind: .io, operation: "reading table \(t)", errno: 5, message: "a reply after the dump ended")
         }
     }
 }
