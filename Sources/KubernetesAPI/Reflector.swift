@@ -19,6 +19,9 @@ struct Reflector: Sendable {
             case timeout
             case gone
             case broken(KubernetesAPIError)
+            /// More objects than the item limit: relist (which fails at the same limit while the server
+            /// has that many) after a growing backoff.
+            case overLimit(KubernetesAPIError)
         }
         var kind: Kind
         /// At least one event or bookmark arrived: the connection works, the backoff starts over.
@@ -53,8 +56,17 @@ struct Reflector: Sendable {
                 let end = try await watch(active, from: &from)
                 version = from
                 if Task.isCancelled { break loop }
-                if end.progressed { backoff.reset() }
+                var overLimit = false
+                if case .overLimit = end.kind { overLimit = true }
+                // (Objects arrived, but too many: the backoff keeps growing.)
+                if end.progressed && !overLimit { backoff.reset() }
                 switch end.kind {
+                case .overLimit(let error):
+                    store.emit(.watchRestarted(resource, .error))
+                    version = nil
+                    let wait = backoff.next()
+                    store.emit(.unavailable(resource, error, retryIn: wait))
+                    delay = wait
                 case .timeout:
                     store.emit(.watchRestarted(resource, .timeout))
                     // A server that ends every watch at once must not make us spin.
@@ -155,7 +167,6 @@ struct Reflector: Sendable {
         switch type {
         case "ADDED", "MODIFIED":
             progressed = true
-            remember(object)
             let kept: Bool
             do throws(InputError) {
                 switch resource {
@@ -165,13 +176,14 @@ struct Reflector: Sendable {
                     kept = store.changed(.endpointSlice(try ObjectDecoder.decodeEndpointSlice(object, source: source, locator: "\(type) event")))
                 }
             } catch {
-                kept = true
-                store.emit(.invalidObject(resource, looseObjectName(object), message: session.redacted(error.description)))
+                kept = store.invalid(looseObjectName(object), message: session.redacted(error.description))
             }
             guard kept else {
-                return .end(.broken(session.badData(
-                    "\(source): more than \(store.limit) objects would be kept; stopped (the item limit); the watch is opened again")))
+                // The version stays before this object, and a relist follows: it is never skipped.
+                return .end(.overLimit(session.badData(
+                    "\(source): more than \(store.limit) objects would be kept; stopped (the item limit); listing again")))
             }
+            remember(object)
             return .next
         case "DELETED":
             progressed = true
@@ -214,6 +226,11 @@ final class ResourceStore: @unchecked Sendable {
     private let continuation: AsyncStream<SourceEvent>.Continuation
     private let lock = NSLock()
     private var objects: [ObjectName: Item] = [:]
+    /// Named objects that are undecodable now (their last good copy, if any, stays in `objects`), with
+    /// why; they count against `limit` too.
+    private var invalidNames: [ObjectName: String] = [:]
+    /// Per scope, what its last list could not even name.
+    private var unnamedInvalid: [String?: [String]] = [:]
     /// Scopes whose first list has not arrived: until it is empty nothing is reported but invalid objects
     /// and failures, so that the first `.listed` is complete.
     private var unlisted: Set<String?>
@@ -240,9 +257,12 @@ final class ResourceStore: @unchecked Sendable {
                 continuation.yield(.invalidObject(resource, item.name, message: item.message))
             }
             let keep = Set(invalid.compactMap(\.name))
-            objects = objects.filter { name, _ in
-                keep.contains(name) || (scope != nil && name.namespace != scope)
-            }
+            func inScope(_ name: ObjectName) -> Bool { scope == nil || name.namespace == scope }
+            objects = objects.filter { name, _ in keep.contains(name) || !inScope(name) }
+            // What this list says is undecodable replaces what was known of the scope.
+            invalidNames = invalidNames.filter { name, _ in !inScope(name) }
+            for item in invalid { if let name = item.name { invalidNames[name] = item.message } }
+            unnamedInvalid[scope] = invalid.filter { $0.name == nil }.map(\.message)
             for s in list.services { objects[s.id] = .service(s) }
             for e in list.endpointSlices { objects[e.id] = .endpointSlice(e) }
             unlisted.remove(scope)
@@ -254,7 +274,22 @@ final class ResourceStore: @unchecked Sendable {
                 case .endpointSlice(let e): all.endpointSlices.append(e)
                 }
             }
-            continuation.yield(.listed(resource, all, resourceVersion: resourceVersion))
+            var reports = invalidNames.keys.sorted().map { InvalidObject(name: $0, message: invalidNames[$0]!) }
+            for messages in unnamedInvalid.values { reports += messages.map { InvalidObject(name: nil, message: $0) } }
+            continuation.yield(.listed(resource, all, resourceVersion: resourceVersion, invalid: reports))
+        }
+    }
+
+    /// An object a watch event carried that could not be decoded: reported, and its last good copy kept.
+    /// False (nothing reported) when it is new and `limit` objects are known already.
+    func invalid(_ name: ObjectName?, message: String) -> Bool {
+        lock.withLock {
+            if let name {
+                if objects[name] == nil && invalidNames[name] == nil && objects.count + invalidNames.count >= limit { return false }
+                invalidNames[name] = message
+            }
+            continuation.yield(.invalidObject(resource, name, message: message))
+            return true
         }
     }
 
@@ -268,17 +303,21 @@ final class ResourceStore: @unchecked Sendable {
             case .endpointSlice(let e): (name, item) = (e.id, .endpointSlice(e))
             case .serviceDeleted, .endpointSliceDeleted: return true
             }
-            if objects[name] == nil && objects.count >= limit { return false }
+            if objects[name] == nil && invalidNames[name] == nil && objects.count + invalidNames.count >= limit { return false }
             objects[name] = item
+            invalidNames[name] = nil
             if unlisted.isEmpty { continuation.yield(.changed(change)) }
             return true
         }
     }
 
+    /// Forgets an object; a name that is not known (never decodable, or never seen) is not reported:
+    /// a server cannot make the consumer hold entries for names that do not exist.
     func deleted(_ name: ObjectName) {
         lock.withLock {
-            objects[name] = nil
-            guard unlisted.isEmpty else { return }
+            let known = objects.removeValue(forKey: name) != nil
+            let wasInvalid = invalidNames.removeValue(forKey: name) != nil
+            guard unlisted.isEmpty, known || wasInvalid else { return }
             continuation.yield(.changed(resource == .services ? .serviceDeleted(name) : .endpointSliceDeleted(name)))
         }
     }

@@ -25,6 +25,13 @@ public enum WatchRestartReason: String, Sendable {
     case error
 }
 
+/// An object that could not be decoded: its name (nil when even `metadata.name` is unreadable) and why.
+public struct InvalidObject: Sendable, Hashable {
+    public var name: ObjectName?
+    public var message: String
+    public init(name: ObjectName?, message: String) { self.name = name; self.message = message }
+}
+
 /// What `KubernetesWatch.events()` reports.
 ///
 /// The consumer keeps one store per resource: `.listed` replaces it, `.changed` updates it. Nothing else
@@ -41,7 +48,11 @@ public enum SourceEvent: Sendable {
     ///
     /// EndpointSlices are never filtered by the label selector (only Services are, on the server): a slice
     /// can arrive before its Service, so the consumer ignores slices whose Service it does not have.
-    case listed(APIResource, ClusterObjects, resourceVersion: String)
+    ///
+    /// `invalid`: every object of the resource that is undecodable now (the lists' and the watch's reports
+    /// that still hold): the consumer replaces what it knows of them, so an object fixed meanwhile drops
+    /// out even when the event that fixed it was coalesced away.
+    case listed(APIResource, ClusterObjects, resourceVersion: String, invalid: [InvalidObject] = [])
     case changed(ObjectChange)
     /// One object (in a list or a watch event) that could not be decoded; `message` names the object and the
     /// field. Its last good version is kept: the watch sends no change for it, and a later `.listed` carries
@@ -141,7 +152,8 @@ public final class KubernetesWatch: Sendable {
         let scopes = Lister.scopes(options)
         var reflectors: [Reflector] = []
         for resource in APIResource.allCases {
-            let store = ResourceStore(resource, scopes: scopes, limit: options.maxItems.multipliedReportingOverflow(by: scopes.count).partialValue,
+            let product = options.maxItems.multipliedReportingOverflow(by: scopes.count)
+            let store = ResourceStore(resource, scopes: scopes, limit: product.overflow ? Int.max : product.partialValue,
                                       continuation: continuation)
             for scope in scopes {
                 reflectors.append(Reflector(resource: resource, namespace: scope,

@@ -8,7 +8,7 @@ import KubernetesAPI
 /// Why: the loop runs a sync (a kernel transaction, up to seconds with iptables-legacy) between events. A queue
 /// of every event would grow with the event rate for as long as a sync takes, and with `--min-sync-period 0s`
 /// the loop would then run one sync per queued event. Here a newer change of an object replaces the older
-/// one, and a list of a kind replaces every pending change of that kind, so what waits is bounded by the
+/// one, and a list of a kind replaces every pending change and report of that kind, so what waits is bounded by the
 /// number of objects (which the watch caps) plus a few entries per kind, and the loop takes everything that
 /// arrived during a sync at once, into one sync.
 ///
@@ -52,10 +52,14 @@ final class PendingSourceEvents: @unchecked Sendable {
                 occurrences += entries[i]!.occurrences
                 entries[i] = nil
             }
-            if case .listed(let kind, _, _) = event {
-                // The list is the whole kind: pending changes of it are older news.
+            if case .listed(let kind, _, _, _) = event {
+                // The list is the whole kind, and says what of it is undecodable now: pending changes and
+                // reports of it are older news.
                 for (k, i) in index {
-                    if case .object(kind, _) = k { entries[i] = nil; index[k] = nil }
+                    switch k {
+                    case .object(kind, _), .invalid(kind, _): entries[i] = nil; index[k] = nil
+                    default: break
+                    }
                 }
             }
             index[key] = entries.count
@@ -87,7 +91,7 @@ final class PendingSourceEvents: @unchecked Sendable {
 
     static func key(_ event: SourceEvent) -> Key {
         switch event {
-        case .listed(let kind, _, _): return .listed(kind)
+        case .listed(let kind, _, _, _): return .listed(kind)
         case .changed(.service(let s)): return .object(.services, s.id)
         case .changed(.serviceDeleted(let n)): return .object(.services, n)
         case .changed(.endpointSlice(let e)): return .object(.endpointSlices, e.id)

@@ -179,8 +179,6 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
         var unreachable: Set<APIResource> = []
         /// The API came back: sync once (even with nothing to change) to confirm it.
         var confirmAfterOutage = false
-        /// Undecodable objects reported since the last list of each kind (a list reports its own first).
-        var invalidSinceList: [APIResource: [String: String]] = [:]
         /// The set of undecodable objects changed: sync so that diagnostics and metrics say so.
         var reportPending = false
         /// A conntrack cleanup failed: the next sync deletes every stale entry, whatever the change.
@@ -229,17 +227,23 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
 
         mutating func handle(_ event: SourceEvent, seen: Date) {
             switch event {
-            case .listed(let kind, let objects, _):
+            case .listed(let kind, let objects, _, let undecodable):
                 let affected: Set<ObjectName>
                 switch kind {
                 case .services: affected = store.replaceServices(objects.services)
                 case .endpointSlices: affected = store.replaceEndpointSlices(objects.endpointSlices)
                 }
-                // What this list reported as undecodable (its .invalidObject events come first) replaces
-                // what was known of this kind; objects fixed meanwhile drop out.
-                invalid = invalid.filter { !$0.key.hasPrefix(kind.rawValue + " ") }
-                    .merging(invalidSinceList[kind] ?? [:]) { _, new in new }
-                invalidSinceList[kind] = [:]
+                // What is undecodable now (the list carries it) replaces what was known of this kind:
+                // objects fixed meanwhile drop out, also when the event that fixed them was coalesced away.
+                var now: [String: String] = [:]
+                for report in undecodable {
+                    let key = "\(kind.rawValue) \(report.name?.description ?? "?")"
+                    if invalid[key] != report.message && now[key] == nil {
+                        logInvalid(kind, report.name, report.message)
+                    }
+                    now[key] = report.message
+                }
+                invalid = invalid.filter { !$0.key.hasPrefix(kind.rawValue + " ") }.merging(now) { _, new in new }
                 reportPending = true
                 if !listed.contains(kind) {
                     agent.logger.info("listed", metadata: ["resource": "\(kind.rawValue)",
@@ -265,13 +269,8 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
                 markDirty(affected, seen: seen, trigger: trigger)
             case .invalidObject(let kind, let name, let message):
                 let key = "\(kind.rawValue) \(name?.description ?? "?")"
-                if invalid[key] != message {
-                    agent.logger.error("left out an object that could not be decoded; its last good copy (if any) stays in use",
-                                       metadata: ["resource": "\(kind.rawValue)", "object": "\(name?.description ?? "unknown")",
-                                                  "reason": "\(message)"])
-                }
+                if invalid[key] != message { logInvalid(kind, name, message) }
                 invalid[key] = message
-                invalidSinceList[kind, default: [:]][key] = message
                 if name != nil { reportPending = true }
             case .connected(let kind):
                 if unreachable.remove(kind) != nil {
@@ -296,7 +295,12 @@ public final class SyncAgent: ServiceLifecycle.Service, @unchecked Sendable {
         mutating func forgetInvalid(_ kind: APIResource, _ name: ObjectName) {
             let key = "\(kind.rawValue) \(name)"
             if invalid.removeValue(forKey: key) != nil { reportPending = true }
-            invalidSinceList[kind]?[key] = nil
+        }
+
+        func logInvalid(_ kind: APIResource, _ name: ObjectName?, _ message: String) {
+            agent.logger.error("left out an object that could not be decoded; its last good copy (if any) stays in use",
+                               metadata: ["resource": "\(kind.rawValue)", "object": "\(name?.description ?? "unknown")",
+                                          "reason": "\(message)"])
         }
 
         /// `endpoints.kubernetes.io/last-change-trigger-time`, when the slice carries one.

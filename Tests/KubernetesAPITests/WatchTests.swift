@@ -219,8 +219,13 @@ struct WatchTests {
             #expect(described[1] == "service shop/new1 :8000")
             #expect(described[2] == "service default/web :444")
             #expect(described[3] == "restarted services error")
-            #expect(described[4].contains("more than 6 objects would be kept; stopped (the item limit)"), "\(described)")
+            #expect(described[4].contains("more than 6 objects would be kept; stopped (the item limit); listing again"), "\(described)")
             #expect(!described.contains { $0.contains("new2") })
+            // Not a watch from past the refused object (it would never be sent again): a new list.
+            try await waitUntil("the relist") {
+                server.requests.filter { $0.path == "/api/v1/services" && $0.query["watch"] == nil }.count >= 2
+            }
+            #expect(server.watches("services").count == 1)
         }
     }
 
@@ -632,7 +637,7 @@ struct Events: Sequence {
 extension SourceEvent {
     var resource: APIResource {
         switch self {
-        case .listed(let r, _, _), .invalidObject(let r, _, _), .watchRestarted(let r, _), .unavailable(let r, _, _), .connected(let r): return r
+        case .listed(let r, _, _, _), .invalidObject(let r, _, _), .watchRestarted(let r, _), .unavailable(let r, _, _), .connected(let r): return r
         case .changed(.service), .changed(.serviceDeleted): return .services
         case .changed(.endpointSlice), .changed(.endpointSliceDeleted): return .endpointSlices
         }
@@ -643,7 +648,7 @@ extension SourceEvent {
 func describe(_ e: SourceEvent, port: Int? = nil) -> String {
     let text: String
     switch e {
-    case .listed(let r, let objects, let rv):
+    case .listed(let r, let objects, let rv, _):
         let items = r == .services
             ? objects.services.map { "\($0.id) :\($0.ports.map { String($0.port) }.joined(separator: ","))" }
             : objects.endpointSlices.map { "\($0.id)" }
@@ -716,5 +721,44 @@ extension WatchTests {
             #expect(typicalSliceModifiedLine.utf8.count == 1564)
             #expect(onTheWire.get() == 1564 + 7 + 3 * 22)
         }
+    }
+}
+
+/// What the watch keeps per resource, against a server that invents objects.
+@Suite struct ResourceStoreTests {
+    func collect(_ stream: AsyncStream<SourceEvent>) async -> [String] {
+        var out: [String] = []
+        for await e in stream {
+            switch e {
+            case .listed(_, let o, _, let invalid): out.append("listed \(o.services.count) invalid \(invalid.map { $0.name?.description ?? "?" })")
+            case .changed(.service(let s)): out.append("service \(s.id)")
+            case .changed(.serviceDeleted(let n)): out.append("deleted \(n)")
+            case .invalidObject(_, let n, _): out.append("invalid \(n?.description ?? "?")")
+            default: out.append("other")
+            }
+        }
+        return out
+    }
+
+    @Test func undecodableNamesCountAgainstTheLimitAndUnknownDeletesAreNotPassedOn() async {
+        let (stream, continuation) = AsyncStream.makeStream(of: SourceEvent.self)
+        let store = ResourceStore(.services, scopes: [nil], limit: 3, continuation: continuation)
+        let a = ObjectName(namespace: "n", name: "a"), b = ObjectName(namespace: "n", name: "b")
+        store.listed(scope: nil, ClusterObjects(), invalid: [], resourceVersion: "1")
+        #expect(store.changed(.service(Service(id: a))))
+        #expect(store.invalid(b, message: "bad"))
+        #expect(store.invalid(ObjectName(namespace: "n", name: "c"), message: "bad"))
+        // Three names known (one good, two undecodable): a fourth is refused, a known one is not.
+        #expect(!store.invalid(ObjectName(namespace: "n", name: "d"), message: "bad"))
+        #expect(!store.changed(.service(Service(id: ObjectName(namespace: "n", name: "e")))))
+        #expect(store.changed(.service(Service(id: b))))  // b fixed: no longer undecodable
+        store.deleted(ObjectName(namespace: "n", name: "never-seen"))
+        store.deleted(a)
+        store.listed(scope: nil, ClusterObjects(), invalid: [.init(name: b, message: "bad again")], resourceVersion: "2")
+        continuation.finish()
+        #expect(await collect(stream) == [
+            "listed 0 invalid []", "service n/a", "invalid n/b", "invalid n/c", "service n/b", "deleted n/a",
+            "invalid n/b", "listed 1 invalid [\"n/b\"]",
+        ])
     }
 }

@@ -111,6 +111,23 @@ struct AgentHarness {
 
     func send(_ e: SourceEvent) { events.yield(e) }
 
+    /// Makes the installer's next updates wait (a sync that takes its time) until `releaseUpdates`, or 10 s.
+    func holdUpdates() -> DispatchSemaphore {
+        let gate = DispatchSemaphore(value: 0)
+        installer.updateGate.withLock { $0 = gate }
+        let installer = self.installer
+        DispatchQueue.global().asyncAfter(deadline: .now() + 10) {
+            installer.updateGate.withLock { $0 = nil }
+            gate.signal()
+        }
+        return gate
+    }
+
+    func releaseUpdates(_ gate: DispatchSemaphore) {
+        installer.updateGate.withLock { $0 = nil }
+        gate.signal()
+    }
+
     /// Polls until `condition` holds (at most `timeout`); the caller then asserts on it.
     @discardableResult
     func waitFor(_ timeout: Duration = .seconds(5), _ condition: () -> Bool) async -> Bool {
@@ -198,32 +215,6 @@ enum AgentFixtures {
         await h.stop()
     }
 
-    /// With `--min-sync-period 0s` every change may go at once, but what arrives while a sync runs waits for
-    /// it and then goes in one sync (kube-proxy's runner does the same), however many events it was: a
-    /// slow kernel (iptables-legacy takes seconds) must not be followed by one sync per queued event.
-    @Test func eventsArrivingDuringASyncGoInTheNextOne() async {
-        let h = AgentHarness(minSyncPeriod: .zero)
-        for e in F.listed([F.service("web", lb: "203.0.113.10")], [F.slice("web", ["198.51.100.5"])]) { h.send(e) }
-        #expect(await h.waitFor { h.installer.calls.count == 1 })
-        let gate = DispatchSemaphore(value: 0)
-        h.installer.updateGate.withLock { $0 = gate }
-        h.send(.changed(.endpointSlice(F.slice("web", ["198.51.100.6"]))))
-        #expect(await h.waitFor { h.installer.calls.count == 2 })  // that update is now waiting at the gate
-        for i in 1...40 {
-            h.send(.changed(.endpointSlice(F.slice("web", ["198.51.100.\(6 + i)"]))))
-            h.send(.changed(.service(F.service("api\(i)", lb: "203.0.113.\(100 + i)"))))
-        }
-        try? await Task.sleep(for: .milliseconds(300))
-        h.installer.updateGate.withLock { $0 = nil }
-        gate.signal()
-        #expect(await h.waitFor { h.installer.lastPlan?.rules.first?.mapping.target.destinations.first?.ip.description == "198.51.100.46" })
-        try? await Task.sleep(for: .milliseconds(300))
-        // The replace, the gated update, then one update for all 80 events (two if the feeder was
-        // still moving events when the loop woke); one per event was 80.
-        #expect(h.installer.calls.count <= 4, "\(h.installer.calls)")
-        await h.stop()
-    }
-
     @Test func aRefusedUpdateFallsBackToAFullReplace() async {
         let h = AgentHarness()
         for e in F.listed([F.service("web", lb: "203.0.113.10")], [F.slice("web", ["198.51.100.5"])]) { h.send(e) }
@@ -274,13 +265,17 @@ enum AgentFixtures {
         await h.stop()
     }
 
-    /// A list reports its undecodable items before its `.listed` (as the watch does on every relist): they
-    /// must stay reported, and an item fixed by a later list must drop out.
+    /// A list says which of its items are undecodable (the watch also reports each before its `.listed`):
+    /// they must stay reported, and an item fixed by a later list must drop out.
     @Test func undecodableItemsOfAListStayReportedUntilAListWithoutThem() async throws {
         let h = AgentHarness()
         let broken = ObjectName(namespace: "shop", name: "broken")
-        h.send(.invalidObject(.services, broken, message: "spec: expected an object, got a number"))
-        for e in F.listed([F.service("web", lb: "203.0.113.10")], [F.slice("web", ["198.51.100.5"])]) { h.send(e) }
+        let report = InvalidObject(name: broken, message: "spec: expected an object, got a number")
+        h.send(.invalidObject(.services, broken, message: report.message))
+        var s = ClusterObjects(); s.services = [F.service("web", lb: "203.0.113.10")]
+        var e = ClusterObjects(); e.endpointSlices = [F.slice("web", ["198.51.100.5"])]
+        h.send(.listed(.services, s, resourceVersion: "1", invalid: [report]))
+        h.send(.listed(.endpointSlices, e, resourceVersion: "1"))
         #expect(await h.waitFor { h.observer.reports.withLock { $0.count } >= 1 })
         #expect(h.observer.reports.withLock { $0.last?.skippedByReason[.invalidObject] } == 1)
         #expect(h.installer.lastPlan?.warnings.contains { $0.code == .invalidObject && $0.message.contains("shop/broken") } == true)
@@ -330,4 +325,59 @@ enum AgentFixtures {
         try await running.value
         #expect(installer.calls == (cleanup ? [.replace(rules: 1), .remove] : [.replace(rules: 1)]))
     }
+}
+
+/// Tests that hold the agent's kernel call (`AgentHarness.holdUpdates`), which blocks one of the concurrency
+/// pool's threads: they run one at a time, and the hold lets go by itself after a while so that a machine
+/// with a one-thread pool fails them instead of hanging.
+@Suite(.serialized) struct SyncAgentHeldSyncTests {
+    typealias F = AgentFixtures
+
+    /// With `--min-sync-period 0s` every change may go at once, but what arrives while a sync runs waits for
+    /// it and then goes in one sync (kube-proxy's runner does the same), however many events it was: a
+    /// slow kernel (iptables-legacy takes seconds) must not be followed by one sync per queued event.
+    @Test func eventsArrivingDuringASyncGoInTheNextOne() async {
+        let h = AgentHarness(minSyncPeriod: .zero)
+        for e in F.listed([F.service("web", lb: "203.0.113.10")], [F.slice("web", ["198.51.100.5"])]) { h.send(e) }
+        #expect(await h.waitFor { h.installer.calls.count == 1 })
+        let gate = h.holdUpdates()
+        h.send(.changed(.endpointSlice(F.slice("web", ["198.51.100.6"]))))
+        #expect(await h.waitFor { h.installer.calls.count == 2 })  // that update is now waiting at the gate
+        for i in 1...40 {
+            h.send(.changed(.endpointSlice(F.slice("web", ["198.51.100.\(6 + i)"]))))
+            h.send(.changed(.service(F.service("api\(i)", lb: "203.0.113.\(100 + i)"))))
+        }
+        try? await Task.sleep(for: .milliseconds(300))
+        h.releaseUpdates(gate)
+        #expect(await h.waitFor { h.installer.lastPlan?.rules.first?.mapping.target.destinations.first?.ip.description == "198.51.100.46" })
+        try? await Task.sleep(for: .milliseconds(300))
+        // The replace, the gated update, then one update for all 80 events (two if the feeder was
+        // still moving events when the loop woke); one per event was 80.
+        #expect(h.installer.calls.count <= 4, "\(h.installer.calls)")
+        await h.stop()
+    }
+
+    /// While a sync runs: an object is reported undecodable, then fixed, then a relist shows it fine. The
+    /// fix's own event is coalesced into the list; the object must not stay counted as undecodable.
+    @Test func aRelistDuringASyncClearsAnObjectFixedMeanwhile() async throws {
+        let h = AgentHarness(minSyncPeriod: .zero)
+        for e in F.listed([F.service("web", lb: "203.0.113.10")], [F.slice("web", ["198.51.100.5"])]) { h.send(e) }
+        #expect(await h.waitFor { h.installer.calls.count == 1 })
+        let gate = h.holdUpdates()
+        h.send(.changed(.endpointSlice(F.slice("web", ["198.51.100.6"]))))
+        #expect(await h.waitFor { h.installer.calls.count == 2 })
+        let api = F.service("api", lb: "203.0.113.11")
+        h.send(.invalidObject(.services, api.id, message: "spec.ports[0].port: bad"))
+        h.send(.changed(.service(api)))
+        var s = ClusterObjects(); s.services = [F.service("web", lb: "203.0.113.10"), api]
+        h.send(.listed(.services, s, resourceVersion: "9", invalid: []))
+        try? await Task.sleep(for: .milliseconds(200))
+        h.releaseUpdates(gate)
+        #expect(await h.waitFor { h.observer.reports.withLock { $0.count } >= 3 })
+        try? await Task.sleep(for: .milliseconds(200))
+        let last = try #require(h.observer.reports.withLock { $0.last })
+        #expect((last.skippedByReason[.invalidObject] ?? 0) == 0, "\(last.skippedByReason)")
+        await h.stop()
+    }
+
 }
