@@ -35,6 +35,10 @@ struct Reflector: Sendable {
         var backoff = Backoff(initial: tuning.initialBackoff, cap: tuning.maxBackoff)
         // nil: there is no list to continue from (never listed, or 410).
         var version: String? = nil
+        // The last watch ended at the item limit: until a watch ends normally, a list that works does not
+        // reset the backoff either (with several namespaces the others can keep the store full, and this
+        // loop would list again every initial backoff).
+        var overLimitStreak = false
         loop: while !Task.isCancelled {
             var delay: Duration? = nil
             do throws(KubernetesAPIError) {
@@ -50,7 +54,7 @@ struct Reflector: Sendable {
                     if Task.isCancelled { break loop }
                     store.listed(scope: namespace, list.objects, invalid: list.invalid, resourceVersion: list.resourceVersion)
                     version = list.resourceVersion
-                    backoff.reset()
+                    if !overLimitStreak { backoff.reset() }
                 }
                 var from = version!
                 let end = try await watch(active, from: &from)
@@ -59,6 +63,7 @@ struct Reflector: Sendable {
                 var overLimit = false
                 if case .overLimit = end.kind { overLimit = true }
                 // (Objects arrived, but too many: the backoff keeps growing.)
+                overLimitStreak = overLimit || (overLimitStreak && !end.progressed)
                 if end.progressed && !overLimit { backoff.reset() }
                 switch end.kind {
                 case .overLimit(let error):

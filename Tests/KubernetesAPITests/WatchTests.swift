@@ -229,6 +229,26 @@ struct WatchTests {
         }
     }
 
+    @Test("lists that work between watches that hit the item limit do not reset the backoff (no relist storm)")
+    func itemLimitRelistsBackOff() async throws {
+        // Every list has 5 services (under the limit of 6), every watch adds two more (over it).
+        let handler = watchServing(Box(.standard)) { w in
+            guard w.resource == "services" else { return nil }
+            return .stream(200) { s in
+                await s.write(watchLine("ADDED", service("shop", "a\(w.number)", port: 8000, rv: "\(5000 + 2 * w.number)")))
+                await s.write(watchLine("ADDED", service("shop", "b\(w.number)", port: 8000, rv: "\(5001 + 2 * w.number)")))
+            }
+        }
+        let tuning = WatchTuning(initialBackoff: .milliseconds(50), maxBackoff: .seconds(2))
+        try await withWatch(handler, tuning: tuning, maxItems: 6) { server, events in
+            try await Task.sleep(for: .milliseconds(2000))
+            let lists = Events(all: events.current, port: nil).described(.services).filter { $0.hasPrefix("listed") }.count
+            // Backing off 50, 100, 200, 400, 800 ms: about six lists in 2 s; resetting it each time: 20 or more.
+            #expect(lists >= 2 && lists <= 9, "\(lists) lists in 2 s")
+            _ = server
+        }
+    }
+
     @Test("a watch that stays silent longer than timeoutSeconds + grace counts as a dead connection")
     func silentWatchRestarts() async throws {
         let handler = watchServing(Box(.standard)) { _ in nil }  // every watch: head, then nothing
