@@ -300,28 +300,15 @@ for line in sys.stdin:
         var description: String { server ?? "error \(error ?? "?")" }
     }
 
-    private let process = Process()
-    private let input: FileHandle
-    private let output: Int32
-    private let outputHandle: FileHandle
-    private var pending = [UInt8]()
+    private let process: LineProcess
     private var counter = 0
     /// The socket's local port.
     private(set) var localPort = 0
 
     init(in ns: TestNamespace, host: String, port: Int) throws {
         let (exe, args) = try ns.wrap(["python3", "-c", Self.script, host, String(port)])
-        process.executableURL = URL(fileURLWithPath: try Tools.require(exe))
-        process.arguments = args
-        let inPipe = Pipe(), outPipe = Pipe()
-        process.standardInput = inPipe
-        process.standardOutput = outPipe
-        process.standardError = FileHandle.nullDevice
-        input = inPipe.fileHandleForWriting
-        outputHandle = outPipe.fileHandleForReading
-        output = outputHandle.fileDescriptor
-        try process.run()
-        let ready = try readLine(timeout: 10)
+        process = try LineProcess(exe, args, name: "UDP client")
+        let ready = try process.readLine(timeout: 10)
         guard ready.hasPrefix("ready "), let p = Int(ready.dropFirst(6)) else { throw TestSupportError("UDP client did not start: \(ready)") }
         localPort = p
     }
@@ -329,44 +316,15 @@ for line in sys.stdin:
     /// Sends one datagram on the kept socket; the reply's server name, or an error after `timeout` seconds.
     func send(timeout: Double = 3) throws -> Reply {
         counter += 1
-        try input.write(contentsOf: Data("ping\(counter) \(timeout)\n".utf8))
-        let line = try readLine(timeout: timeout + 5)
+        try process.send("ping\(counter) \(timeout)")
+        let line = try process.readLine(timeout: timeout + 5)
         if line.hasPrefix("OK ") {
             return Reply(server: line.dropFirst(3).split(separator: " ").first.map(String.init), error: nil)
         }
         return Reply(server: nil, error: String(line.dropFirst(4)))
     }
 
-    private func readLine(timeout: Double) throws -> String {
-        let deadline = Date().addingTimeInterval(timeout)
-        while true {
-            if let nl = pending.firstIndex(of: 10) {
-                let line = String(decoding: pending[..<nl], as: UTF8.self)
-                pending.removeSubrange(...nl)
-                return line
-            }
-            let left = deadline.timeIntervalSinceNow
-            var p = pollfd(fd: output, events: Int16(POLLIN), revents: 0)
-            guard left > 0, poll(&p, 1, Int32(left * 1000)) > 0 else { throw TestSupportError("UDP client: no answer within \(timeout) s") }
-            var chunk = [UInt8](repeating: 0, count: 4096)
-            let n = read(output, &chunk, chunk.count)
-            guard n > 0 else { throw TestSupportError("UDP client exited") }
-            pending += chunk[0..<n]
-        }
-    }
-
-    private var stopped = false
-
-    func stop() {
-        if stopped { return }
-        stopped = true
-        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-        process.waitUntilExit()  // releases the Process and its pipes (see Tools.run)
-        try? input.close()
-        try? outputHandle.close()
-    }
-
-    deinit { stop() }
+    func stop() { process.stop() }
 }
 
 /// VmHWM of this process, in KiB (0 when unknown).

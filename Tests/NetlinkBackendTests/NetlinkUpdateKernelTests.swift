@@ -608,46 +608,21 @@ final class LineEchoServer {
 /// One TCP connection, kept open: each `exchange` sends a line on it and returns the name of the server
 /// that answered.
 final class LineClient {
-    private let process = Process()
-    private let input = Pipe(), output = Pipe()
-    private var buffer = Data()
+    private let process: LineProcess
 
     init(from ns: TestNamespace, host: String, port: Int) throws {
         let (exe, args) = try ns.wrap(["python3", "-c", lineClientScript, host, String(port)])
-        process.executableURL = URL(fileURLWithPath: try Tools.require(exe))
-        process.arguments = args
-        process.standardInput = input
-        process.standardOutput = output
-        process.standardError = FileHandle.nullDevice
-        try process.run()
+        process = try LineProcess(exe, args, name: "the kept connection's client")
     }
 
     func exchange(_ message: String) throws -> String {
-        try input.fileHandleForWriting.write(contentsOf: Data((message + "\n").utf8))
-        let fd = output.fileHandleForReading.fileDescriptor
-        let deadline = Date().addingTimeInterval(10)
-        while !buffer.contains(UInt8(ascii: "\n")) {
-            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            let remaining = Int32(max(0, deadline.timeIntervalSinceNow) * 1000)
-            guard remaining > 0, poll(&p, 1, remaining) > 0 else { throw TestSupportError("no answer on the kept connection") }
-            var chunk = [UInt8](repeating: 0, count: 4096)
-            let n = read(fd, &chunk, chunk.count)
-            guard n > 0 else { throw TestSupportError("the kept connection's client exited") }
-            buffer.append(contentsOf: chunk[0..<n])
-        }
-        let i = buffer.firstIndex(of: UInt8(ascii: "\n"))!
-        let line = String(decoding: buffer[..<i], as: UTF8.self)
-        buffer = Data(buffer[(i + 1)...])
+        try process.send(message)
+        let line = try process.readLine(timeout: 10)
         guard line.hasPrefix("OK ") else { throw TestSupportError("the kept connection failed: \(line)") }
         let reply = line.dropFirst(3).split(separator: " ", maxSplits: 1)
         guard reply.count == 2, reply[1] == Substring(message) else { throw TestSupportError("unexpected reply \(line)") }
         return String(reply[0])
     }
 
-    func stop() {
-        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-        process.waitUntilExit()  // releases the Process and its pipes (see Tools.run)
-        try? input.fileHandleForWriting.close()
-        try? output.fileHandleForReading.close()
-    }
+    func stop() { process.stop() }
 }

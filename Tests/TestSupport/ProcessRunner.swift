@@ -168,3 +168,66 @@ public final class BackgroundProcess: @unchecked Sendable {
 
     deinit { stop() }
 }
+
+/// A child spoken to a line at a time over its stdin and stdout (a test's long-lived client that keeps one
+/// connection or socket open). Stopped by `stop()` or when released; its pipes are closed with it.
+public final class LineProcess: @unchecked Sendable {
+    private let name: String
+    private let process = Process()
+    private let input: FileHandle
+    private let output: FileHandle
+    private var pending: [UInt8] = []
+    private var stopped = false
+
+    /// Starts `executable` (located first) with `arguments`; `name` says who it is in errors.
+    public init(_ executable: String, _ arguments: [String], name: String) throws {
+        self.name = name
+        process.executableURL = URL(fileURLWithPath: try Tools.require(executable))
+        process.arguments = arguments
+        let inPipe = Pipe(), outPipe = Pipe()
+        process.standardInput = inPipe
+        process.standardOutput = outPipe
+        process.standardError = FileHandle.nullDevice
+        input = inPipe.fileHandleForWriting
+        output = outPipe.fileHandleForReading
+        try process.run()
+    }
+
+    /// Writes `line` and a newline to the child's stdin.
+    public func send(_ line: String) throws {
+        try input.write(contentsOf: Data((line + "\n").utf8))
+    }
+
+    /// The child's next line on stdout (without the newline); throws when none comes within `timeout`
+    /// seconds or the child exits.
+    public func readLine(timeout: Double) throws -> String {
+        let deadline = Date().addingTimeInterval(timeout)
+        let fd = output.fileDescriptor
+        while true {
+            if let nl = pending.firstIndex(of: 10) {
+                let line = String(decoding: pending[..<nl], as: UTF8.self)
+                pending.removeSubrange(...nl)
+                return line
+            }
+            let left = deadline.timeIntervalSinceNow
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard left > 0, poll(&p, 1, Int32(left * 1000)) > 0 else { throw TestSupportError("\(name): no answer within \(timeout) s") }
+            var chunk = [UInt8](repeating: 0, count: 4096)
+            let n = read(fd, &chunk, chunk.count)
+            guard n > 0 else { throw TestSupportError("\(name) exited") }
+            pending += chunk[0..<n]
+        }
+    }
+
+    /// SIGKILL, then waits; releases the Process and its pipes (see `Tools.run`). Idempotent.
+    public func stop() {
+        if stopped { return }
+        stopped = true
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+        try? input.close()
+        try? output.close()
+    }
+
+    deinit { stop() }
+}

@@ -37,4 +37,23 @@ import TestSupport
         let after = try openDescriptors()
         #expect(after - before < 8, "open descriptors went from \(before) to \(after) over 40 background processes")
     }
+
+    @Test func lineProcessesAnswerLineByLineAndLeaveNoDescriptorsBehind() throws {
+        let warm = try LineProcess("cat", [], name: "cat")
+        warm.stop()
+        let before = try openDescriptors()
+        for i in 0..<20 {
+            let p = try LineProcess("cat", [], name: "cat")
+            try p.send("line \(i)")
+            #expect(try p.readLine(timeout: 5) == "line \(i)")
+            p.stop()
+        }
+        #expect(try openDescriptors() - before < 8)
+        // A child that says nothing, and one that is gone, are errors, not hangs.
+        let silent = try LineProcess("sleep", ["30"], name: "sleeper")
+        #expect(throws: TestSupportError.self) { try silent.readLine(timeout: 0.2) }
+        silent.stop()
+        let gone = try LineProcess("true", [], name: "true")
+        #expect(throws: TestSupportError.self) { try gone.readLine(timeout: 5) }
+    }
 }
