@@ -79,38 +79,61 @@ public struct Planner: Sendable {
         init(_ m: Mapping) { service = m.service; port = m.portName; proto = m.protocol; family = m.family }
     }
 
+    /// Where a mapping's rule goes in the plan; `index` (its place in the input) keeps the sort stable.
+    struct RuleOrderKey: Comparable {
+        let address: IPAddress; let proto: TransportProtocol; let port: Int; let index: Int
+        init(_ m: Mapping, index: Int) { address = m.externalIP; proto = m.protocol; port = m.port; self.index = index }
+        static func < (a: RuleOrderKey, b: RuleOrderKey) -> Bool {
+            (a.address, a.proto, a.port, a.index) < (b.address, b.proto, b.port, b.index)
+        }
+    }
+
+    /// Where a target chain goes in the plan (chain keys are unique; `index` only makes the order total).
+    struct ChainOrderKey: Comparable {
+        let family: IPFamily; let service: ObjectName; let portName: String; let proto: TransportProtocol; let index: Int
+        init(_ c: TargetChain, index: Int) {
+            family = c.family; service = c.service; portName = c.portName; proto = c.protocol; self.index = index
+        }
+        static func < (a: ChainOrderKey, b: ChainOrderKey) -> Bool {
+            (a.family, a.service, a.portName, a.proto, a.index) < (b.family, b.service, b.portName, b.proto, b.index)
+        }
+    }
+
     /// Conflict-free mappings → the ordered plan: rules sorted by family, address, protocol and port; one
     /// target chain per service port and family, sorted by family, service, port name and protocol.
     func assemble(kept unsorted: [Mapping], skipped: [SkippedItem], conflicts: [Conflict], warnings: [Diagnostic],
                   strategy: TargetStrategy) -> RulePlan {
-        let kept = unsorted.sorted { a, b in
-            (a.externalIP, a.protocol, a.port) < (b.externalIP, b.protocol, b.port)
-        }
+        // Chains are found in the resolver's order, where a service port's mappings sit next to each other:
+        // comparing with the previous mapping's key skips most dictionary lookups (hashing two names).
         var chainIndex: [ChainKey: Int] = [:]
         var chains: [TargetChain] = []
-        var rulesUnordered: [(Mapping, Int)] = []
-        rulesUnordered.reserveCapacity(kept.count)
-        for m in kept {
-            let ck = ChainKey(m)
+        var chainOf = [Int](repeating: 0, count: unsorted.count)
+        var previous: (key: ChainKey, index: Int)? = nil
+        for i in unsorted.indices {
+            let ck = ChainKey(unsorted[i])
+            if let previous, previous.key == ck { chainOf[i] = previous.index; continue }
             let index: Int
-            if let i = chainIndex[ck] {
-                index = i
+            if let known = chainIndex[ck] {
+                index = known
             } else {
                 index = chains.count
                 chainIndex[ck] = index
-                chains.append(targetChain(for: m))
+                chains.append(targetChain(for: unsorted[i]))
             }
-            rulesUnordered.append((m, index))
+            chainOf[i] = index
+            previous = (ck, index)
         }
-        // Sort chains and remap the rules' indices.
-        let order = chains.indices.sorted {
-            let (a, b) = (chains[$0], chains[$1])
-            return (a.family, a.service, a.portName, a.protocol) < (b.family, b.service, b.portName, b.protocol)
-        }
+        // Rules by address, protocol and port. Sorting small keys and gathering once is several times
+        // cheaper than sorting the mappings themselves (each move copies a dozen fields and retains).
+        var ruleOrder = unsorted.indices.map { RuleOrderKey(unsorted[$0], index: $0) }
+        ruleOrder.sort()
+        // Sort chains (by keys too, for the same reason) and remap the rules' indices.
+        var chainOrder = chains.indices.map { ChainOrderKey(chains[$0], index: $0) }
+        chainOrder.sort()
         var newIndex = [Int](repeating: 0, count: chains.count)
-        for (new, old) in order.enumerated() { newIndex[old] = new }
-        let sortedChains = order.map { chains[$0] }
-        let rules = rulesUnordered.map { PlannedRule(mapping: $0.0, targetIndex: newIndex[$0.1]) }
+        for (new, key) in chainOrder.enumerated() { newIndex[key.index] = new }
+        let sortedChains = chainOrder.map { chains[$0.index] }
+        let rules = ruleOrder.map { PlannedRule(mapping: unsorted[$0.index], targetIndex: newIndex[chainOf[$0.index]]) }
 
         return RulePlan(settings: settings, strategy: strategy, rules: rules, targetChains: sortedChains,
                         skipped: skipped.sorted(), conflicts: conflicts, warnings: warnings)
