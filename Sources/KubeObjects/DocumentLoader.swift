@@ -29,32 +29,12 @@ public enum DocumentLoader {
         while start < bytes.count, [0x20, 0x09, 0x0A, 0x0D].contains(bytes[start]) { start += 1 }
         if start == bytes.count { return }
         if isJSON(bytes, at: start) {
-            // Items that name their kind are decoded while the List is parsed and never kept; items of typed
-            // lists (no kind of their own) wait until the list's kind is known.
-            var decodeError: InputError? = nil
-            var index = 0
             var decoded = result
-            let document: JSONValue?
-            do throws(JSONSyntaxError) {
-                document = try JSONParser.parse(bytes, from: start) { item in
-                    defer { index += 1 }
-                    guard case .string? = item["kind"] else { return .keep }
-                    do throws(InputError) {
-                        try ObjectDecoder.decodeItem(item, defaultKind: nil, source: source, locator: "items[\(index)]", into: &decoded)
-                        return .consumed
-                    } catch {
-                        decodeError = error
-                        return .stop
-                    }
-                }
-            } catch {
-                throw InputError(source: source, message: "malformed JSON at line \(error.line), column \(error.column): \(error.message)")
-            }
-            if let decodeError { throw decodeError }
+            let (document, streamed) = try parseJSON(bytes, from: start, source: source, into: &decoded)
             result = decoded
-            try ObjectDecoder.decode(document: document!, source: source, into: &result)
+            try ObjectDecoder.decode(document: document, source: source, into: &result)
             // Streamed items leave the List's `items` empty by the time it is decoded: it was not an empty list.
-            if index > 0 { result.sawEmptyList = decoded.sawEmptyList }
+            if streamed > 0 { result.sawEmptyList = decoded.sawEmptyList }
             result.documents += 1
             return
         }
@@ -84,6 +64,72 @@ public enum DocumentLoader {
         for doc in documents where doc != .null {
             try ObjectDecoder.decode(document: doc, source: source, into: &result)
             result.documents += 1
+        }
+    }
+
+    /// From this size on, a List's items are parsed and decoded by two threads (one per half): reading an
+    /// 87 MB dump of 10k Services is most of what `render` and `apply` spend before the kernel sees anything.
+    static let twoThreadMinimumBytes = 8 << 20
+
+    /// One JSON document. Items that name their kind are decoded while the List is parsed and never kept;
+    /// items of typed lists (no kind of their own) wait until the list's kind is known. Returns the document
+    /// without those items and how many items were streamed.
+    static func parseJSON(_ bytes: [UInt8], from start: Int, source: String, into decoded: inout ClusterObjects,
+                          twoThreadsFrom minimum: Int = twoThreadMinimumBytes,
+                          splitFraction: Double = 0.5) throws(InputError) -> (JSONValue, Int) {
+        var decodeError: InputError? = nil
+        var index = 0
+        var objects = decoded
+        let sink = { (item: JSONValue) -> JSONParser.ItemDisposition in
+            defer { index += 1 }
+            return streamItem(item, index: index, source: source, into: &objects, error: &decodeError)
+        }
+        let document: JSONValue?
+        do throws(JSONSyntaxError) {
+            if bytes.count - start >= minimum {
+                document = try bytes.withUnsafeBufferPointer { (buffer) throws(JSONSyntaxError) -> JSONValue? in
+                    guard let split = JSONParser.itemsSplit(buffer, from: start, near: start + Int(Double(bytes.count - start) * splitFraction)) else {
+                        return try JSONParser.parse(bytes, from: start, topLevelItems: sink)
+                    }
+                    let tail = ItemsTailJob(buffer: buffer, split: split, source: source)
+                    guard tail.start() else { return try JSONParser.parse(bytes, from: start, topLevelItems: sink) }
+                    defer { tail.cancelAndJoin() }  // the tail reads `buffer`: it never outlives this call
+                    let handOver = JSONParser.HandOver(offset: split.offset) { () throws(JSONSyntaxError) -> (kept: [JSONValue], end: Int)? in
+                        switch tail.join() {
+                        case .parsed(let kept, let end, let tailObjects, let count):
+                            objects.merge(tailObjects)
+                            index += count
+                            return (kept, end)
+                        case .decodeFailed(let e):
+                            decodeError = e
+                            return nil
+                        case .syntaxError(let e):
+                            throw e
+                        }
+                    }
+                    return try JSONParser.parse(bytes, from: start, topLevelItems: sink, handOver: handOver)
+                }
+            } else {
+                document = try JSONParser.parse(bytes, from: start, topLevelItems: sink)
+            }
+        } catch {
+            throw InputError(source: source, message: "malformed JSON at line \(error.line), column \(error.column): \(error.message)")
+        }
+        if let decodeError { throw decodeError }
+        decoded = objects
+        return (document!, index)
+    }
+
+    /// One streamed item: decoded into `objects` when it names its kind, else kept for the document.
+    static func streamItem(_ item: JSONValue, index: Int, source: String, into objects: inout ClusterObjects,
+                           error: inout InputError?) -> JSONParser.ItemDisposition {
+        guard case .string? = item["kind"] else { return .keep }
+        do throws(InputError) {
+            try ObjectDecoder.decodeItem(item, defaultKind: nil, source: source, locator: "items[\(index)]", into: &objects)
+            return .consumed
+        } catch let e {
+            error = e
+            return .stop
         }
     }
 

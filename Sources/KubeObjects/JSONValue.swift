@@ -100,7 +100,20 @@ public struct JSONParser {
     private var pos = 0
     private var depth = 0
     private var itemSink: ((JSONValue) -> ItemDisposition)? = nil
+    private var handOver: HandOver? = nil
     private var stopped = false
+
+    /// The rest of the top-level `items` list, parsed by someone else (a second thread) from `offset`, an
+    /// item's first byte that `itemsSplit` found. When this parser reaches that byte it calls `take`, which
+    /// returns the tail's kept items and the position just past the list's `]`, or nil when the tail's sink
+    /// said `.stop`; a syntax error in the tail is thrown as if this parser had met it.
+    public struct HandOver {
+        public let offset: Int
+        public let take: () throws(JSONSyntaxError) -> (kept: [JSONValue], end: Int)?
+        public init(offset: Int, take: @escaping () throws(JSONSyntaxError) -> (kept: [JSONValue], end: Int)?) {
+            self.offset = offset; self.take = take
+        }
+    }
 
     /// What `parse(_:from:topLevelItems:)` does with each element of the top-level `items` list.
     public enum ItemDisposition {
@@ -120,12 +133,14 @@ public struct JSONParser {
     /// Like `parse`, but hands each element of a top-level object's `items` list to `sink` as soon as it is
     /// parsed, so a 100,000-object List never exists as one tree. Returns nil when `sink` said `.stop`.
     public static func parse(_ bytes: [UInt8], from start: Int = 0,
-                             topLevelItems sink: ((JSONValue) -> ItemDisposition)?) throws(JSONSyntaxError) -> JSONValue? {
+                             topLevelItems sink: ((JSONValue) -> ItemDisposition)?,
+                             handOver: HandOver? = nil) throws(JSONSyntaxError) -> JSONValue? {
         let run = { (sink: ((JSONValue) -> ItemDisposition)?) -> Result<JSONValue?, JSONSyntaxError> in
             bytes.withUnsafeBufferPointer { buffer in
                 var p = JSONParser(bytes: buffer)
                 p.pos = start
                 p.itemSink = sink
+                p.handOver = sink == nil ? nil : handOver
                 do throws(JSONSyntaxError) {
                     p.skipWhitespace()
                     let v = try p.parseValue()
@@ -140,6 +155,89 @@ public struct JSONParser {
         }
         guard let sink else { return try run(nil).get() }
         return try withoutActuallyEscaping(sink) { escapable in run(escapable) }.get()
+    }
+
+    /// The second half of a split `items` list: parses items from `offset` (an item's first byte, from
+    /// `itemsSplit`) to the list's closing `]`, nested as deep as the list's items are, handing each to `sink`.
+    /// Returns the kept items and the position just past the `]`, or nil when `sink` said `.stop`.
+    public static func parseItemsTail(_ bytes: UnsafeBufferPointer<UInt8>, from offset: Int,
+                                      sink: (JSONValue) -> ItemDisposition) throws(JSONSyntaxError) -> (kept: [JSONValue], end: Int)? {
+        try withoutActuallyEscaping(sink) { (escapable) throws(JSONSyntaxError) -> (kept: [JSONValue], end: Int)? in
+            var p = JSONParser(bytes: bytes)
+            p.pos = offset
+            p.depth = 2  // the top-level object, then its `items` list
+            p.itemSink = escapable
+            var kept: [JSONValue] = []
+            do throws(JSONSyntaxError) {
+                guard try p.continueItems(into: &kept) else { return nil }
+            } catch {
+                if p.stopped { return nil }
+                throw error
+            }
+            return (kept, p.pos)
+        }
+    }
+
+    /// Where a second parser can take over the `items` list of a top-level object: the first byte of the
+    /// first item that starts at or after `target`, and that item's index in the list. A structural scan
+    /// (strings skipped, brackets counted), several times faster than parsing. nil when the document is not
+    /// an object with such a list, the list ends before `target`, or the bytes are not what they should be
+    /// (the parser then does all the work, and finds any error itself).
+    public static func itemsSplit(_ bytes: UnsafeBufferPointer<UInt8>, from start: Int, near target: Int) -> (offset: Int, index: Int)? {
+        let n = bytes.count
+        var i = start, depth = 0
+        var inItems = false, index = 0
+        func nextNonSpace(_ k: Int) -> Int {
+            var k = k
+            while k < n, bytes[k] == 0x20 || bytes[k] == 0x0A || bytes[k] == 0x0D || bytes[k] == 0x09 { k += 1 }
+            return k
+        }
+        while i < n {
+            let b = bytes[i]
+            switch b {
+            case UInt8(ascii: "\""):
+                let first = i + 1
+                i = first
+                while i < n {
+                    let c = bytes[i]
+                    if c == UInt8(ascii: "\\") { i += 2; continue }
+                    if c == UInt8(ascii: "\"") { break }
+                    i += 1
+                }
+                guard i < n else { return nil }
+                if depth == 1, !inItems, i - first == 5, bytes[first] == UInt8(ascii: "i"), bytes[first + 1] == UInt8(ascii: "t"),
+                   bytes[first + 2] == UInt8(ascii: "e"), bytes[first + 3] == UInt8(ascii: "m"), bytes[first + 4] == UInt8(ascii: "s") {
+                    let colon = nextNonSpace(i + 1)
+                    if colon < n, bytes[colon] == UInt8(ascii: ":") {
+                        let open = nextNonSpace(colon + 1)
+                        if open < n, bytes[open] == UInt8(ascii: "[") {
+                            inItems = true
+                            depth = 2
+                            i = open + 1
+                            continue
+                        }
+                    }
+                }
+                i += 1
+            case UInt8(ascii: "{"), UInt8(ascii: "["):
+                depth += 1; i += 1
+            case UInt8(ascii: "}"), UInt8(ascii: "]"):
+                depth -= 1
+                if inItems && depth < 2 { return nil }   // the list ended first
+                if depth < 1 { return nil }
+                i += 1
+            case UInt8(ascii: ","):
+                i += 1
+                if inItems && depth == 2 {
+                    index += 1
+                    let next = nextNonSpace(i)
+                    if next >= target { return next < n ? (next, index) : nil }
+                }
+            default:
+                i += 1
+            }
+        }
+        return nil
     }
 
     private init(bytes: UnsafeBufferPointer<UInt8>) { self.bytes = bytes }
@@ -227,8 +325,22 @@ public struct JSONParser {
         var kept: [JSONValue] = []
         skipWhitespace()
         if pos < bytes.count && bytes[pos] == UInt8(ascii: "]") { pos += 1; return .array(kept) }
+        guard try continueItems(into: &kept) else { stopped = true; throw error("stopped") }
+        return .array(kept)
+    }
+
+    /// Items from `pos` (an item's first byte) through the list's `]`, each handed to the sink. False when
+    /// the sink (or the hand-over's tail) said stop.
+    private mutating func continueItems(into kept: inout [JSONValue]) throws(JSONSyntaxError) -> Bool {
         while true {
             skipWhitespace()
+            if let handOver, pos == handOver.offset {
+                self.handOver = nil
+                guard let tail = try handOver.take() else { return false }
+                kept += tail.kept
+                pos = tail.end
+                return true
+            }
             let item = try parseValue()
             switch itemSink!(item) {
             case .consumed: break
@@ -238,7 +350,7 @@ public struct JSONParser {
             skipWhitespace()
             guard pos < bytes.count else { throw error("unexpected end of the document inside a list") }
             if bytes[pos] == UInt8(ascii: ",") { pos += 1; continue }
-            if bytes[pos] == UInt8(ascii: "]") { pos += 1; return .array(kept) }
+            if bytes[pos] == UInt8(ascii: "]") { pos += 1; return true }
             throw error("expected ',' or ']'")
         }
     }
