@@ -158,8 +158,9 @@ public struct IPAddress: Sendable, Hashable, Comparable, CustomStringConvertible
     public var description: String {
         switch family {
         case .ipv4:
-            let b = bytes
-            return "\(b[0]).\(b[1]).\(b[2]).\(b[3])"
+            // Four small integers joined: at most 15 bytes, so the string never leaves the stack.
+            let v = UInt32(truncatingIfNeeded: low)
+            return String(v >> 24) + "." + String(v >> 16 & 0xff) + "." + String(v >> 8 & 0xff) + "." + String(v & 0xff)
         case .ipv6:
             var groups = [UInt16](repeating: 0, count: 8)
             for k in 0..<4 {
@@ -276,7 +277,14 @@ public enum TransportProtocol: String, Sendable, Hashable, Comparable, CaseItera
     }
 
     /// Lowercase name, as nft and iptables spell it.
-    public var lowercased: String { rawValue.lowercased() }
+    public var lowercased: String {
+        // Literals, not `rawValue.lowercased()`: renderers ask once per rule (tens of thousands of times).
+        switch self {
+        case .tcp: return "tcp"
+        case .udp: return "udp"
+        case .sctp: return "sctp"
+        }
+    }
 
     public static func < (a: TransportProtocol, b: TransportProtocol) -> Bool { a.number < b.number }
 }

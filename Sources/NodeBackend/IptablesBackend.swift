@@ -85,12 +85,13 @@ struct IptablesBackend: Sendable {
 
     // MARK: differences
 
-    /// Whether a chain in the kernel holds exactly `want`: the rules byte for byte (both sides are in
-    /// iptables-save's spelling), else, for a chain that differs as text, after normalising both sides
+    /// Whether a chain in the kernel holds exactly what `desired` wants: the rules byte for byte (both sides
+    /// are in iptables-save's spelling), else, for a chain that differs as text, after normalising both sides
     /// (another iptables version may spell a rule differently; only such chains pay for it).
-    func sameRules(_ want: [String], _ have: [SavedRuleset.Rule]) -> Bool {
+    func sameRules(_ desired: IptablesDesired, _ chain: String, _ have: [SavedRuleset.Rule]) -> Bool {
+        if desired.holdsSameRules(chain, as: have) { return true }
+        let want = desired.rules(chain)
         guard want.count == have.count else { return false }
-        if zip(want, have).allSatisfy({ $0 == $1.text }) { return true }
         return zip(want, have).allSatisfy { w, h in
             w == h.text || RuleNormalizer.normalize(SavedRuleset.tokenize(w)) == RuleNormalizer.normalize(h)
         }
@@ -101,7 +102,7 @@ struct IptablesBackend: Sendable {
         var write: [String] = []
         if !desired.isEmpty {
             for chain in desired.chainOrder {
-                guard let have = owned.chains[chain], sameRules(desired.rules[chain] ?? [], have) else { write.append(chain); continue }
+                guard let have = owned.chains[chain], sameRules(desired, chain, have) else { write.append(chain); continue }
             }
         }
         let wanted = desired.isEmpty ? [] : Set(desired.chainOrder)
@@ -113,11 +114,11 @@ struct IptablesBackend: Sendable {
         var out: [String] = []
         let (write, stale) = chainChanges(desired, owned)
         for chain in write {
-            let want = desired.rules[chain] ?? []
             guard let have = owned.chains[chain] else {
-                out.append("\(f): add chain \(chain) (\(want.count) rule(s))")
+                out.append("\(f): add chain \(chain) (\(desired.ruleCount(chain)) rule(s))")
                 continue
             }
+            let want = desired.rules(chain)
             out += lineDiff(prefix: "\(f): chain \(chain)", have: have.map(RuleNormalizer.normalize),
                             want: want.map { RuleNormalizer.normalize(SavedRuleset.tokenize($0)) })
         }

@@ -1,3 +1,8 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 import NetAddress
 import RulePlanning
 import ServiceResolution
@@ -10,8 +15,12 @@ struct IptablesDesired: Sendable {
     var family: IPFamily
     /// Our chains in declaration order: the main chain, the masquerade chain (if on), the target chains.
     var chainOrder: [String] = []
-    /// chain -> its rules without the leading `-A CHAIN `, in iptables-save form.
-    var rules: [String: [String]] = [:]
+    /// Every chain's rules as restore lines (`-A CHAIN rule\n`), chain after chain in `chainOrder`: one
+    /// buffer instead of ~190k strings at 10k Services, copied into the restore input by ranges.
+    private(set) var lines: [UInt8] = []
+    /// Where each chain's lines are in `lines`, and how many rules it has.
+    private(set) var spans: [String: Span] = [:]
+    struct Span: Sendable { var range: Range<Int>; var count: Int }
     /// kube-proxy chains the plan jumps to, with the service they stand for (skipped ones included).
     var kubeChains: [(chain: String, comment: String)]
     var mappings: Int
@@ -26,18 +35,20 @@ struct IptablesDesired: Sendable {
     init(plan: RulePlan, family: IPFamily, missingKubeChains: Set<String> = [], place: String = "") {
         self.family = family
         let s = plan.settings
-        let chains = plan.targetChains(family)
-        kubeChains = chains.compactMap { c in
-            if case .kubeProxyChain(let name) = c.target { return (name, c.comment) }
+        kubeChains = plan.targetChains.compactMap { c in
+            if c.family == family, case .kubeProxyChain(let name) = c.target { return (name, c.comment) }
             return nil
         }
-        let hostBits = family == .ipv4 ? "/32" : "/128"
-        var dispatch: [String] = []
-        var masquerade: [String] = []
+        let hostBits = family == .ipv4 ? "/32 -p " : "/128 -p "
+        var masquerade = LineWriter(chain: s.masqueradeChain)
+        var dispatch = LineWriter(chain: s.chain)
+        dispatch.bytes.reserveCapacity(plan.rules.count * 140)
         var lastAddress: IPAddress?
-        var targets = Set<String>()
-        var comments: [Int: String] = [:]
+        var address = ""
+        // Per target chain (by plan index): its quoted comment, once; and whether it was jumped to yet.
+        var comments = [String?](repeating: nil, count: plan.targetChains.count)
         var kept = 0
+        var targets = 0
         for r in plan.rules where r.mapping.family == family {
             let chain = plan.targetChains[r.targetIndex]
             let m = r.mapping
@@ -49,80 +60,159 @@ struct IptablesDesired: Sendable {
             let comment: String
             if let c = comments[r.targetIndex] { comment = c } else {
                 comment = Self.saveQuoted(chain.comment); comments[r.targetIndex] = comment
+                targets += 1
             }
             let proto = m.protocol.lowercased
             let target = chain.jumpTarget
-            let address = m.externalIP.description
-            // With loadBalancerSourceRanges, one rule per block (iptables-save prints `-s` before `-d`).
-            let rule = "-d \(address)\(hostBits) -p \(proto) -m \(proto) --dport \(m.port) -m comment --comment \(comment) -j \(target)"
-            if m.sourceRanges.isEmpty { dispatch.append(rule) } else {
-                for block in m.sourceRanges { dispatch.append("-s \(block) " + rule) }
+            // Rules are sorted by address within a family: consecutive mappings often share it.
+            if lastAddress != m.externalIP { address = m.externalIP.description }
+            func rule(source block: CIDR?) {
+                dispatch.begin()
+                if let block { dispatch.put("-s "); dispatch.put(block.description); dispatch.put(" ") }
+                dispatch.put("-d "); dispatch.put(address); dispatch.put(hostBits); dispatch.put(proto)
+                dispatch.put(" -m "); dispatch.put(proto); dispatch.put(" --dport "); dispatch.put(String(m.port))
+                dispatch.put(" -m comment --comment "); dispatch.put(comment); dispatch.put(" -j "); dispatch.put(target)
+                dispatch.end()
             }
+            // With loadBalancerSourceRanges, one rule per block (iptables-save prints `-s` before `-d`).
+            if m.sourceRanges.isEmpty { rule(source: nil) } else { for block in m.sourceRanges { rule(source: block) } }
             kept += 1
-            targets.insert(target)
-            // Rules are sorted by address within a family: one masquerade rule per distinct kept address.
+            // One masquerade rule per distinct kept address.
             if s.masquerade && lastAddress != m.externalIP {
-                masquerade.append("-m conntrack --ctstate DNAT --ctorigdst \(address) -j MASQUERADE")
+                masquerade.begin()
+                masquerade.put("-m conntrack --ctstate DNAT --ctorigdst "); masquerade.put(address); masquerade.put(" -j MASQUERADE")
+                masquerade.end()
             }
             lastAddress = m.externalIP
         }
         mappings = kept
-        targetChainCount = targets.count
+        targetChainCount = targets
         guard mappings > 0 else { return }
-        chainOrder.append(s.chain)
-        rules[s.chain] = dispatch
+        // One buffer: the dispatch chain's lines (moved, not copied), the masquerade chain's, then each target chain's.
+        var out = dispatch
+        dispatch = LineWriter(chain: "")
+        out.bytes.reserveCapacity(out.bytes.count * 3)
+        add(s.chain, 0..<out.bytes.count, count: out.count)
         if s.masquerade {
-            chainOrder.append(s.masqueradeChain)
-            rules[s.masqueradeChain] = masquerade
+            let from = out.bytes.count
+            out.bytes += masquerade.bytes
+            add(s.masqueradeChain, from..<out.bytes.count, count: masquerade.count)
         }
         var probabilities = Probabilities()
-        for chain in chains where !chain.isKubeProxyJump {
+        let mask = family == .ipv4 ? " --mask 255.255.255.255 --rsource" : " --mask ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff --rsource"
+        spans.reserveCapacity(plan.targetChains.count + 2)
+        for index in plan.targetChains.indices where plan.targetChains[index].family == family {
+            let chain = plan.targetChains[index]
+            if chain.isKubeProxyJump { continue }
             let destinations = chain.target.destinations
-            let prefix = "-p \(chain.protocol.lowercased) -m comment --comment \(Self.saveQuoted(chain.comment))"
-            var lines: [String] = []
-            lines.reserveCapacity(destinations.count)
+            out.startChain(chain.iptablesName)
+            let from = out.bytes.count
+            let prefix = "-p \(chain.protocol.lowercased) -m comment --comment \(comments[index] ?? Self.saveQuoted(chain.comment))"
             // ClientIP affinity: the `recent` matches as iptables-save prints them (docs/ruleset.md).
-            let mask = family == .ipv4 ? "255.255.255.255" : "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
-            func set(_ d: Destination) -> String { " -m recent --set --name \(chain.affinityName(d)) --mask \(mask) --rsource" }
             if let seconds = chain.affinityTimeout {
                 for d in destinations {
-                    lines.append("\(prefix) -m recent --rcheck --seconds \(seconds) --reap --name \(chain.affinityName(d)) --mask \(mask) --rsource"
-                                 + "\(set(d)) -j DNAT --to-destination \(d)")
+                    out.begin(); out.put(prefix); out.put(" -m recent --rcheck --seconds "); out.put(String(seconds))
+                    out.put(" --reap --name "); out.put(chain.affinityName(d)); out.put(mask)
+                    out.put(" -m recent --set --name "); out.put(chain.affinityName(d)); out.put(mask)
+                    out.put(" -j DNAT --to-destination "); out.put(d)
+                    out.end()
                 }
             }
             for (i, d) in destinations.enumerated() {
                 let remaining = destinations.count - i
-                let spread = remaining > 1 ? " -m statistic --mode random --probability \(probabilities.saved(remaining))" : ""
-                lines.append("\(prefix)\(spread)\(chain.affinityTimeout == nil ? "" : set(d)) -j DNAT --to-destination \(d)")
+                out.begin(); out.put(prefix)
+                if remaining > 1 { out.put(" -m statistic --mode random --probability "); out.put(probabilities.saved(remaining)) }
+                if chain.affinityTimeout != nil { out.put(" -m recent --set --name "); out.put(chain.affinityName(d)); out.put(mask) }
+                out.put(" -j DNAT --to-destination "); out.put(d)
+                out.end()
             }
-            chainOrder.append(chain.iptablesName)
-            rules[chain.iptablesName] = lines
+            add(chain.iptablesName, from..<out.bytes.count, count: out.count)
+        }
+        lines = out.bytes
+    }
+
+    private mutating func add(_ chain: String, _ range: Range<Int>, count: Int) {
+        chainOrder.append(chain)
+        spans[chain] = Span(range: range, count: count)
+    }
+
+    /// Appends `-A CHAIN …\n` lines to a byte buffer, counting the lines of the current chain.
+    private struct LineWriter {
+        var bytes: [UInt8] = []
+        var count = 0
+        var head: String
+        init(chain: String) { head = "-A \(chain) " }
+        mutating func startChain(_ chain: String) { head = "-A \(chain) "; count = 0 }
+        mutating func begin() { bytes.append(contentsOf: head.utf8) }
+        mutating func put(_ s: String) {
+            // A native string's bytes in one copy (the generic append walks them one by one).
+            if s.utf8.withContiguousStorageIfAvailable({ bytes.append(contentsOf: $0) }) == nil { bytes.append(contentsOf: s.utf8) }
+        }
+        /// `ip:port`, `[ip6]:port`: what `Destination.description` says, without building that string.
+        mutating func put(_ d: Destination) {
+            if d.ip.family == .ipv6 { bytes.append(UInt8(ascii: "[")); put(d.ip.description); bytes.append(UInt8(ascii: "]")) }
+            else { put(d.ip.description) }
+            bytes.append(UInt8(ascii: ":")); put(String(d.port))
+        }
+        mutating func end() { bytes.append(0x0A); count += 1 }
+    }
+
+    /// One chain's rules without the leading `-A CHAIN ` (for differences and tests; comparisons use
+    /// `holdsSameRules`).
+    func rules(_ chain: String) -> [String] {
+        guard let span = spans[chain] else { return [] }
+        let skip = chain.utf8.count + 4
+        return lines[span.range].split(separator: 0x0A).map { String(decoding: $0.dropFirst(skip), as: UTF8.self) }
+    }
+
+    /// How many rules `chain` has.
+    func ruleCount(_ chain: String) -> Int { spans[chain]?.count ?? 0 }
+
+    /// Every rule of every chain, in order.
+    var allRules: [String] { chainOrder.flatMap { rules($0) } }
+
+    /// Whether `have` (read from the kernel) is exactly this chain's rules, byte for byte.
+    func holdsSameRules(_ chain: String, as have: [SavedRuleset.Rule]) -> Bool {
+        guard let span = spans[chain], span.count == have.count else { return false }
+        let skip = chain.utf8.count + 4
+        return lines.withUnsafeBufferPointer { buffer in
+            var start = span.range.lowerBound
+            for rule in have {
+                guard let newline = buffer[start..<span.range.upperBound].firstIndex(of: 0x0A) else { return false }
+                let want = UnsafeBufferPointer(rebasing: buffer[(start + skip)..<newline])
+                var text = rule.text
+                let same = text.withUTF8 { $0.count == want.count && (want.isEmpty || memcmp($0.baseAddress!, want.baseAddress!, want.count) == 0) }
+                if !same { return false }
+                start = newline + 1
+            }
+            return true
         }
     }
 
     /// The restore lines that create (or flush) and fill `chains`: declarations first, then the rules, so a
     /// rule may jump to any chain declared in the same file.
     func restoreLines(_ chains: [String]) -> [String] {
-        var out = chains.map { ":\($0) - [0:0]" }
-        out.reserveCapacity(chains.count + chains.reduce(0) { $0 + (rules[$1]?.count ?? 0) })
-        for chain in chains {
-            for r in rules[chain] ?? [] { out.append("-A \(chain) \(r)") }
-        }
-        return out
+        var out = ""
+        appendRestoreText(chains, to: &out)
+        return out.split(separator: "\n").map(String.init)
     }
 
-    /// `restoreLines(chains)`, each line ending in a newline, appended to one string: a full apply at 10k
-    /// Services writes ~160k lines, and building each as its own string and joining them cost as much again.
+    /// `restoreLines(chains)`, each line ending in a newline, appended to one string: declarations, then the
+    /// chains' lines copied from `lines` (all of it at once when every chain is written).
     func appendRestoreText(_ chains: [String], to out: inout String) {
         var size = 0
-        for chain in chains {
-            size += chain.utf8.count + 8
-            for r in rules[chain] ?? [] { size += chain.utf8.count + r.utf8.count + 5 }
-        }
+        for chain in chains { size += chain.utf8.count + 8 + (spans[chain]?.range.count ?? 0) }
         out.reserveCapacity(out.utf8.count + size)
         for chain in chains { out += ":"; out += chain; out += " - [0:0]\n" }
-        for chain in chains {
-            for r in rules[chain] ?? [] { out += "-A "; out += chain; out += " "; out += r; out += "\n" }
+        lines.withUnsafeBufferPointer { buffer in
+            if chains == chainOrder {
+                out += String(decoding: buffer, as: UTF8.self)
+                return
+            }
+            for chain in chains {
+                guard let span = spans[chain] else { continue }
+                out += String(decoding: UnsafeBufferPointer(rebasing: buffer[span.range]), as: UTF8.self)
+            }
         }
     }
 
@@ -132,10 +222,13 @@ struct IptablesDesired: Sendable {
     /// `xtables_save_string`: bare when only `[A-Za-z0-9_-]`, else in double quotes with `"`, `\` and `'`
     /// escaped by a backslash.
     static func saveQuoted(_ s: String) -> String {
-        let bare = !s.isEmpty && s.utf8.allSatisfy { b in
-            (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || b == 0x5F || b == 0x2D
+        var bare = !s.isEmpty, plain = true
+        for b in s.utf8 {
+            if !((b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || b == 0x5F || b == 0x2D) { bare = false }
+            if b == 0x22 || b == 0x5C || b == 0x27 { plain = false }
         }
         if bare { return s }
+        if plain { return "\"" + s + "\"" }  // `namespace/name:port`: nothing to escape
         var out = "\""
         for ch in s.unicodeScalars {
             if ch == "\"" || ch == "\\" || ch == "'" { out.unicodeScalars.append("\\") }

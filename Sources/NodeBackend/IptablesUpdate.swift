@@ -13,7 +13,7 @@ extension IptablesOwned {
         chains = [:]
         chainOrder = installed.chainOrder
         for chain in installed.chainOrder {
-            chains[chain] = (installed.rules[chain] ?? []).map { SavedRuleset.Rule(text: $0) }
+            chains[chain] = installed.rules(chain).map { SavedRuleset.Rule(text: $0) }
         }
     }
 }

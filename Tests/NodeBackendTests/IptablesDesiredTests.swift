@@ -41,15 +41,15 @@ import Testing
             #expect(desired.chainOrder == rendered.chainOrder, "\(strategy) \(family)")
             for chain in rendered.chainOrder {
                 let want = rendered.rules(chain).map(RuleNormalizer.normalize)
-                let have = (desired.rules[chain] ?? []).map { RuleNormalizer.normalize(SavedRuleset.tokenize($0)) }
+                let have = desired.rules(chain).map { RuleNormalizer.normalize(SavedRuleset.tokenize($0)) }
                 #expect(have == want, "\(strategy) \(family) \(chain)")
             }
             #expect(desired.mappings == plan.rules(family).count)
         }
         if strategy == .endpoints {
             let v4 = IptablesDesired(plan: plan, family: .ipv4)
-            #expect(v4.rules["HOSTNET-DNAT-MASQ"] == ["-m conntrack --ctstate DNAT --ctorigdst 203.0.113.10 -j MASQUERADE"])
-            #expect(v4.rules.values.joined().contains { $0.contains("--probability 0.50000000000 -j DNAT") })
+            #expect(v4.rules("HOSTNET-DNAT-MASQ") == ["-m conntrack --ctstate DNAT --ctorigdst 203.0.113.10 -j MASQUERADE"])
+            #expect(v4.allRules.contains { $0.contains("--probability 0.50000000000 -j DNAT") })
         }
     }
 
