@@ -103,13 +103,19 @@ public struct Planner: Sendable {
     /// target chain per service port and family, sorted by family, service, port name and protocol.
     func assemble(kept unsorted: [Mapping], skipped: [SkippedItem], conflicts: [Conflict], warnings: [Diagnostic],
                   strategy: TargetStrategy) -> RulePlan {
-        // Chains are found in the resolver's order, where a service port's mappings sit next to each other:
-        // comparing with the previous mapping's key skips most dictionary lookups (hashing two names).
+        // Rules by address, protocol and port. Sorting small keys and gathering once is several times
+        // cheaper than sorting the mappings themselves (each move copies a dozen fields and retains).
+        var ruleOrder = unsorted.indices.map { RuleOrderKey(unsorted[$0], index: $0) }
+        ruleOrder.sort()
+        // Chains are made in rule order, so a chain's content comes from the first of its mappings in that
+        // order whatever order they came in (a dictionary's, here). Mappings of one service port often sit
+        // next to each other: comparing with the previous key skips most dictionary lookups.
         var chainIndex: [ChainKey: Int] = [:]
         var chains: [TargetChain] = []
         var chainOf = [Int](repeating: 0, count: unsorted.count)
         var previous: (key: ChainKey, index: Int)? = nil
-        for i in unsorted.indices {
+        for key in ruleOrder {
+            let i = key.index
             let ck = ChainKey(unsorted[i])
             if let previous, previous.key == ck { chainOf[i] = previous.index; continue }
             let index: Int
@@ -123,10 +129,6 @@ public struct Planner: Sendable {
             chainOf[i] = index
             previous = (ck, index)
         }
-        // Rules by address, protocol and port. Sorting small keys and gathering once is several times
-        // cheaper than sorting the mappings themselves (each move copies a dozen fields and retains).
-        var ruleOrder = unsorted.indices.map { RuleOrderKey(unsorted[$0], index: $0) }
-        ruleOrder.sort()
         // Sort chains (by keys too, for the same reason) and remap the rules' indices.
         var chainOrder = chains.indices.map { ChainOrderKey(chains[$0], index: $0) }
         chainOrder.sort()

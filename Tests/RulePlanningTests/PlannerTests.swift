@@ -40,6 +40,27 @@ private func resolution(_ m: [Mapping]) -> Resolution {
         #expect(Set(plan.skipped.map(\.service.name)) == ["one", "two"])
     }
 
+    /// Two unnamed ports of one Service share a target chain (same service, port name, protocol, family);
+    /// the chain is made from the first of them in rule order (address, protocol, port), never from whichever
+    /// a dictionary happened to yield first. 20 services: a chance pick would be right 2^-20 of the time.
+    @Test func aSharedChainIsMadeFromTheFirstRuleWhateverTheInputOrder() throws {
+        var mappings: [Mapping] = []
+        for i in 1...20 {
+            for port in [80, 81] {
+                mappings.append(Mapping(service: ObjectName(namespace: "n", name: "s\(i)"), portName: "", protocol: .tcp,
+                                        externalIP: ip("203.0.113.\(i)"), port: port, source: .externalIP,
+                                        target: .clusterIP(Destination(ip: ip("198.18.0.\(i)"), port: port))))
+            }
+        }
+        let plan = try Planner().plan(resolution(mappings), strategy: .clusterIP)
+        #expect(plan.targetChains.count == 20)
+        for chain in plan.targetChains {
+            #expect(chain.comment.hasSuffix(":80") && chain.target.destinations.map(\.port) == [80], "\(chain.comment)")
+        }
+        let reversed = try Planner().plan(resolution(mappings.reversed()), strategy: .clusterIP)
+        #expect(reversed.targetChains == plan.targetChains && reversed.rules == plan.rules)
+    }
+
     @Test func sameAddressDifferentProtocolIsNoConflict() throws {
         let r = resolution([mapping("a", "dns", port: "dns", proto: .udp, ext: "203.0.113.53", extPort: 53, to: ["198.51.100.1"]),
                             mapping("b", "dns", port: "dns", proto: .tcp, ext: "203.0.113.53", extPort: 53, to: ["198.51.100.1"])])
