@@ -197,14 +197,18 @@ public struct JSONParser {
             switch b {
             case UInt8(ascii: "\""):
                 let first = i + 1
+                var escaped = false
                 i = first
                 while i < n {
                     let c = bytes[i]
-                    if c == UInt8(ascii: "\\") { i += 2; continue }
+                    if c == UInt8(ascii: "\\") { escaped = true; i += 2; continue }
                     if c == UInt8(ascii: "\"") { break }
                     i += 1
                 }
                 guard i < n else { return nil }
+                // A top-level key written with escapes may decode to `items` (the parser streams that list
+                // too, and counts its items): the second thread could not tell where its indices start.
+                if depth == 1, !inItems, escaped { return nil }
                 if depth == 1, !inItems, i - first == 5, bytes[first] == UInt8(ascii: "i"), bytes[first + 1] == UInt8(ascii: "t"),
                    bytes[first + 2] == UInt8(ascii: "e"), bytes[first + 3] == UInt8(ascii: "m"), bytes[first + 4] == UInt8(ascii: "s") {
                     let colon = nextNonSpace(i + 1)
