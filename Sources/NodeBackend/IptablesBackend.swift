@@ -310,13 +310,15 @@ struct IptablesBackend: Sendable {
 
     typealias Change = (desired: IptablesDesired, owned: IptablesOwned, differences: [String])
 
-    func plannedChanges(_ plan: RulePlan) throws(NodeError) -> [Change] {
+    /// `read`: both families as already read (in `IPFamily.allCases` order), or nil to read them here.
+    func plannedChanges(_ plan: RulePlan, owned read: [IptablesOwned]? = nil) throws(NodeError) -> [Change] {
         var out: [Change] = []
         var missingAll: [(chain: String, comment: String, family: IPFamily)] = []
         var kubeTotal = 0
-        for family in IPFamily.allCases {
+        for (i, family) in IPFamily.allCases.enumerated() {
             var desired = IptablesDesired(plan: plan, family: family)
-            let owned = try self.owned(family, settings: plan.settings, required: !desired.isEmpty)
+            let owned: IptablesOwned
+            if let read { owned = read[i] } else { owned = try self.owned(family, settings: plan.settings, required: !desired.isEmpty) }
             if !desired.isEmpty && !desired.kubeChains.isEmpty {
                 kubeTotal += desired.kubeChains.count
                 let missing = desired.kubeChains.filter { owned.nat?.hasChain($0.chain) != true }
@@ -349,7 +351,15 @@ struct IptablesBackend: Sendable {
     }
 
     func applyLocked(_ plan: RulePlan, dryRun: Bool) throws(NodeError) -> ApplyResult {
-        let changes = try plannedChanges(plan)
+        var owned: [IptablesOwned]? = nil
+        if !dryRun && !plan.targetChains.contains(where: \.isKubeProxyJump) {
+            let read = try IPFamily.allCases.map { (family) throws(NodeError) -> IptablesOwned in
+                try self.owned(family, settings: plan.settings, required: !plan.rules(family).isEmpty)
+            }
+            if read.allSatisfy(\.isEmpty) { return try applyFresh(plan, owned: read) }
+            owned = read
+        }
+        let changes = try plannedChanges(plan, owned: owned)
         try checkBeforeWriting(changes.map { ($0.desired, $0.owned) }, plan.settings, action: "apply")
         let differences = changes.flatMap(\.differences)
         let warnings = changes.flatMap(\.desired.skipped)
@@ -372,13 +382,77 @@ struct IptablesBackend: Sendable {
         return result
     }
 
+    /// A first install: none of our chains or jumps in either family, and no jump into kube-proxy's chains
+    /// (whose absence changes what is written). Nothing to compare, so the restore starts at once and reads
+    /// the target chains while the rest are still being written: declared batch by batch, the dispatch chain
+    /// (which jumps to all of them) and the jumps into it last, one commit per family as in `commit`. At 10k
+    /// Services this hides building the rules (~0.1 s) behind the restore's own parsing.
+    private func applyFresh(_ plan: RulePlan, owned: [IptablesOwned]) throws(NodeError) -> ApplyResult {
+        let s = plan.settings
+        let families = zip(IPFamily.allCases, owned).filter { !plan.rules($0.0).isEmpty }
+        var installed: [(desired: IptablesDesired, owned: IptablesOwned, input: [UInt8])] = []
+        try commit(families.map { family, before in
+            (before, { () throws(NodeError) in
+                let (desired, input) = try streamRestore(plan, family: family)
+                installed.append((desired, before, input))
+            })
+        }, s)
+        // What was done, worked out once every family is in (not between the restores).
+        let changes: [Change] = installed.map { ($0.desired, $0.owned, self.differences($0.desired, $0.owned, s)) }
+        let all = changes.flatMap(\.differences)
+        var result = ApplyResult(changed: !all.isEmpty, differences: all,
+                                 summary: summary(plan, changes: changes, dryRun: false), warnings: [])
+        result.restoredChains = changes.reduce(0) { $0 + $1.desired.chainOrder.count }
+        result.restoreInputs = installed.map { String(decoding: $0.input, as: UTF8.self) }
+        return result
+    }
+
+    /// One family's restore, its input written while the restore reads it: `*nat` and the dispatch and
+    /// masquerade chains' declarations, then the target chains batch by batch (declared, then filled), then
+    /// the dispatch and masquerade rules, the jumps into them, and `COMMIT`. Returns what was installed and
+    /// the input as sent.
+    private func streamRestore(_ plan: RulePlan, family: IPFamily) throws(NodeError) -> (IptablesDesired, [UInt8]) {
+        let s = plan.settings
+        var builder = IptablesDesired.Builder(plan: plan, family: family)
+        let head = builder.headChains
+        let headEnd = builder.bytes.count
+        var stage = 0
+        let input = try tools(family).restore { () -> [UInt8]? in
+            switch stage {
+            case 0:
+                stage = 1
+                return Array(("*nat\n" + head.map { ":\($0) - [0:0]\n" }.joined()).utf8)
+            case 1:
+                var chunk: [UInt8] = []
+                if let batch = builder.addTargetChains(upTo: 1024) {
+                    chunk += batch.chains.map { ":\($0) - [0:0]\n" }.joined().utf8
+                    builder.copyBytes(batch.range, into: &chunk)
+                    return chunk
+                }
+                stage = 2
+                builder.copyBytes(0..<headEnd, into: &chunk)
+                let tail = IptablesRenderer.jumpLines(s, output: true, postrouting: s.masquerade) + ["COMMIT"]
+                chunk += tail.map { $0 + "\n" }.joined().utf8
+                return chunk
+            default:
+                return nil
+            }
+        }
+        return (builder.finished, input)
+    }
+
     /// Runs one restore per family, in order. When a later one fails, the families already changed are
     /// put back from their pre-apply save (best effort), and the error says what happened to them.
     func commit(_ steps: [(owned: IptablesOwned, script: String)], _ s: PlanSettings) throws(NodeError) {
+        try commit(steps.map { step in (step.owned, { () throws(NodeError) in try tools(step.owned.family).restore(step.script) }) }, s)
+    }
+
+    /// `commit`, with each family's restore as a closure (a streamed one, in `applyFresh`).
+    func commit(_ steps: [(owned: IptablesOwned, restore: () throws(NodeError) -> Void)], _ s: PlanSettings) throws(NodeError) {
         var done: [IptablesOwned] = []
         for step in steps {
             do {
-                try tools(step.owned.family).restore(step.script)
+                try step.restore()
             } catch {
                 guard !done.isEmpty else { throw error }
                 let notes = done.map { rollback(to: $0, s) }

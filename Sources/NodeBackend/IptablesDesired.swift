@@ -17,9 +17,9 @@ struct IptablesDesired: Sendable {
     var chainOrder: [String] = []
     /// Every chain's rules as restore lines (`-A CHAIN rule\n`), chain after chain in `chainOrder`: one
     /// buffer instead of ~190k strings at 10k Services, copied into the restore input by ranges.
-    private(set) var lines: [UInt8] = []
+    fileprivate(set) var lines: [UInt8] = []
     /// Where each chain's lines are in `lines`, and how many rules it has.
-    private(set) var spans: [String: Span] = [:]
+    fileprivate(set) var spans: [String: Span] = [:]
     struct Span: Sendable { var range: Range<Int>; var count: Int }
     /// kube-proxy chains the plan jumps to, with the service they stand for (skipped ones included).
     var kubeChains: [(chain: String, comment: String)]
@@ -33,105 +33,157 @@ struct IptablesDesired: Sendable {
     /// `missingKubeChains`: kube-proxy chains that do not exist in this family's nat table; the mappings
     /// that jump to them are left out (and their masquerade rules, unless another mapping keeps the address).
     init(plan: RulePlan, family: IPFamily, missingKubeChains: Set<String> = [], place: String = "") {
-        self.family = family
-        let s = plan.settings
-        kubeChains = plan.targetChains.compactMap { c in
-            if c.family == family, case .kubeProxyChain(let name) = c.target { return (name, c.comment) }
-            return nil
+        var builder = Builder(plan: plan, family: family, missingKubeChains: missingKubeChains, place: place)
+        while builder.addTargetChains(upTo: .max) != nil {}
+        self = builder.finished
+    }
+
+    /// Builds the desired rules in steps, so a restore can start reading the first target chains while the
+    /// rest are still being written (`IptablesBackend.applyFresh`): the dispatch and masquerade chains at
+    /// once (they need every rule), then the target chains in batches.
+    struct Builder {
+        private var desired: IptablesDesired
+        private var out: LineWriter
+        private let plan: RulePlan
+        private var comments: [String?]
+        private var next = 0
+        private var probabilities = Probabilities()
+        private let mask: String
+
+        init(plan: RulePlan, family: IPFamily, missingKubeChains: Set<String> = [], place: String = "") {
+            self.plan = plan
+            let s = plan.settings
+            desired = IptablesDesired(family: family, kubeChains: plan.targetChains.compactMap { c in
+                if c.family == family, case .kubeProxyChain(let name) = c.target { return (name, c.comment) }
+                return nil
+            }, mappings: 0)
+            mask = family == .ipv4 ? " --mask 255.255.255.255 --rsource" : " --mask ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff --rsource"
+            let hostBits = family == .ipv4 ? "/32 -p " : "/128 -p "
+            var masquerade = LineWriter(chain: s.masqueradeChain)
+            var dispatch = LineWriter(chain: s.chain)
+            dispatch.bytes.reserveCapacity(plan.rules.count * 140)
+            var lastAddress: IPAddress?
+            var address = ""
+            // Per target chain (by plan index): its quoted comment, made once.
+            var comments = [String?](repeating: nil, count: plan.targetChains.count)
+            var kept = 0
+            var targets = 0
+            for r in plan.rules where r.mapping.family == family {
+                let chain = plan.targetChains[r.targetIndex]
+                let m = r.mapping
+                if case .kubeProxyChain(let name) = chain.target, missingKubeChains.contains(name) {
+                    desired.skipped.append("skipped \(m.externalIP) \(m.protocol.lowercased)/\(m.port) (\(chain.comment)): kube-proxy has no chain "
+                                           + "\(name)\(place); it creates none for a service without endpoints, or with both traffic policies Local")
+                    continue
+                }
+                let comment: String
+                if let c = comments[r.targetIndex] { comment = c } else {
+                    comment = IptablesDesired.saveQuoted(chain.comment); comments[r.targetIndex] = comment
+                    targets += 1
+                }
+                let proto = m.protocol.lowercased
+                let target = chain.jumpTarget
+                // Rules are sorted by address within a family: consecutive mappings often share it.
+                if lastAddress != m.externalIP { address = m.externalIP.description }
+                func rule(source block: CIDR?) {
+                    dispatch.begin()
+                    if let block { dispatch.put("-s "); dispatch.put(block.description); dispatch.put(" ") }
+                    dispatch.put("-d "); dispatch.put(address); dispatch.put(hostBits); dispatch.put(proto)
+                    dispatch.put(" -m "); dispatch.put(proto); dispatch.put(" --dport "); dispatch.put(String(m.port))
+                    dispatch.put(" -m comment --comment "); dispatch.put(comment); dispatch.put(" -j "); dispatch.put(target)
+                    dispatch.end()
+                }
+                // With loadBalancerSourceRanges, one rule per block (iptables-save prints `-s` before `-d`).
+                if m.sourceRanges.isEmpty { rule(source: nil) } else { for block in m.sourceRanges { rule(source: block) } }
+                kept += 1
+                // One masquerade rule per distinct kept address.
+                if s.masquerade && lastAddress != m.externalIP {
+                    masquerade.begin()
+                    masquerade.put("-m conntrack --ctstate DNAT --ctorigdst "); masquerade.put(address); masquerade.put(" -j MASQUERADE")
+                    masquerade.end()
+                }
+                lastAddress = m.externalIP
+            }
+            self.comments = comments
+            desired.mappings = kept
+            desired.targetChainCount = targets
+            // One buffer: the dispatch chain's lines (moved, not copied), the masquerade chain's, then each target chain's.
+            out = dispatch
+            dispatch = LineWriter(chain: "")
+            guard kept > 0 else { next = plan.targetChains.count; out.bytes = []; return }
+            out.bytes.reserveCapacity(out.bytes.count * 3)
+            desired.add(s.chain, 0..<out.bytes.count, count: out.count)
+            if s.masquerade {
+                let from = out.bytes.count
+                out.bytes += masquerade.bytes
+                desired.add(s.masqueradeChain, from..<out.bytes.count, count: masquerade.count)
+            }
+            desired.spans.reserveCapacity(plan.targetChains.count + 2)
         }
-        let hostBits = family == .ipv4 ? "/32 -p " : "/128 -p "
-        var masquerade = LineWriter(chain: s.masqueradeChain)
-        var dispatch = LineWriter(chain: s.chain)
-        dispatch.bytes.reserveCapacity(plan.rules.count * 140)
-        var lastAddress: IPAddress?
-        var address = ""
-        // Per target chain (by plan index): its quoted comment, once; and whether it was jumped to yet.
-        var comments = [String?](repeating: nil, count: plan.targetChains.count)
-        var kept = 0
-        var targets = 0
-        for r in plan.rules where r.mapping.family == family {
-            let chain = plan.targetChains[r.targetIndex]
-            let m = r.mapping
-            if case .kubeProxyChain(let name) = chain.target, missingKubeChains.contains(name) {
-                skipped.append("skipped \(m.externalIP) \(m.protocol.lowercased)/\(m.port) (\(chain.comment)): kube-proxy has no chain "
-                               + "\(name)\(place); it creates none for a service without endpoints, or with both traffic policies Local")
-                continue
-            }
-            let comment: String
-            if let c = comments[r.targetIndex] { comment = c } else {
-                comment = Self.saveQuoted(chain.comment); comments[r.targetIndex] = comment
-                targets += 1
-            }
-            let proto = m.protocol.lowercased
-            let target = chain.jumpTarget
-            // Rules are sorted by address within a family: consecutive mappings often share it.
-            if lastAddress != m.externalIP { address = m.externalIP.description }
-            func rule(source block: CIDR?) {
-                dispatch.begin()
-                if let block { dispatch.put("-s "); dispatch.put(block.description); dispatch.put(" ") }
-                dispatch.put("-d "); dispatch.put(address); dispatch.put(hostBits); dispatch.put(proto)
-                dispatch.put(" -m "); dispatch.put(proto); dispatch.put(" --dport "); dispatch.put(String(m.port))
-                dispatch.put(" -m comment --comment "); dispatch.put(comment); dispatch.put(" -j "); dispatch.put(target)
-                dispatch.end()
-            }
-            // With loadBalancerSourceRanges, one rule per block (iptables-save prints `-s` before `-d`).
-            if m.sourceRanges.isEmpty { rule(source: nil) } else { for block in m.sourceRanges { rule(source: block) } }
-            kept += 1
-            // One masquerade rule per distinct kept address.
-            if s.masquerade && lastAddress != m.externalIP {
-                masquerade.begin()
-                masquerade.put("-m conntrack --ctstate DNAT --ctorigdst "); masquerade.put(address); masquerade.put(" -j MASQUERADE")
-                masquerade.end()
-            }
-            lastAddress = m.externalIP
+
+        /// The lines written so far (`-A CHAIN …\n`), where spans and ranges point.
+        var bytes: [UInt8] { out.bytes }
+
+        /// Appends `bytes[range]` to `chunk` (without holding on to the buffer, which grows on).
+        func copyBytes(_ range: Range<Int>, into chunk: inout [UInt8]) {
+            out.bytes.withUnsafeBufferPointer { chunk += UnsafeBufferPointer(rebasing: $0[range]) }
         }
-        mappings = kept
-        targetChainCount = targets
-        guard mappings > 0 else { return }
-        // One buffer: the dispatch chain's lines (moved, not copied), the masquerade chain's, then each target chain's.
-        var out = dispatch
-        dispatch = LineWriter(chain: "")
-        out.bytes.reserveCapacity(out.bytes.count * 3)
-        add(s.chain, 0..<out.bytes.count, count: out.count)
-        if s.masquerade {
-            let from = out.bytes.count
-            out.bytes += masquerade.bytes
-            add(s.masqueradeChain, from..<out.bytes.count, count: masquerade.count)
+
+        /// What was built, once `addTargetChains` returned nil.
+        var finished: IptablesDesired {
+            var d = desired
+            d.lines = out.bytes
+            return d
         }
-        var probabilities = Probabilities()
-        let mask = family == .ipv4 ? " --mask 255.255.255.255 --rsource" : " --mask ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff --rsource"
-        spans.reserveCapacity(plan.targetChains.count + 2)
-        for index in plan.targetChains.indices where plan.targetChains[index].family == family {
-            let chain = plan.targetChains[index]
-            if chain.isKubeProxyJump { continue }
-            let destinations = chain.target.destinations
-            out.startChain(chain.iptablesName)
-            let from = out.bytes.count
-            let prefix = "-p \(chain.protocol.lowercased) -m comment --comment \(comments[index] ?? Self.saveQuoted(chain.comment))"
-            // ClientIP affinity: the `recent` matches as iptables-save prints them (docs/ruleset.md).
-            if let seconds = chain.affinityTimeout {
-                for d in destinations {
-                    out.begin(); out.put(prefix); out.put(" -m recent --rcheck --seconds "); out.put(String(seconds))
-                    out.put(" --reap --name "); out.put(chain.affinityName(d)); out.put(mask)
-                    out.put(" -m recent --set --name "); out.put(chain.affinityName(d)); out.put(mask)
+
+        /// The dispatch and masquerade chains (already written), as `finished` will list them.
+        var headChains: [String] { desired.chainOrder }
+
+        /// Writes the next target chains of this family (at most `limit`): their names and where their lines
+        /// are in `bytes`. nil when there are none left.
+        mutating func addTargetChains(upTo limit: Int) -> (chains: [String], range: Range<Int>)? {
+            let family = desired.family
+            let start = out.bytes.count
+            var names: [String] = []
+            while next < plan.targetChains.count && names.count < limit {
+                let index = next
+                next += 1
+                let chain = plan.targetChains[index]
+                guard chain.family == family, !chain.isKubeProxyJump else { continue }
+                let destinations = chain.target.destinations
+                out.startChain(chain.iptablesName)
+                let from = out.bytes.count
+                let prefix = "-p \(chain.protocol.lowercased) -m comment --comment \(comments[index] ?? IptablesDesired.saveQuoted(chain.comment))"
+                // ClientIP affinity: the `recent` matches as iptables-save prints them (docs/ruleset.md).
+                if let seconds = chain.affinityTimeout {
+                    for d in destinations {
+                        out.begin(); out.put(prefix); out.put(" -m recent --rcheck --seconds "); out.put(String(seconds))
+                        out.put(" --reap --name "); out.put(chain.affinityName(d)); out.put(mask)
+                        out.put(" -m recent --set --name "); out.put(chain.affinityName(d)); out.put(mask)
+                        out.put(" -j DNAT --to-destination "); out.put(d)
+                        out.end()
+                    }
+                }
+                for (i, d) in destinations.enumerated() {
+                    let remaining = destinations.count - i
+                    out.begin(); out.put(prefix)
+                    if remaining > 1 { out.put(" -m statistic --mode random --probability "); out.put(probabilities.saved(remaining)) }
+                    if chain.affinityTimeout != nil { out.put(" -m recent --set --name "); out.put(chain.affinityName(d)); out.put(mask) }
                     out.put(" -j DNAT --to-destination "); out.put(d)
                     out.end()
                 }
+                desired.add(chain.iptablesName, from..<out.bytes.count, count: out.count)
+                names.append(chain.iptablesName)
             }
-            for (i, d) in destinations.enumerated() {
-                let remaining = destinations.count - i
-                out.begin(); out.put(prefix)
-                if remaining > 1 { out.put(" -m statistic --mode random --probability "); out.put(probabilities.saved(remaining)) }
-                if chain.affinityTimeout != nil { out.put(" -m recent --set --name "); out.put(chain.affinityName(d)); out.put(mask) }
-                out.put(" -j DNAT --to-destination "); out.put(d)
-                out.end()
-            }
-            add(chain.iptablesName, from..<out.bytes.count, count: out.count)
+            return names.isEmpty ? nil : (names, start..<out.bytes.count)
         }
-        lines = out.bytes
     }
 
-    private mutating func add(_ chain: String, _ range: Range<Int>, count: Int) {
+    private init(family: IPFamily, kubeChains: [(chain: String, comment: String)], mappings: Int) {
+        self.family = family; self.kubeChains = kubeChains; self.mappings = mappings
+    }
+
+    fileprivate mutating func add(_ chain: String, _ range: Range<Int>, count: Int) {
         chainOrder.append(chain)
         spans[chain] = Span(range: range, count: count)
     }

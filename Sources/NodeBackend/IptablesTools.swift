@@ -39,6 +39,22 @@ struct IptablesTools: Sendable {
         }
     }
 
+    /// The same, with the input handed over in chunks as they are made. Returns the whole input.
+    func restore(chunks next: () -> [UInt8]?) throws(NodeError) -> [UInt8] {
+        var sent: [UInt8] = []
+        let out = try withoutActuallyEscaping(next) { (next) throws(NodeError) -> ProcessOutput in
+            try command.run(restoreTool, ["--noflush", "--wait=30"], stdinChunks: {
+                let chunk = next()
+                if let chunk { sent += chunk }
+                return chunk
+            }, package: Self.package)
+        }
+        if !out.succeeded {
+            throw classify(out, action: "loading rules with \(restoreTool) --noflush", input: String(decoding: sent, as: UTF8.self))
+        }
+        return sent
+    }
+
     /// Turns a tool's stderr into the exit code and a message that names the cause.
     func classify(_ out: ProcessOutput, action: String, input: String?) -> NodeError {
         let err = out.stderr.split(separator: "\n").filter { !$0.hasPrefix("# Warning") }.joined(separator: "\n").trimmed

@@ -5,7 +5,8 @@ struct NamespacedCommand: Sendable {
     let context: NodeContext
 
     /// Runs `tool` (looked up by name) with `arguments`; throws 69 naming the tool when it is missing.
-    func run(_ tool: String, _ arguments: [String], stdin: String = "", package: String) throws(NodeError) -> ProcessOutput {
+    func run(_ tool: String, _ arguments: [String], stdin: String = "", stdinChunks: (() -> [UInt8]?)? = nil,
+             package: String) throws(NodeError) -> ProcessOutput {
         guard let path = ProcessRunner.find(tool) else {
             throw .unavailable("\(tool) is not installed (package \(package)); it is needed to work with \(context.place)")
         }
@@ -20,7 +21,7 @@ struct NamespacedCommand: Sendable {
         }
         let out: ProcessOutput
         do {
-            out = try ProcessRunner.run(executable, argv, stdin: stdin)
+            out = try ProcessRunner.run(executable, argv, stdin: stdin, stdinChunks: stdinChunks)
         } catch {
             throw .unavailable("cannot start \(executable): \(errnoString(error.errno))")
         }

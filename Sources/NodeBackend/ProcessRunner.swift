@@ -40,7 +40,11 @@ enum ProcessRunner {
     /// A failed spawn (not a failed exit status): the errno of posix_spawn.
     struct SpawnError: Error { var errno: Int32; var command: String }
 
-    static func run(_ executable: String, _ arguments: [String], stdin input: String = "") throws(SpawnError) -> ProcessOutput {
+    /// `stdinChunks`: more input after `input`, asked for whenever the child has taken everything so far
+    /// (nil: the end). The child reads one chunk while the next is made: a restore starts parsing the first
+    /// chains while the rest are still being written.
+    static func run(_ executable: String, _ arguments: [String], stdin input: String = "",
+                    stdinChunks: (() -> [UInt8]?)? = nil) throws(SpawnError) -> ProcessOutput {
         ignoreSIGPIPE
         let command = ([executable] + arguments).joined(separator: " ")
         var inPipe: [Int32] = [-1, -1], outPipe: [Int32] = [-1, -1], errPipe: [Int32] = [-1, -1]
@@ -76,10 +80,14 @@ enum ProcessRunner {
             throw SpawnError(errno: rc, command: command)
         }
 
-        let inputBytes = Array(input.utf8)
+        var pending = Array(input.utf8)
         var written = 0
-        var inFD: Int32 = inputBytes.isEmpty ? -1 : inPipe[1]
-        if inFD < 0 { close(inPipe[1]) } else { _ = fcntl(inFD, F_SETFL, fcntl(inFD, F_GETFL) | O_NONBLOCK) }
+        var more = stdinChunks
+        var inFD: Int32 = pending.isEmpty && more == nil ? -1 : inPipe[1]
+        if inFD < 0 { close(inPipe[1]) } else {
+            _ = fcntl(inFD, F_SETFL, fcntl(inFD, F_GETFL) | O_NONBLOCK)
+            if more != nil { _ = fcntl(inFD, 1031 /* F_SETPIPE_SZ */, 1 << 20) }  // room for a whole chunk; best effort
+        }
         var outFD = outPipe[0], errFD = errPipe[0]
         var out: [UInt8] = [], err: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 65536)
@@ -90,11 +98,18 @@ enum ProcessRunner {
             let n = poll(&fds, 3, -1)
             if n < 0 { if errno == EINTR { continue } else { break } }
             if inFD >= 0 && fds[0].revents != 0 {
-                let w = inputBytes.withUnsafeBytes { raw in
-                    write(inFD, raw.baseAddress! + written, min(raw.count - written, 65536))
+                if written == pending.count, let next = more {
+                    if let chunk = next() { pending = chunk; written = 0 } else { more = nil }
                 }
-                if w > 0 { written += w }
-                if w < 0 && errno != EAGAIN && errno != EINTR || written == inputBytes.count {
+                var failed = false
+                if written < pending.count {
+                    let w = pending.withUnsafeBytes { raw in
+                        write(inFD, raw.baseAddress! + written, min(raw.count - written, 1 << 20))
+                    }
+                    if w > 0 { written += w }
+                    failed = w < 0 && errno != EAGAIN && errno != EINTR
+                }
+                if failed || (written == pending.count && more == nil) {
                     close(inFD); inFD = -1  // done, or the child closed its stdin (EPIPE): it will say why
                 }
             }

@@ -2,7 +2,7 @@ import Foundation
 import KubeObjects
 import NetAddress
 import NetlinkBackend
-import NodeBackend
+@testable import NodeBackend
 import RulePlanning
 import ServiceResolution
 import Testing
@@ -79,6 +79,48 @@ import TestSupport
             #expect(try NodeFixtures.save(node, variant).split(separator: "\n").filter { $0.contains("OTHER-CHAIN") } == foreignBefore)
             #expect(try applier.remove(changed.settings) == false)
             #expect(try !applier.status(changed.settings).installed)
+        }
+    }
+
+    /// A first install streams its restore (target chains declared and filled batch by batch while the rest
+    /// are written, the dispatch chain last); an apply over an earlier plan compares and restores the changed
+    /// chains. Both must leave the kernel holding the same chains and rules, in both families: the streamed
+    /// namespace against one where another plan was applied first.
+    @Test(arguments: IptablesVariant.allCases)
+    func aStreamedFirstInstallHoldsWhatAComparedApplyWrites(variant: IptablesVariant) throws {
+        guard try requireKernelTests(tools: Self.iptablesTools), try Variants.available(variant) else { return }
+        let plan = try NodeFixtures.plan(strategy: .endpoints)
+        try withNamespace("ipt-strm") { streamed in
+            try withNamespace("ipt-cmpd") { compared in
+                let first = try NodeApplier(context: NodeFixtures.context(streamed), backend: .iptables, iptablesVariant: variant)
+                    .apply(plan, dryRun: false)
+                // It streamed: the dispatch chain's rules come after every target chain's, unlike a compared apply.
+                let input = first.restoreInputs.first ?? ""
+                let lines = input.split(separator: "\n")
+                let lastTarget = lines.lastIndex { $0.hasPrefix("-A HNDNAT-") } ?? lines.endIndex
+                let firstDispatch = lines.firstIndex { $0.hasPrefix("-A HOSTNET-DNAT ") } ?? lines.startIndex
+                #expect(first.restoreInputs.count == 2 && lastTarget < firstDispatch, "\(input)")
+                #expect(first.changed && first.restoredChains > 0)
+
+                let other = try NodeApplier(context: NodeFixtures.context(compared), backend: .iptables, iptablesVariant: variant)
+                _ = try other.apply(try NodeFixtures.plan(strategy: .endpoints, tcpPortName: "web", endpoints4: [Net.endpoints4[0]]), dryRun: false)
+                let second = try other.apply(plan, dryRun: false)
+                #expect(second.changed && !second.restoreInputs.isEmpty)
+
+                // Same chains with the same rules (iptables-nft lists chains in the order they were made).
+                func content(_ ns: TestNamespace, _ family: IPFamily) throws -> [String] {
+                    let nat = SavedRuleset.parse(try NodeFixtures.save(ns, variant, family)).table("nat")
+                    return (nat?.chainOrder.sorted() ?? []).map { c in "\(c): " + (nat?.rules(c).map(\.text) ?? []).joined(separator: " | ") }
+                }
+                for family in IPFamily.allCases {
+                    let got = try content(streamed, family)
+                    #expect(got.contains { $0.hasPrefix("HNDNAT-") }, "\(family): \(got)")
+                    #expect(got == (try content(compared, family)), "\(family)")
+                }
+                // And applying again to the streamed install finds nothing to do.
+                #expect(try !NodeApplier(context: NodeFixtures.context(streamed), backend: .iptables, iptablesVariant: variant)
+                    .apply(plan, dryRun: false).changed)
+            }
         }
     }
 
