@@ -30,7 +30,7 @@ public enum DocumentLoader {
         if start == bytes.count { return }
         if isJSON(bytes, at: start) {
             var decoded = result
-            let (document, streamed) = try parseJSON(bytes, from: start, source: source, into: &decoded)
+            let (document, streamed, _) = try parseJSON(bytes, from: start, source: source, into: &decoded)
             result = decoded
             try ObjectDecoder.decode(document: document, source: source, into: &result)
             // Streamed items leave the List's `items` empty by the time it is decoded: it was not an empty list.
@@ -76,9 +76,10 @@ public enum DocumentLoader {
     /// without those items and how many items were streamed.
     static func parseJSON(_ bytes: [UInt8], from start: Int, source: String, into decoded: inout ClusterObjects,
                           twoThreadsFrom minimum: Int = twoThreadMinimumBytes,
-                          splitFraction: Double = 0.5) throws(InputError) -> (JSONValue, Int) {
+                          splitFraction: Double = 0.5, awaitSplit: Bool = false) throws(InputError) -> (document: JSONValue, streamed: Int, secondThread: Int) {
         var decodeError: InputError? = nil
         var index = 0
+        var secondThread = 0
         var objects = decoded
         let sink = { (item: JSONValue) -> JSONParser.ItemDisposition in
             defer { index += 1 }
@@ -88,23 +89,27 @@ public enum DocumentLoader {
         do throws(JSONSyntaxError) {
             if bytes.count - start >= minimum {
                 document = try bytes.withUnsafeBufferPointer { (buffer) throws(JSONSyntaxError) -> JSONValue? in
-                    guard let split = JSONParser.itemsSplit(buffer, from: start, near: start + Int(Double(bytes.count - start) * splitFraction)) else {
-                        return try JSONParser.parse(bytes, from: start, topLevelItems: sink)
-                    }
-                    let tail = ItemsTailJob(buffer: buffer, split: split, source: source)
+                    // The second thread looks for the split itself (a scan of half the file), then parses from
+                    // there; this one starts parsing at once.
+                    let tail = ItemsTailJob(buffer: buffer, from: start, near: start + Int(Double(bytes.count - start) * splitFraction),
+                                            source: source)
                     guard tail.start() else { return try JSONParser.parse(bytes, from: start, topLevelItems: sink) }
                     defer { tail.cancelAndJoin() }  // the tail reads `buffer`: it never outlives this call
-                    let handOver = JSONParser.HandOver(offset: split.offset) { () throws(JSONSyntaxError) -> (kept: [JSONValue], end: Int)? in
+                    if awaitSplit { tail.waitUntilDecided() }
+                    let handOver = JSONParser.HandOver(startsHere: tail.startsHere) { () throws(JSONSyntaxError) -> (kept: [JSONValue], end: Int)? in
                         switch tail.join() {
                         case .parsed(let kept, let end, let tailObjects, let count):
                             objects.merge(tailObjects)
                             index += count
+                            secondThread = count
                             return (kept, end)
                         case .decodeFailed(let e):
                             decodeError = e
                             return nil
                         case .syntaxError(let e):
                             throw e
+                        case .noSplit:
+                            preconditionFailure("the tail said where it starts, so it has parsed from there")
                         }
                     }
                     return try JSONParser.parse(bytes, from: start, topLevelItems: sink, handOver: handOver)
@@ -117,7 +122,7 @@ public enum DocumentLoader {
         }
         if let decodeError { throw decodeError }
         decoded = objects
-        return (document!, index)
+        return (document!, index, secondThread)
     }
 
     /// One streamed item: decoded into `objects` when it names its kind, else kept for the document.

@@ -45,8 +45,32 @@ public enum InputReader {
             }
         }
         capacity = max(1, min(capacity, limit &+ 1))
-        var buffer = [UInt8](repeating: 0, count: capacity)
+        var buffer: [UInt8]
         var used = 0
+        if capacity > 1 << 16 {
+            // A sized regular file: read into uninitialized memory (zero-filling 100 MB first costs as much as
+            // a tenth of parsing it). Anything past the size it had is read below, into a grown buffer.
+            var failure: InputReadError? = nil
+            buffer = [UInt8](unsafeUninitializedCapacity: capacity) { raw, count in
+                while used < raw.count {
+                    let n = read(fd, raw.baseAddress! + used, raw.count - used)
+                    if n < 0 {
+                        let code = errno
+                        if code == EINTR { continue }
+                        failure = code == EISDIR ? .isDirectory(name: name) : .failed(name: name, reason: String(cString: strerror(code)))
+                        break
+                    }
+                    if n == 0 { break }
+                    used += n
+                }
+                count = used
+            }
+            if let failure { throw failure }
+            if used < capacity { return buffer }
+            if used > limit { throw .tooLarge(name: name, limit: limit) }
+        } else {
+            buffer = [UInt8](repeating: 0, count: capacity)
+        }
         while true {
             if used == buffer.count {
                 if used > limit { throw .tooLarge(name: name, limit: limit) }

@@ -103,15 +103,16 @@ public struct JSONParser {
     private var handOver: HandOver? = nil
     private var stopped = false
 
-    /// The rest of the top-level `items` list, parsed by someone else (a second thread) from `offset`, an
-    /// item's first byte that `itemsSplit` found. When this parser reaches that byte it calls `take`, which
-    /// returns the tail's kept items and the position just past the list's `]`, or nil when the tail's sink
-    /// said `.stop`; a syntax error in the tail is thrown as if this parser had met it.
+    /// The rest of the top-level `items` list, parsed by someone else (a second thread) from an item's first
+    /// byte that `itemsSplit` found. At each item's first byte this parser asks `startsHere`; on yes it calls
+    /// `take`, which returns the tail's kept items and the position just past the list's `]`, or nil when the
+    /// tail's sink said `.stop`; a syntax error in the tail is thrown as if this parser had met it.
     public struct HandOver {
-        public let offset: Int
+        public let startsHere: (Int) -> Bool
         public let take: () throws(JSONSyntaxError) -> (kept: [JSONValue], end: Int)?
-        public init(offset: Int, take: @escaping () throws(JSONSyntaxError) -> (kept: [JSONValue], end: Int)?) {
-            self.offset = offset; self.take = take
+        public init(startsHere: @escaping (Int) -> Bool,
+                    take: @escaping () throws(JSONSyntaxError) -> (kept: [JSONValue], end: Int)?) {
+            self.startsHere = startsHere; self.take = take
         }
     }
 
@@ -338,7 +339,7 @@ public struct JSONParser {
     private mutating func continueItems(into kept: inout [JSONValue]) throws(JSONSyntaxError) -> Bool {
         while true {
             skipWhitespace()
-            if let handOver, pos == handOver.offset {
+            if let handOver, handOver.startsHere(pos) {
                 self.handOver = nil
                 guard let tail = try handOver.take() else { return false }
                 kept += tail.kept

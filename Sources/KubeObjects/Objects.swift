@@ -160,8 +160,10 @@ public struct ClusterObjects: Sendable, Equatable {
     }
 
     public mutating func merge(_ other: ClusterObjects) {
-        services += other.services
-        endpointSlices += other.endpointSlices
+        // Into an empty side, take the other's arrays as they are: appending copied (and retained) every
+        // object of a 10k-Service file once more.
+        if services.isEmpty { services = other.services } else { services += other.services }
+        if endpointSlices.isEmpty { endpointSlices = other.endpointSlices } else { endpointSlices += other.endpointSlices }
         for (k, v) in other.ignoredKinds { ignoredKinds[k, default: 0] += v }
         documents += other.documents
         sawEmptyList = sawEmptyList || other.sawEmptyList

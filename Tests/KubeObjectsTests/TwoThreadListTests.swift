@@ -11,16 +11,23 @@ import Testing
         case failed(String)
     }
 
-    /// `twoThreads: false`: the one-thread parser. Else split near `fraction` of the document.
-    static func read(_ text: String, twoThreads: Bool, fraction: Double = 0.5) -> Outcome {
+    /// `twoThreads: false`: the one-thread parser. Else split near `fraction` of the document; `waitForSplit`: the
+    /// first thread waits until the second has published its split (or given up), so the hand-over happens
+    /// whatever the timing, and `handedOver` says how many items the second thread parsed.
+    static func read(_ text: String, twoThreads: Bool, fraction: Double = 0.5, waitForSplit: Bool = true) -> Outcome {
+        readCounting(text, twoThreads: twoThreads, fraction: fraction, waitForSplit: waitForSplit).outcome
+    }
+
+    static func readCounting(_ text: String, twoThreads: Bool, fraction: Double = 0.5, waitForSplit: Bool = true)
+        -> (outcome: Outcome, handedOver: Int) {
         var objects = ClusterObjects()
         do {
-            let (document, streamed) = try DocumentLoader.parseJSON(
+            let (document, streamed, second) = try DocumentLoader.parseJSON(
                 Array(text.utf8), from: 0, source: "big.json", into: &objects,
-                twoThreadsFrom: twoThreads ? 0 : Int.max, splitFraction: fraction)
-            return .loaded(objects, document, streamed)
+                twoThreadsFrom: twoThreads ? 0 : Int.max, splitFraction: fraction, awaitSplit: waitForSplit)
+            return (.loaded(objects, document, streamed), second)
         } catch {
-            return .failed("\(error)")
+            return (.failed("\(error)"), 0)
         }
     }
 
@@ -75,8 +82,27 @@ import Testing
                 #expect(text.utf8.dropFirst(split.offset).first == UInt8(ascii: "{"))
                 #expect(String(decoding: before, as: UTF8.self).components(separatedBy: #"{"apiVersion""#).count - 2 == split.index)
             }
-            #expect(Self.read(text, twoThreads: true, fraction: fraction) == one, "fraction \(fraction)")
+            let two = Self.readCounting(text, twoThreads: true, fraction: fraction)
+            #expect(two.outcome == one, "fraction \(fraction)")
+            // The second thread really did its part: every item from the split on.
+            #expect(two.handedOver == items.count - (split?.index ?? items.count), "fraction \(fraction)")
         }
+    }
+
+    /// Without waiting, the first thread may get to the split before the second publishes it (then it parses
+    /// everything) or not: either way, the same result.
+    @Test func whicheverThreadGetsThereFirstTheResultIsTheSame() {
+        let items = (0..<200).map { $0 % 2 == 0 ? Self.service($0) : Self.slice($0) }
+        let text = Self.list(items, pretty: false)
+        let one = Self.read(text, twoThreads: false)
+        var handedOver = 0
+        for round in 0..<40 {
+            let fraction = [0.01, 0.1, 0.5, 0.9][round % 4]
+            let two = Self.readCounting(text, twoThreads: true, fraction: fraction, waitForSplit: false)
+            #expect(two.outcome == one, "round \(round)")
+            if two.handedOver > 0 { handedOver += 1 }
+        }
+        print("two-thread reads that handed over without waiting: \(handedOver) of 40")
     }
 
     /// Items without a kind (a typed list) are kept in the document, in their order, from both halves.
