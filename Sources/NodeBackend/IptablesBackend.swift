@@ -154,7 +154,7 @@ struct IptablesBackend: Sendable {
     }
 
     /// Rules only in the kernel (`-`) and only in the plan (`+`), as multisets: linear for big chains.
-    private func lineDiff(prefix: String, have: [String], want: [String]) -> [String] {
+    func lineDiff(prefix: String, have: [String], want: [String]) -> [String] {
         var count: [String: Int] = [:]
         for w in want { count[w, default: 0] += 1 }
         var removed: [String] = []

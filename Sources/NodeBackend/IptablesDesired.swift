@@ -38,6 +38,13 @@ struct IptablesDesired: Sendable {
         self = builder.finished
     }
 
+    /// Everything `builder` can still add.
+    init(Builder builder: Builder) {
+        var b = builder
+        while b.addTargetChains(upTo: .max) != nil {}
+        self = b.finished
+    }
+
     /// Builds the desired rules in steps, so a restore can start reading the first target chains while the
     /// rest are still being written (`IptablesBackend.applyFresh`): the dispatch and masquerade chains at
     /// once (they need every rule), then the target chains in batches.
@@ -49,9 +56,15 @@ struct IptablesDesired: Sendable {
         private var next = 0
         private var probabilities = Probabilities()
         private let mask: String
+        /// Only these target chains (nil: all of them).
+        private let only: Set<String>?
 
-        init(plan: RulePlan, family: IPFamily, missingKubeChains: Set<String> = [], place: String = "") {
+        /// `only`, `dispatch: false`: just those target chains, without the dispatch and masquerade chains
+        /// (an update that changes a few chains; `mappings` still counts every kept mapping).
+        init(plan: RulePlan, family: IPFamily, missingKubeChains: Set<String> = [], place: String = "",
+             only: Set<String>? = nil, dispatch writeDispatch: Bool = true) {
             self.plan = plan
+            self.only = only
             let s = plan.settings
             desired = IptablesDesired(family: family, kubeChains: plan.targetChains.compactMap { c in
                 if c.family == family, case .kubeProxyChain(let name) = c.target { return (name, c.comment) }
@@ -83,6 +96,8 @@ struct IptablesDesired: Sendable {
                 }
                 let proto = m.protocol.lowercased
                 let target = chain.jumpTarget
+                kept += 1
+                guard writeDispatch else { continue }
                 // Rules are sorted by address within a family: consecutive mappings often share it.
                 if lastAddress != m.externalIP { address = m.externalIP.description }
                 func rule(source block: CIDR?) {
@@ -95,7 +110,6 @@ struct IptablesDesired: Sendable {
                 }
                 // With loadBalancerSourceRanges, one rule per block (iptables-save prints `-s` before `-d`).
                 if m.sourceRanges.isEmpty { rule(source: nil) } else { for block in m.sourceRanges { rule(source: block) } }
-                kept += 1
                 // One masquerade rule per distinct kept address.
                 if s.masquerade && lastAddress != m.externalIP {
                     masquerade.begin()
@@ -111,6 +125,7 @@ struct IptablesDesired: Sendable {
             out = dispatch
             dispatch = LineWriter(chain: "")
             guard kept > 0 else { next = plan.targetChains.count; out.bytes = []; return }
+            guard writeDispatch else { return }
             out.bytes.reserveCapacity(out.bytes.count * 3)
             desired.add(s.chain, 0..<out.bytes.count, count: out.count)
             if s.masquerade {
@@ -149,7 +164,7 @@ struct IptablesDesired: Sendable {
                 let index = next
                 next += 1
                 let chain = plan.targetChains[index]
-                guard chain.family == family, !chain.isKubeProxyJump else { continue }
+                guard chain.family == family, !chain.isKubeProxyJump, only?.contains(chain.iptablesName) ?? true else { continue }
                 let destinations = chain.target.destinations
                 out.startChain(chain.iptablesName)
                 let from = out.bytes.count

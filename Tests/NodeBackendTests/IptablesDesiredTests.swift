@@ -1,4 +1,5 @@
 import Foundation
+import KubeObjects
 import NetAddress
 @testable import NodeBackend
 import RulePlanning
@@ -105,5 +106,94 @@ import Testing
         let read = IptablesOwned(family: .ipv4, saved: SavedRuleset.parse(
             "*nat\n-A OUTPUT -j KUBE-SERVICES\n-A OUTPUT -j HOSTNET-DNAT\nCOMMIT\n"), settings: settings)
         #expect(backend.rollbackScript(before: read, now: now).contains("-I OUTPUT 2 -j HOSTNET-DNAT"))
+    }
+}
+
+/// The update's fast path (`chainUpdate`, from the two plans) against the general one (the complete rules
+/// of both plans compared chain by chain): the same restore file, the same differences, the same chains
+/// written and deleted, for each kind of change and both families. Pure.
+@Suite struct ChainUpdateTests {
+    struct Shape {
+        var services = 6
+        var endpoints = 3
+        var moved: Int? = nil            // this service's first endpoint is replaced
+        var dropped: Int? = nil          // this service's last endpoint is removed
+        var renamed: Int? = nil          // this service's first port is renamed (another chain)
+        var ranges: [String] = ["198.51.100.0/28"]
+        var affinity: Int? = nil         // this service gets ClientIP affinity
+        var unnamedPort = 7000           // the external port of each service's unnamed port (in its comment)
+    }
+
+    static func plan(_ shape: Shape, masquerade: Bool = true) throws -> RulePlan {
+        var objects = ClusterObjects()
+        for i in 0..<shape.services {
+            let id = ObjectName(namespace: "upd", name: "svc\(i)")
+            let ports = [ServicePort(name: shape.renamed == i ? "renamed" : "web", protocol: .tcp, port: 80, targetPort: "8080"),
+                         ServicePort(name: "", protocol: .udp, port: shape.unnamedPort, targetPort: "5353")]
+            objects.services.append(Service(
+                id: id, type: "LoadBalancer", ipFamilies: [.ipv4, .ipv6], ports: ports,
+                loadBalancerIngress: [LoadBalancerIngress(ip: IPAddress("203.0.113.\(i + 1)")),
+                                      LoadBalancerIngress(ip: IPAddress("2001:db8:100::\(i + 1)"))],
+                sessionAffinity: shape.affinity == i ? "ClientIP" : nil, sessionAffinityTimeoutSeconds: shape.affinity == i ? 600 : nil,
+                loadBalancerSourceRanges: i % 2 == 0 ? shape.ranges : []))
+            for (family, base) in [(IPFamily.ipv4, "198.51.100."), (.ipv6, "2001:db8:200::")] {
+                var eps = (0..<shape.endpoints).map { "\(base)\(10 * i + $0 + 1)" }
+                if shape.moved == i { eps[0] = "\(base)\(200 + i)" }
+                if shape.dropped == i { eps.removeLast() }
+                objects.endpointSlices.append(EndpointSlice(
+                    id: ObjectName(namespace: "upd", name: "svc\(i)-\(family.rawValue)"), serviceName: "svc\(i)",
+                    addressType: family.rawValue,
+                    ports: [EndpointPort(name: shape.renamed == i ? "renamed" : "web", port: 8080, protocol: .tcp),
+                            EndpointPort(name: "", port: 5353, protocol: .udp)],
+                    endpoints: eps.map { Endpoint(addresses: [IPAddress($0)!]) }))
+            }
+        }
+        let resolution = ServiceResolver(options: ResolutionOptions(target: .endpoints)).resolve(objects)
+        return try Planner(settings: PlanSettings(masquerade: masquerade)).plan(resolution, strategy: .endpoints)
+    }
+
+    static let shapes: [(String, Shape)] = [
+        ("same", Shape()),
+        ("endpoint moved", Shape(moved: 2)),
+        ("endpoint dropped", Shape(dropped: 4)),
+        ("service added", Shape(services: 7)),
+        ("service removed", Shape(services: 5)),
+        ("port renamed", Shape(renamed: 1)),
+        ("source ranges changed", Shape(ranges: ["198.51.100.0/28", "192.0.2.0/24"])),
+        ("affinity on", Shape(affinity: 3)),
+        ("unnamed port's number changed", Shape(unnamedPort: 7001)),
+        ("one endpoint each", Shape(endpoints: 1)),
+    ]
+
+    @Test(arguments: [true, false])
+    func theFastPathWritesWhatTheFullComparisonWrites(masquerade: Bool) throws {
+        let backend = IptablesBackend(context: NodeContext(), variant: .legacy, variantReason: "test")
+        var checked = 0, changed = 0
+        for (oldName, oldShape) in Self.shapes {
+            for (newName, newShape) in Self.shapes {
+                let old = try Self.plan(oldShape, masquerade: masquerade), new = try Self.plan(newShape, masquerade: masquerade)
+                for family in IPFamily.allCases {
+                    let s = new.settings
+                    let installed = IptablesOwned(family: family, installed: IptablesDesired(plan: old, family: family),
+                                                  hooks: IptablesOwned(family: family, jumpsInPlace: s))
+                    let desired = IptablesDesired(plan: new, family: family)
+                    let full = backend.differences(desired, installed, s)
+                    let fast = backend.chainUpdate(family: family, from: old, to: new)
+                    let label = "\(oldName) → \(newName), \(family)"
+                    #expect(fast.differences == full, "\(label)")
+                    #expect(fast.mappings == desired.mappings, "\(label)")
+                    if full.isEmpty {
+                        #expect(fast.script.isEmpty && fast.written.isEmpty && fast.deleted.isEmpty, "\(label)")
+                    } else {
+                        let r = backend.restoreScript(desired, installed, s)
+                        #expect(fast.script == r.script, "\(label)")
+                        #expect(fast.written == r.written && fast.deleted == r.deleted, "\(label)")
+                        changed += 1
+                    }
+                    checked += 1
+                }
+            }
+        }
+        #expect(checked == 200 && changed > 100)
     }
 }
