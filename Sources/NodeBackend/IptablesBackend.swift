@@ -392,7 +392,7 @@ struct IptablesBackend: Sendable {
         let families = zip(IPFamily.allCases, owned).filter { !plan.rules($0.0).isEmpty }
         var installed: [(desired: IptablesDesired, owned: IptablesOwned, input: [UInt8])] = []
         try commit(families.map { family, before in
-            (before, { () throws(NodeError) in
+            ({ before }, { () throws(NodeError) in
                 let (desired, input) = try streamRestore(plan, family: family)
                 installed.append((desired, before, input))
             })
@@ -444,21 +444,22 @@ struct IptablesBackend: Sendable {
     /// Runs one restore per family, in order. When a later one fails, the families already changed are
     /// put back from their pre-apply save (best effort), and the error says what happened to them.
     func commit(_ steps: [(owned: IptablesOwned, script: String)], _ s: PlanSettings) throws(NodeError) {
-        try commit(steps.map { step in (step.owned, { () throws(NodeError) in try tools(step.owned.family).restore(step.script) }) }, s)
+        try commit(steps.map { step in ({ step.owned }, { () throws(NodeError) in try tools(step.owned.family).restore(step.script) }) }, s)
     }
 
-    /// `commit`, with each family's restore as a closure (a streamed one, in `applyFresh`).
-    func commit(_ steps: [(owned: IptablesOwned, restore: () throws(NodeError) -> Void)], _ s: PlanSettings) throws(NodeError) {
-        var done: [IptablesOwned] = []
+    /// `commit`, with each family's restore as a closure (a streamed one, in `applyFresh`), and the state to
+    /// put it back to made only when a later family fails (an update's fast path does not build it otherwise).
+    func commit(_ steps: [(before: () -> IptablesOwned, restore: () throws(NodeError) -> Void)], _ s: PlanSettings) throws(NodeError) {
+        var done: [() -> IptablesOwned] = []
         for step in steps {
             do {
                 try step.restore()
             } catch {
                 guard !done.isEmpty else { throw error }
-                let notes = done.map { rollback(to: $0, s) }
+                let notes = done.map { rollback(to: $0(), s) }
                 throw NodeError(exitCode: error.exitCode, description: error.description + "\n  " + notes.joined(separator: "\n  "))
             }
-            done.append(step.owned)
+            done.append(step.before)
         }
     }
 

@@ -74,7 +74,7 @@ struct IptablesDesired: Sendable {
             let hostBits = family == .ipv4 ? "/32 -p " : "/128 -p "
             var masquerade = LineWriter(chain: s.masqueradeChain)
             var dispatch = LineWriter(chain: s.chain)
-            dispatch.bytes.reserveCapacity(plan.rules.count * 140)
+            if writeDispatch { dispatch.bytes.reserveCapacity(plan.rules.count * 140) }
             var lastAddress: IPAddress?
             var address = ""
             // Per target chain (by plan index): its quoted comment, made once.

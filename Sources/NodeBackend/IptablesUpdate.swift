@@ -83,7 +83,8 @@ extension IptablesBackend {
 
     private func updateLocked(from old: RulePlan, to new: RulePlan) throws(NodeError) -> ApplyResult {
         let s = new.settings
-        var steps: [(owned: IptablesOwned, script: String)] = []
+        // Each family's restore, and the state a rollback puts it back to (built only if one is needed).
+        var steps: [(family: IPFamily, before: () -> IptablesOwned, script: String)] = []
         var changes: [String] = []
         var written = 0, deleted = 0
         var parts: [String] = []
@@ -105,7 +106,9 @@ extension IptablesBackend {
                 changes += change.differences
                 written += change.written.count
                 deleted += change.deleted.count
-                steps.append((IptablesOwned(family: family, jumpsInPlace: s), change.script))
+                // What this process installed from `old`: the chains a rollback restores if a later family fails.
+                steps.append((family, { IptablesOwned(family: family, installed: IptablesDesired(plan: old, family: family),
+                                                      hooks: IptablesOwned(family: family, jumpsInPlace: s)) }, change.script))
                 continue
             }
             let installed = IptablesDesired(plan: old, family: family)
@@ -150,9 +153,9 @@ extension IptablesBackend {
             let r = restoreScript(desired, owned, s)
             written += r.written.count
             deleted += r.deleted.count
-            steps.append((owned, r.script))
+            steps.append((family, { owned }, r.script))
         }
-        try commit(steps, s)
+        try commit(steps.map { step in (step.before, { () throws(NodeError) in try tools(step.family).restore(step.script) }) }, s)
         var result = ApplyResult(changed: !steps.isEmpty, differences: changes, summary: "")
         result.restoredChains = written
         result.deletedChains = deleted

@@ -93,6 +93,31 @@ extension NodeKernelTests {
         }
     }
 
+    /// An agent update whose IPv4 restore (the fast path, worked out from the two plans) went in and whose
+    /// IPv6 restore then fails (a foreign rule jumps to a chain the update deletes): IPv4 is put back to the
+    /// plan installed before, with its chains and rules, and then the full apply the update falls back to
+    /// installs the new plan (it sees that chain as someone else's, and leaves it).
+    @Test(arguments: IptablesVariant.allCases)
+    func aFailedUpdateRollsTheFastPathFamilyBack(variant: IptablesVariant) throws {
+        guard try requireKernelTests(tools: Self.iptablesTools), try Variants.available(variant) else { return }
+        try withNamespace("ipt-updrb") { node in
+            let applier = NodeApplier(context: NodeFixtures.context(node), backend: .iptables, iptablesVariant: variant)
+            let old = try NodeFixtures.plan()
+            _ = try applier.apply(old, dryRun: false)
+            // The renamed TCP port gets a new chain in each family; the old one is deleted. In IPv6 someone
+            // else's rule still jumps to it, so the IPv6 restore's `-X` fails after IPv4's restore went in.
+            let new = try NodeFixtures.plan(tcpPortName: "web")
+            let v6Chain = try #require(old.targetChains.first { $0.family == .ipv6 && $0.portName == "http" }?.iptablesName)
+            try NodeFixtures.restore(node, variant, .ipv6, "*nat\n:OTHER - [0:0]\n-A OTHER -j \(v6Chain)\nCOMMIT\n")
+            let result = try applier.update(from: old, to: new)
+            #expect(result.summary.contains("full apply instead of an update: the incremental restore failed"), "\(result.summary)")
+            #expect(result.summary.contains("IPv4 rules had already been changed; they were put back as they were"), "\(result.summary)")
+            #expect(!result.summary.contains("failed too"), "\(result.summary)")
+            // And the full apply that followed left the new plan in both families.
+            #expect(try applier.diff(new).isEmpty)
+        }
+    }
+
     /// kube-proxy has a chain for web:http but none for web:dns (no endpoints): the dns mapping is left
     /// out with a warning, the rest is applied; re-applying is a no-op.
     @Test(arguments: IptablesVariant.allCases)
