@@ -39,7 +39,7 @@ struct IptablesDesired: Sendable {
     }
 
     /// Everything `builder` can still add.
-    init(Builder builder: Builder) {
+    init(building builder: Builder) {
         var b = builder
         while b.addTargetChains(upTo: .max) != nil {}
         self = b.finished

@@ -200,8 +200,8 @@ extension IptablesBackend {
         let dispatchChanged = oldRules.count != newRules.count
             || zip(oldRules, newRules).contains { dispatchKey(old, $0) != dispatchKey(new, $1) }
         let only = Set(changedTargets)
-        let desired = IptablesDesired(Builder: IptablesDesired.Builder(plan: new, family: family, only: only, dispatch: dispatchChanged))
-        let installed = IptablesDesired(Builder: IptablesDesired.Builder(plan: old, family: family, only: only.union(stale),
+        let desired = IptablesDesired(building: IptablesDesired.Builder(plan: new, family: family, only: only, dispatch: dispatchChanged))
+        let installed = IptablesDesired(building: IptablesDesired.Builder(plan: old, family: family, only: only.union(stale),
                                                                          dispatch: dispatchChanged))
         // Written in the order a full comparison lists them: the dispatch and masquerade chains, then targets.
         var write: [String] = []
