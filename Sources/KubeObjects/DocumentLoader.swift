@@ -73,7 +73,8 @@ public enum DocumentLoader {
 
     /// One JSON document. Items that name their kind are decoded while the List is parsed and never kept;
     /// items of typed lists (no kind of their own) wait until the list's kind is known. Returns the document
-    /// without those items and how many items were streamed.
+    /// without those items, how many items were streamed, and how many of them the second thread parsed (tests
+    /// check that the two-thread path really ran; `awaitSplit` makes it run whatever the timing).
     static func parseJSON(_ bytes: [UInt8], from start: Int, source: String, into decoded: inout ClusterObjects,
                           twoThreadsFrom minimum: Int = twoThreadMinimumBytes,
                           splitFraction: Double = 0.5, awaitSplit: Bool = false) throws(InputError) -> (document: JSONValue, streamed: Int, secondThread: Int) {
