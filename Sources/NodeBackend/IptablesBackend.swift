@@ -386,7 +386,8 @@ struct IptablesBackend: Sendable {
     /// (whose absence changes what is written). Nothing to compare, so the restore starts at once and reads
     /// the target chains while the rest are still being written: declared batch by batch, the dispatch chain
     /// (which jumps to all of them) and the jumps into it last, one commit per family as in `commit`. At 10k
-    /// Services this hides building the rules (~0.1 s) behind the restore's own parsing.
+    /// Services this hides building the rules (~0.1 s) behind the restore's own parsing. The price: a legacy
+    /// restore holds `xtables.lock` from `*nat` on, so for those ~0.1 s as well.
     private func applyFresh(_ plan: RulePlan, owned: [IptablesOwned]) throws(NodeError) -> ApplyResult {
         let s = plan.settings
         let families = zip(IPFamily.allCases, owned).filter { !plan.rules($0.0).isEmpty }
