@@ -416,7 +416,7 @@ struct IptablesBackend: Sendable {
         let s = plan.settings
         var builder = IptablesDesired.Builder(plan: plan, family: family)
         let head = builder.headChains
-        let headEnd = builder.bytes.count
+        let headEnd = builder.byteCount
         var stage = 0
         let input = try tools(family).restore { () -> [UInt8]? in
             switch stage {

@@ -33,9 +33,7 @@ struct IptablesDesired: Sendable {
     /// `missingKubeChains`: kube-proxy chains that do not exist in this family's nat table; the mappings
     /// that jump to them are left out (and their masquerade rules, unless another mapping keeps the address).
     init(plan: RulePlan, family: IPFamily, missingKubeChains: Set<String> = [], place: String = "") {
-        var builder = Builder(plan: plan, family: family, missingKubeChains: missingKubeChains, place: place)
-        while builder.addTargetChains(upTo: .max) != nil {}
-        self = builder.finished
+        self.init(building: Builder(plan: plan, family: family, missingKubeChains: missingKubeChains, place: place))
     }
 
     /// Everything `builder` can still add.
@@ -136,8 +134,8 @@ struct IptablesDesired: Sendable {
             desired.spans.reserveCapacity(plan.targetChains.count + 2)
         }
 
-        /// The lines written so far (`-A CHAIN …\n`), where spans and ranges point.
-        var bytes: [UInt8] { out.bytes }
+        /// How many bytes of lines (`-A CHAIN …\n`) are written so far; spans and ranges point into them.
+        var byteCount: Int { out.bytes.count }
 
         /// Appends `bytes[range]` to `chunk` (without holding on to the buffer, which grows on).
         func copyBytes(_ range: Range<Int>, into chunk: inout [UInt8]) {
@@ -256,16 +254,9 @@ struct IptablesDesired: Sendable {
         }
     }
 
-    /// The restore lines that create (or flush) and fill `chains`: declarations first, then the rules, so a
-    /// rule may jump to any chain declared in the same file.
-    func restoreLines(_ chains: [String]) -> [String] {
-        var out = ""
-        appendRestoreText(chains, to: &out)
-        return out.split(separator: "\n").map(String.init)
-    }
-
-    /// `restoreLines(chains)`, each line ending in a newline, appended to one string: declarations, then the
-    /// chains' lines copied from `lines` (all of it at once when every chain is written).
+    /// The restore lines that create (or flush) and fill `chains`, appended to `out`: declarations first, so a
+    /// rule may jump to any chain declared in the same file, then the chains' lines copied from `lines` (all
+    /// of it at once when every chain is written).
     func appendRestoreText(_ chains: [String], to out: inout String) {
         var size = 0
         for chain in chains { size += chain.utf8.count + 8 + (spans[chain]?.range.count ?? 0) }
@@ -282,9 +273,6 @@ struct IptablesDesired: Sendable {
             }
         }
     }
-
-    /// Every chain, as a full apply into an empty table writes it.
-    var body: [String] { restoreLines(chainOrder) }
 
     /// `xtables_save_string`: bare when only `[A-Za-z0-9_-]`, else in double quotes with `"`, `\` and `'`
     /// escaped by a backslash.

@@ -203,27 +203,26 @@ extension IptablesBackend {
         let desired = IptablesDesired(building: IptablesDesired.Builder(plan: new, family: family, only: only, dispatch: dispatchChanged))
         let installed = IptablesDesired(building: IptablesDesired.Builder(plan: old, family: family, only: only.union(stale),
                                                                          dispatch: dispatchChanged))
-        // Written in the order a full comparison lists them: the dispatch and masquerade chains, then targets.
-        var write: [String] = []
-        if dispatchChanged {
-            write.append(s.chain)
-            if s.masquerade && installed.rules(s.masqueradeChain) != desired.rules(s.masqueradeChain) { write.append(s.masqueradeChain) }
-        }
-        write += changedTargets
+        // Candidates in the order a full comparison lists them: the dispatch and masquerade chains, then targets.
+        // Each is written when its rules differ (a changed TargetChain may still give the same text).
+        var candidates = changedTargets
+        if dispatchChanged { candidates.insert(contentsOf: s.masquerade ? [s.chain, s.masqueradeChain] : [s.chain], at: 0) }
         let f = "\(variant.displayName) \(family.rawValue)"
+        var write: [String] = []
         var differences: [String] = []
-        for chain in write {
+        for chain in candidates {
             let want = desired.rules(chain)
             guard installed.spans[chain] != nil else {
+                write.append(chain)
                 differences.append("\(f): add chain \(chain) (\(want.count) rule(s))")
                 continue
             }
             let have = installed.rules(chain)
             if have == want { continue }
+            write.append(chain)
             differences += lineDiff(prefix: "\(f): chain \(chain)", have: have.map { RuleNormalizer.normalize(SavedRuleset.tokenize($0)) },
                                     want: want.map { RuleNormalizer.normalize(SavedRuleset.tokenize($0)) })
         }
-        write = write.filter { chain in installed.spans[chain] == nil || installed.rules(chain) != desired.rules(chain) }
         for chain in stale {
             differences.append("\(f): remove chain \(chain) (\(installed.ruleCount(chain)) rule(s), not in the plan)")
         }

@@ -129,6 +129,27 @@ import Testing
         #expect(InputReader.describe(bytes: 1 << 30) == "1 GiB")
     }
 
+    /// A regular file over 64 KB is sized first and read into uninitialized memory: all of it, exactly as
+    /// written, also when it is exactly the limit; refused when over the limit.
+    @Test func inputReaderReadsASizedFileWhole() throws {
+        let path = "/tmp/hnd-input-\(getpid()).bin"
+        defer { unlink(path) }
+        let payload = (0..<200_000).map { UInt8(truncatingIfNeeded: $0 &* 31) }
+        let w = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        #expect(w >= 0)
+        #expect(payload.withUnsafeBytes { write(w, $0.baseAddress, $0.count) } == payload.count)
+        close(w)
+        func read(limit: Int) throws -> [UInt8] {
+            let fd = open(path, O_RDONLY)
+            #expect(fd >= 0)
+            defer { close(fd) }
+            return try InputReader.readAll(fd: fd, name: "f", limit: limit)
+        }
+        #expect(try read(limit: 1 << 20) == payload)
+        #expect(try read(limit: payload.count) == payload)
+        #expect(throws: InputReadError.tooLarge(name: "f", limit: payload.count - 1)) { try read(limit: payload.count - 1) }
+    }
+
     @Test func aJSONSyntaxErrorNamesTheByteAndNeverEchoesIt() {
         for (bytes, shown) in [([UInt8](#"{"a": "#.utf8) + [0x1B, 0x5B, 0x33, 0x31, 0x6D, 0x7D], "unexpected byte 0x1B"),
                                ([UInt8](#"{"a": "#.utf8) + [0xC3, 0xA9], "unexpected byte 0xC3"),

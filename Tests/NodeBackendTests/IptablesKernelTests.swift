@@ -2,7 +2,7 @@ import Foundation
 import KubeObjects
 import NetAddress
 import NetlinkBackend
-@testable import NodeBackend
+import NodeBackend
 import RulePlanning
 import ServiceResolution
 import Testing
@@ -108,14 +108,10 @@ import TestSupport
                 #expect(second.changed && !second.restoreInputs.isEmpty)
 
                 // Same chains with the same rules (iptables-nft lists chains in the order they were made).
-                func content(_ ns: TestNamespace, _ family: IPFamily) throws -> [String] {
-                    let nat = SavedRuleset.parse(try NodeFixtures.save(ns, variant, family)).table("nat")
-                    return (nat?.chainOrder.sorted() ?? []).map { c in "\(c): " + (nat?.rules(c).map(\.text) ?? []).joined(separator: " | ") }
-                }
                 for family in IPFamily.allCases {
-                    let got = try content(streamed, family)
-                    #expect(got.contains { $0.hasPrefix("HNDNAT-") }, "\(family): \(got)")
-                    #expect(got == (try content(compared, family)), "\(family)")
+                    let got = try UpdateFixtures.natContent(streamed, variant, family)
+                    #expect(got.contains(":HNDNAT-"), "\(family): \(got)")
+                    #expect(got == (try UpdateFixtures.natContent(compared, variant, family)), "\(family)")
                 }
                 // And applying again to the streamed install finds nothing to do.
                 #expect(try !NodeApplier(context: NodeFixtures.context(streamed), backend: .iptables, iptablesVariant: variant)
