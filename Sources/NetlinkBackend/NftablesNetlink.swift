@@ -132,7 +132,7 @@ public struct NftablesNetlink: Sendable {
     static func elementCount(_ plan: RulePlan) -> Int {
         let rules = plan.rules
         var slots = 0
-        for i in rules.indices { slots += rules[i].mapping.target.destinations.count }
+        for i in rules.indices { slots += rules[i].mapping.target.destinationCount }
         let masq = plan.settings.masquerade
             ? RulesetProgram.externalAddresses(plan, .ipv4).count + RulesetProgram.externalAddresses(plan, .ipv6).count : 0
         return plan.rules.count + slots + masq

@@ -105,6 +105,19 @@ extension RulesetProgram {
         for j in newRules.indices {
             let fi = newRules[j].mapping.externalIP.family == .ipv4 ? 0 : 1
             let j32 = Int32(j), i32 = partner[j], nt = newRules[j].targetIndex
+            // The common case (every rule but the changed ones): the same destinations, source ranges and
+            // verdict, so no element to delete or add. Checked first, without copying the lists below.
+            if i32 >= 0 {
+                let i = Int(i32), ot = oldRules[i].targetIndex
+                let sticky = newChains[nt].affinityTimeout != nil
+                if (oldChains[ot].affinityTimeout != nil) == sticky && oldChains[ot].comment == newChains[nt].comment
+                    && (!sticky || oldChains[ot].iptablesName == newChains[nt].iptablesName)
+                    && oldRules[i].mapping.target.isSame(as: newRules[j].mapping.target)
+                    && oldRules[i].mapping.sourceRanges == newRules[j].mapping.sourceRanges {
+                    matched[i] = true
+                    continue
+                }
+            }
             let theirBlocks = newRules[j].mapping.sourceRanges
             let theirSticky = newChains[nt].affinityTimeout != nil
             let theirs = theirSticky ? [] : newRules[j].mapping.target.destinations
@@ -340,7 +353,7 @@ extension RulesetProgram {
         var used = [[Bool]](repeating: [], count: 2 * protocols.count)
         let rules = plan.rules, chains = plan.targetChains
         for i in rules.indices where chains[rules[i].targetIndex].affinityTimeout == nil {
-            let n = rules[i].mapping.target.destinations.count
+            let n = rules[i].mapping.target.destinationCount
             guard n > 0, let p = protocols.firstIndex(of: rules[i].mapping.protocol) else { continue }
             let slot = (rules[i].mapping.externalIP.family == .ipv4 ? 0 : protocols.count) + p
             if used[slot].count <= n { used[slot] += [Bool](repeating: false, count: n + 1 - used[slot].count) }

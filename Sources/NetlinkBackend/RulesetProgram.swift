@@ -30,7 +30,7 @@ struct RulesetProgram {
         if chains.indices.contains(where: { chains[$0].isKubeProxyJump }), let why = plan.nftablesRefusal {
             throw NetlinkError(kind: .unsupportedPlan, operation: nil, errno: 0, message: why)
         }
-        if let i = rules.indices.first(where: { rules[$0].mapping.target.destinations.isEmpty }) {
+        if let i = rules.indices.first(where: { rules[$0].mapping.target.destinationCount == 0 }) {
             let r = rules[i]
             throw NetlinkError(kind: .unsupportedPlan, operation: nil, errno: 0,
                                message: "mapping \(r.mapping.externalIP.bracketed):\(r.mapping.port)/\(r.mapping.protocol.lowercased) "

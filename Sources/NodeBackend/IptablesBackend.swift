@@ -354,7 +354,7 @@ struct IptablesBackend: Sendable {
         var owned: [IptablesOwned]? = nil
         if !dryRun && !plan.targetChains.contains(where: \.isKubeProxyJump) {
             let read = try IPFamily.allCases.map { (family) throws(NodeError) -> IptablesOwned in
-                try self.owned(family, settings: plan.settings, required: !plan.rules(family).isEmpty)
+                try self.owned(family, settings: plan.settings, required: plan.hasRules(family))
             }
             if read.allSatisfy(\.isEmpty) { return try applyFresh(plan, owned: read) }
             owned = read

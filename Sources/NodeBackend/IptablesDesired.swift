@@ -54,20 +54,19 @@ struct IptablesDesired: Sendable {
         private var next = 0
         private var probabilities = Probabilities()
         private let mask: String
-        /// Only these target chains (nil: all of them).
-        private let only: Set<String>?
+        /// Only the target chains at these plan indices, ascending (nil: all of them).
+        private let only: [Int]?
+        private var nextOnly = 0
 
-        /// `only`, `dispatch: false`: just those target chains, without the dispatch and masquerade chains
-        /// (an update that changes a few chains; `mappings` still counts every kept mapping).
+        /// `only`, `dispatch: false`: just the target chains at those indices of `plan.targetChains`
+        /// (ascending), without the dispatch and masquerade chains (an update that changes a few chains;
+        /// `mappings` and `targetChainCount` still count every kept mapping and chain).
         init(plan: RulePlan, family: IPFamily, missingKubeChains: Set<String> = [], place: String = "",
-             only: Set<String>? = nil, dispatch writeDispatch: Bool = true) {
+             only: [Int]? = nil, dispatch writeDispatch: Bool = true) {
             self.plan = plan
             self.only = only
             let s = plan.settings
-            desired = IptablesDesired(family: family, kubeChains: plan.targetChains.compactMap { c in
-                if c.family == family, case .kubeProxyChain(let name) = c.target { return (name, c.comment) }
-                return nil
-            }, mappings: 0)
+            desired = IptablesDesired(family: family, kubeChains: [], mappings: 0)
             mask = family == .ipv4 ? " --mask 255.255.255.255 --rsource" : " --mask ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff --rsource"
             let hostBits = family == .ipv4 ? "/32 -p " : "/128 -p "
             var masquerade = LineWriter(chain: s.masqueradeChain)
@@ -77,52 +76,67 @@ struct IptablesDesired: Sendable {
             var address = ""
             // Per target chain (by plan index): its quoted comment, made once.
             var comments = [String?](repeating: nil, count: plan.targetChains.count)
+            var counted = [Bool](repeating: false, count: plan.targetChains.count)
             var kept = 0
             var targets = 0
-            for r in plan.rules where r.mapping.family == family {
-                let chain = plan.targetChains[r.targetIndex]
-                let m = r.mapping
-                if case .kubeProxyChain(let name) = chain.target, missingKubeChains.contains(name) {
-                    desired.skipped.append("skipped \(m.externalIP) \(m.protocol.lowercased)/\(m.port) (\(chain.comment)): kube-proxy has no chain "
-                                           + "\(name)\(place); it creates none for a service without endpoints, or with both traffic policies Local")
-                    continue
+            var skipped: [String] = []
+            var kubeChains: [(chain: String, comment: String)] = []
+            // Elements are read in place (no copy of a chain or rule per step: at 10k Services the copies'
+            // reference counting cost more than the rest of an update).
+            plan.targetChains.withUnsafeBufferPointer { chains in
+                for i in chains.indices where chains[i].family == family && chains[i].isKubeProxyJump {
+                    kubeChains.append((chains[i].jumpTarget, chains[i].comment))
                 }
-                let comment: String
-                if let c = comments[r.targetIndex] { comment = c } else {
-                    comment = IptablesDesired.saveQuoted(chain.comment); comments[r.targetIndex] = comment
-                    targets += 1
+                plan.rules.withUnsafeBufferPointer { rules in
+                    for ri in rules.indices where rules[ri].mapping.family == family {
+                        let ti = rules[ri].targetIndex
+                        if chains[ti].isKubeProxyJump, missingKubeChains.contains(chains[ti].jumpTarget) {
+                            let m = rules[ri].mapping
+                            skipped.append("skipped \(m.externalIP) \(m.protocol.lowercased)/\(m.port) (\(chains[ti].comment)): kube-proxy has no chain "
+                                           + "\(chains[ti].jumpTarget)\(place); it creates none for a service without endpoints, or with both traffic policies Local")
+                            continue
+                        }
+                        kept += 1
+                        if !counted[ti] { counted[ti] = true; targets += 1 }
+                        guard writeDispatch else { continue }
+                        let comment: String
+                        if let c = comments[ti] { comment = c } else {
+                            comment = IptablesDesired.saveQuoted(chains[ti].comment); comments[ti] = comment
+                        }
+                        let m = rules[ri].mapping
+                        let proto = m.protocol.lowercased
+                        let target = chains[ti].jumpTarget
+                        // Rules are sorted by address within a family: consecutive mappings often share it.
+                        if lastAddress != m.externalIP { address = m.externalIP.description }
+                        func rule(source block: CIDR?) {
+                            dispatch.begin()
+                            if let block { dispatch.put("-s "); dispatch.put(block.description); dispatch.put(" ") }
+                            dispatch.put("-d "); dispatch.put(address); dispatch.put(hostBits); dispatch.put(proto)
+                            dispatch.put(" -m "); dispatch.put(proto); dispatch.put(" --dport "); dispatch.put(String(m.port))
+                            dispatch.put(" -m comment --comment "); dispatch.put(comment); dispatch.put(" -j "); dispatch.put(target)
+                            dispatch.end()
+                        }
+                        // With loadBalancerSourceRanges, one rule per block (iptables-save prints `-s` before `-d`).
+                        if m.sourceRanges.isEmpty { rule(source: nil) } else { for block in m.sourceRanges { rule(source: block) } }
+                        // One masquerade rule per distinct kept address.
+                        if s.masquerade && lastAddress != m.externalIP {
+                            masquerade.begin()
+                            masquerade.put("-m conntrack --ctstate DNAT --ctorigdst "); masquerade.put(address); masquerade.put(" -j MASQUERADE")
+                            masquerade.end()
+                        }
+                        lastAddress = m.externalIP
+                    }
                 }
-                let proto = m.protocol.lowercased
-                let target = chain.jumpTarget
-                kept += 1
-                guard writeDispatch else { continue }
-                // Rules are sorted by address within a family: consecutive mappings often share it.
-                if lastAddress != m.externalIP { address = m.externalIP.description }
-                func rule(source block: CIDR?) {
-                    dispatch.begin()
-                    if let block { dispatch.put("-s "); dispatch.put(block.description); dispatch.put(" ") }
-                    dispatch.put("-d "); dispatch.put(address); dispatch.put(hostBits); dispatch.put(proto)
-                    dispatch.put(" -m "); dispatch.put(proto); dispatch.put(" --dport "); dispatch.put(String(m.port))
-                    dispatch.put(" -m comment --comment "); dispatch.put(comment); dispatch.put(" -j "); dispatch.put(target)
-                    dispatch.end()
-                }
-                // With loadBalancerSourceRanges, one rule per block (iptables-save prints `-s` before `-d`).
-                if m.sourceRanges.isEmpty { rule(source: nil) } else { for block in m.sourceRanges { rule(source: block) } }
-                // One masquerade rule per distinct kept address.
-                if s.masquerade && lastAddress != m.externalIP {
-                    masquerade.begin()
-                    masquerade.put("-m conntrack --ctstate DNAT --ctorigdst "); masquerade.put(address); masquerade.put(" -j MASQUERADE")
-                    masquerade.end()
-                }
-                lastAddress = m.externalIP
             }
+            desired.kubeChains = kubeChains
+            desired.skipped = skipped
             self.comments = comments
             desired.mappings = kept
             desired.targetChainCount = targets
             // One buffer: the dispatch chain's lines (moved, not copied), the masquerade chain's, then each target chain's.
             out = dispatch
             dispatch = LineWriter(chain: "")
-            guard kept > 0 else { next = plan.targetChains.count; out.bytes = []; return }
+            guard kept > 0 else { next = plan.targetChains.count; nextOnly = only?.count ?? 0; out.bytes = []; return }
             guard writeDispatch else { return }
             out.bytes.reserveCapacity(out.bytes.count * 3)
             desired.add(s.chain, 0..<out.bytes.count, count: out.count)
@@ -158,11 +172,19 @@ struct IptablesDesired: Sendable {
             let family = desired.family
             let start = out.bytes.count
             var names: [String] = []
-            while next < plan.targetChains.count && names.count < limit {
-                let index = next
-                next += 1
+            while names.count < limit {
+                let index: Int
+                if let only {
+                    guard nextOnly < only.count else { break }
+                    index = only[nextOnly]
+                    nextOnly += 1
+                } else {
+                    guard next < plan.targetChains.count else { break }
+                    index = next
+                    next += 1
+                }
                 let chain = plan.targetChains[index]
-                guard chain.family == family, !chain.isKubeProxyJump, only?.contains(chain.iptablesName) ?? true else { continue }
+                guard chain.family == family, !chain.isKubeProxyJump else { continue }
                 let destinations = chain.target.destinations
                 out.startChain(chain.iptablesName)
                 let from = out.bytes.count

@@ -93,7 +93,7 @@ extension IptablesBackend {
         // jumps are read, so the update adds them as soon as one of its mappings can go in.
         let jumpsMayBeMissing = old.targetChains.contains { $0.isKubeProxyJump } || new.targetChains.contains { $0.isKubeProxyJump }
         for family in IPFamily.allCases {
-            if !jumpsMayBeMissing && !old.rules(family).isEmpty && !new.rules(family).isEmpty {
+            if !jumpsMayBeMissing && old.hasRules(family) && new.hasRules(family) {
                 // The steady state: worked out from the two plans, building only the chains that changed.
                 let t = tools(family)
                 if !t.installed {
@@ -179,33 +179,39 @@ extension IptablesBackend {
     func chainUpdate(family: IPFamily, from old: RulePlan, to new: RulePlan)
         -> (script: String, written: [String], deleted: [String], differences: [String], mappings: Int) {
         let s = new.settings
-        var before: [String: TargetChain] = [:]
-        for c in old.targetChains where c.family == family && !c.isKubeProxyJump { before[c.iptablesName] = c }
-        var changedTargets: [String] = []
-        var current = Set<String>()
-        for c in new.targetChains where c.family == family && !c.isKubeProxyJump {
-            current.insert(c.iptablesName)
-            if before[c.iptablesName] != c { changedTargets.append(c.iptablesName) }
+        // Chains are compared in place, by index: copying 20k chains (and their strings) per family cost more
+        // than the restore of the chain that changed.
+        var changedTargets: [Int] = []   // indices into new.targetChains, ascending
+        var stale: [Int] = []            // indices into old.targetChains, ascending
+        var replaced: [Int] = []         // indices into old.targetChains of the changed chains it has
+        old.targetChains.withUnsafeBufferPointer { oc in
+            new.targetChains.withUnsafeBufferPointer { nc in
+                var before: [String: Int] = [:]
+                before.reserveCapacity(oc.count)
+                for i in oc.indices where oc[i].family == family && !oc[i].isKubeProxyJump { before[oc[i].iptablesName] = i }
+                var kept = [Bool](repeating: false, count: oc.count)
+                for i in nc.indices where nc[i].family == family && !nc[i].isKubeProxyJump {
+                    if let j = before[nc[i].iptablesName] {
+                        kept[j] = true
+                        if !TargetChain.same(oc, j, nc, i) { changedTargets.append(i); replaced.append(j) }
+                    } else {
+                        changedTargets.append(i)
+                    }
+                }
+                for i in oc.indices where oc[i].family == family && !oc[i].isKubeProxyJump && !kept[i] { stale.append(i) }
+            }
         }
-        let stale = old.targetChains.filter { $0.family == family && !$0.isKubeProxyJump && !current.contains($0.iptablesName) }
-            .map(\.iptablesName)
         // The dispatch chain's rules depend on each mapping's address, protocol, port and source ranges, and
         // on its chain's name and comment; the masquerade chain's on the addresses alone.
-        func dispatchKey(_ plan: RulePlan, _ r: PlannedRule) -> DispatchRuleKey {
-            let c = plan.targetChains[r.targetIndex]
-            return DispatchRuleKey(address: r.mapping.externalIP, proto: r.mapping.protocol, port: r.mapping.port,
-                                   sourceRanges: r.mapping.sourceRanges, chain: c.jumpTarget, comment: c.comment)
-        }
-        let oldRules = old.rules(family), newRules = new.rules(family)
-        let dispatchChanged = oldRules.count != newRules.count
-            || zip(oldRules, newRules).contains { dispatchKey(old, $0) != dispatchKey(new, $1) }
-        let only = Set(changedTargets)
-        let desired = IptablesDesired(building: IptablesDesired.Builder(plan: new, family: family, only: only, dispatch: dispatchChanged))
-        let installed = IptablesDesired(building: IptablesDesired.Builder(plan: old, family: family, only: only.union(stale),
+        let dispatchChanged = !Self.sameDispatch(family, old, new)
+        let desired = IptablesDesired(building: IptablesDesired.Builder(plan: new, family: family, only: changedTargets, dispatch: dispatchChanged))
+        let installed = IptablesDesired(building: IptablesDesired.Builder(plan: old, family: family,
+                                                                         only: (replaced + stale).sorted(),
                                                                          dispatch: dispatchChanged))
+        let staleNames = stale.map { old.targetChains[$0].iptablesName }
         // Candidates in the order a full comparison lists them: the dispatch and masquerade chains, then targets.
         // Each is written when its rules differ (a changed TargetChain may still give the same text).
-        var candidates = changedTargets
+        var candidates = changedTargets.map { new.targetChains[$0].iptablesName }
         if dispatchChanged { candidates.insert(contentsOf: s.masquerade ? [s.chain, s.masqueradeChain] : [s.chain], at: 0) }
         let f = "\(variant.displayName) \(family.rawValue)"
         var write: [String] = []
@@ -223,24 +229,58 @@ extension IptablesBackend {
             differences += lineDiff(prefix: "\(f): chain \(chain)", have: have.map { RuleNormalizer.normalize(SavedRuleset.tokenize($0)) },
                                     want: want.map { RuleNormalizer.normalize(SavedRuleset.tokenize($0)) })
         }
-        for chain in stale {
+        for chain in staleNames {
             differences.append("\(f): remove chain \(chain) (\(installed.ruleCount(chain)) rule(s), not in the plan)")
         }
-        guard !write.isEmpty || !stale.isEmpty else { return ("", [], [], [], desired.mappings) }
+        guard !write.isEmpty || !staleNames.isEmpty else { return ("", [], [], [], desired.mappings) }
         var script = "*nat\n"
         desired.appendRestoreText(write, to: &script)
-        script += (stale.map { ":\($0) - [0:0]" } + stale.map { "-X \($0)" } + ["COMMIT"]).joined(separator: "\n") + "\n"
-        return (script, write, stale, differences, desired.mappings)
+        script += (staleNames.map { ":\($0) - [0:0]" } + staleNames.map { "-X \($0)" } + ["COMMIT"]).joined(separator: "\n") + "\n"
+        return (script, write, staleNames, differences, desired.mappings)
     }
 }
 
-/// What one dispatch rule is made of (see `chainUpdate`).
-struct DispatchRuleKey: Equatable {
-    let address: IPAddress
-    let proto: TransportProtocol
-    let port: Int
-    let sourceRanges: [CIDR]
-    let chain: String
-    let comment: String
+extension IptablesBackend {
+    /// Whether `family`'s dispatch rules are the same in both plans: each mapping's address, protocol, port
+    /// and source ranges, and its chain's jump target and comment, rule for rule (the masquerade chain follows
+    /// from the addresses). Read in place.
+    static func sameDispatch(_ family: IPFamily, _ old: RulePlan, _ new: RulePlan) -> Bool {
+        old.rules.withUnsafeBufferPointer { or in
+            new.rules.withUnsafeBufferPointer { nr in
+                old.targetChains.withUnsafeBufferPointer { oc in
+                    new.targetChains.withUnsafeBufferPointer { nc in
+                        var i = 0, j = 0
+                        while true {
+                            while i < or.count && or[i].mapping.family != family { i += 1 }
+                            while j < nr.count && nr[j].mapping.family != family { j += 1 }
+                            if i == or.count || j == nr.count { return i == or.count && j == nr.count }
+                            // Field by field: binding a rule's mapping (or calling `==` on a chain) copies it.
+                            guard or[i].mapping.externalIP == nr[j].mapping.externalIP, or[i].mapping.protocol == nr[j].mapping.protocol,
+                                  or[i].mapping.port == nr[j].mapping.port, or[i].mapping.sourceRanges == nr[j].mapping.sourceRanges
+                            else { return false }
+                            let (x, y) = (or[i].targetIndex, nr[j].targetIndex)
+                            guard oc[x].comment == nc[y].comment else { return false }
+                            if oc[x].isKubeProxyJump || nc[y].isKubeProxyJump {
+                                guard oc[x].jumpTarget == nc[y].jumpTarget else { return false }
+                            } else {
+                                guard oc[x].iptablesName == nc[y].iptablesName else { return false }
+                            }
+                            i += 1; j += 1
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
+extension TargetChain {
+    /// `a[i] == b[j]`, field by field in place: `==` on the elements copies both chains first (a retain and a
+    /// release per string and array in them), which for 20k chains per sync cost more than everything else
+    /// `chainUpdate` does.
+    static func same(_ a: UnsafeBufferPointer<TargetChain>, _ i: Int, _ b: UnsafeBufferPointer<TargetChain>, _ j: Int) -> Bool {
+        a[i].iptablesName == b[j].iptablesName && a[i].comment == b[j].comment && a[i].family == b[j].family
+            && a[i].protocol == b[j].protocol && a[i].portName == b[j].portName && a[i].service == b[j].service
+            && a[i].affinityTimeout == b[j].affinityTimeout && a[i].target == b[j].target
+    }
+}

@@ -520,7 +520,9 @@ extension RulePlan {
     /// Mappings per family ("IPv4", "IPv6"), counted in one pass.
     var mappingsByFamily: [String: Int] {
         var v4 = 0
-        for r in rules where r.mapping.family == .ipv4 { v4 += 1 }
+        rules.withUnsafeBufferPointer { rs in  // in place: no copy of each rule's mapping
+            for i in rs.indices where rs[i].mapping.family == .ipv4 { v4 += 1 }
+        }
         return ["IPv4": v4, "IPv6": rules.count - v4]
     }
 

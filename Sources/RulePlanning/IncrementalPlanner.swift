@@ -14,11 +14,15 @@ public struct IncrementalPlanner: Sendable {
     public let resolver: ServiceResolver
     public let strategy: TargetStrategy
 
-    /// Per service: what resolving it gave on its own, and its target chains (named once, when it changes).
-    private var resolutions: [ObjectName: Resolution] = [:]
-    private var chainsOf: [ObjectName: ServiceChains] = [:]
-    /// The services' names, sorted (kept sorted on each change rather than sorted on each plan).
-    private var sortedNames: [ObjectName] = []
+    /// Per service, sorted by name: what resolving it gave on its own, and its target chains (named once,
+    /// when it changes). One sorted array rather than dictionaries: `plan()` walks it in order and reads the
+    /// pieces in place, without hashing 10k names or copying what it does not keep.
+    private var entries: [Entry] = []
+    private struct Entry: Sendable {
+        let name: ObjectName
+        var resolution: Resolution
+        var chains: ServiceChains
+    }
     /// Every key any service claims, with the services (and port names) claiming it.
     private var claims: [DispatchKey: [Mapping]] = [:]
     /// Keys claimed by more than one service port.
@@ -33,12 +37,14 @@ public struct IncrementalPlanner: Sendable {
     }
 
     /// Number of services currently known.
-    public var serviceCount: Int { resolutions.count }
+    public var serviceCount: Int { entries.count }
 
     /// Re-resolves `service` (nil: it is gone) with its slices. Returns whether its resolution changed.
     @discardableResult
     public mutating func update(_ name: ObjectName, service: Service?, slices: [EndpointSlice]) -> Bool {
-        let old = resolutions[name]
+        let at = insertionIndex(name)
+        let present = at < entries.count && entries[at].name == name
+        let old = present ? entries[at].resolution : nil
         var new = service.map { resolver.resolve($0, slices: slices) }
         if let o = old, new != nil { new!.mappings = Self.keepingSlots(new!.mappings, from: o.mappings) }
         if old?.mappings == new?.mappings && old?.skipped == new?.skipped && old?.warnings == new?.warnings
@@ -47,14 +53,11 @@ public struct IncrementalPlanner: Sendable {
             for m in old.mappings { removeClaim(m) }
         }
         if let new {
-            if resolutions[name] == nil { sortedNames.insert(name, at: insertionIndex(name)) }
-            resolutions[name] = new
-            chainsOf[name] = ServiceChains(new.mappings, planner: planner)
+            let entry = Entry(name: name, resolution: new, chains: ServiceChains(new.mappings, planner: planner))
+            if present { entries[at] = entry } else { entries.insert(entry, at: at) }
             for m in new.mappings { addClaim(m) }
-        } else if resolutions.removeValue(forKey: name) != nil {
-            chainsOf[name] = nil
-            let i = insertionIndex(name)
-            if i < sortedNames.count && sortedNames[i] == name { sortedNames.remove(at: i) }
+        } else if present {
+            entries.remove(at: at)
         }
         return true
     }
@@ -116,10 +119,10 @@ public struct IncrementalPlanner: Sendable {
     }
 
     private func insertionIndex(_ name: ObjectName) -> Int {
-        var lo = 0, hi = sortedNames.count
+        var lo = 0, hi = entries.count
         while lo < hi {
             let mid = (lo + hi) / 2
-            if sortedNames[mid] < name { lo = mid + 1 } else { hi = mid }
+            if entries[mid].name < name { lo = mid + 1 } else { hi = mid }
         }
         return lo
     }
@@ -166,7 +169,7 @@ public struct IncrementalPlanner: Sendable {
 
     /// Forgets everything (a relist replaces the store; the caller then updates every service).
     public mutating func removeAll() {
-        resolutions = [:]; chainsOf = [:]; sortedNames = []; claims = [:]; conflictKeys = []
+        entries = []; claims = [:]; conflictKeys = []
     }
 
     private mutating func addClaim(_ m: Mapping) {
@@ -192,42 +195,54 @@ public struct IncrementalPlanner: Sendable {
         var warnings: [Diagnostic] = []
         var fellBack: [ObjectName] = []
         var chains: [TargetChain] = []
-        var rules: [(order: RuleOrder, mapping: Mapping, chain: Int)] = []
-        rules.reserveCapacity(claims.count)
+        // Each rule as its sort key and where its mapping is (entry, mapping index): sorting these small values
+        // and then copying each mapping once is cheaper than sorting the mappings.
+        var order: [(order: RuleOrder, entry: Int32, mapping: Int32, chain: Int32)] = []
+        order.reserveCapacity(claims.count)
         chains.reserveCapacity(claims.count)
         let anyConflict = !conflictKeys.isEmpty
-        for name in sortedNames {
-            let r = resolutions[name]!
-            skipped += r.skipped
-            warnings += r.warnings
-            fellBack += r.autoFellBackToClusterIP
-        }
-        // Chains go family by family, then by service (and within it by port name and protocol): the
-        // order `Planner` sorts them in. A chain exists when at least one of its mappings is not in conflict.
-        for family in [IPFamily.ipv4, .ipv6] {
-            for name in sortedNames {
-                let r = resolutions[name]!, sc = chainsOf[name]!
-                var global = [Int](repeating: -1, count: sc.chains.count)
-                var used = [Bool](repeating: false, count: sc.chains.count)
-                var any = false
-                for (mi, m) in r.mappings.enumerated() where m.family == family {
-                    if anyConflict && conflictKeys.contains(DispatchKey(m)) { continue }
-                    used[sc.chainOfMapping[mi]] = true
-                    any = true
-                }
-                guard any else { continue }
-                for (ci, c) in sc.chains.enumerated() where used[ci] {
-                    global[ci] = chains.count
-                    chains.append(c)
-                }
-                for (mi, m) in r.mappings.enumerated() where m.family == family {
-                    let g = global[sc.chainOfMapping[mi]]
-                    if g < 0 || (anyConflict && conflictKeys.contains(DispatchKey(m))) { continue }
-                    rules.append((RuleOrder(m), m, g))
+        let conflictKeys = self.conflictKeys
+        entries.withUnsafeBufferPointer { es in
+            for e in es.indices {
+                skipped += es[e].resolution.skipped
+                warnings += es[e].resolution.warnings
+                fellBack += es[e].resolution.autoFellBackToClusterIP
+            }
+            // Chains go family by family, then by service (and within it by port name and protocol): the
+            // order `Planner` sorts them in. A chain exists when at least one of its mappings is not in conflict.
+            var global: [Int] = [], used: [Bool] = []
+            for family in [IPFamily.ipv4, .ipv6] {
+                for e in es.indices {
+                    es[e].resolution.mappings.withUnsafeBufferPointer { ms in
+                        func counts(_ mi: Int) -> Bool {
+                            ms[mi].family == family && !(anyConflict && conflictKeys.contains(DispatchKey(ms[mi])))
+                        }
+                        guard ms.indices.contains(where: counts) else { return }
+                        global.removeAll(keepingCapacity: true)
+                        let chainCount = es[e].chains.chains.count
+                        global.append(contentsOf: repeatElement(-1, count: chainCount))
+                        used.removeAll(keepingCapacity: true)
+                        used.append(contentsOf: repeatElement(false, count: chainCount))
+                        for mi in ms.indices where counts(mi) { used[es[e].chains.chainOfMapping[mi]] = true }
+                        for ci in 0..<chainCount where used[ci] {
+                            global[ci] = chains.count
+                            chains.append(es[e].chains.chains[ci])
+                        }
+                        for mi in ms.indices where counts(mi) {
+                            order.append((RuleOrder(ms[mi]), Int32(e), Int32(mi), Int32(global[es[e].chains.chainOfMapping[mi]])))
+                        }
+                    }
                 }
             }
         }
-        rules.sort { $0.order < $1.order }
+        order.sort { $0.order < $1.order }
+        var rules: [PlannedRule] = []
+        rules.reserveCapacity(order.count)
+        entries.withUnsafeBufferPointer { es in
+            for o in order {
+                rules.append(PlannedRule(mapping: es[Int(o.entry)].resolution.mappings[Int(o.mapping)], targetIndex: Int(o.chain)))
+            }
+        }
         var conflicts: [Conflict] = []
         for key in conflictKeys {
             let (c, items) = Planner.conflict(key, claims[key]!)
@@ -236,8 +251,7 @@ public struct IncrementalPlanner: Sendable {
         }
         conflicts.sort()
         if let w = ServiceResolver.autoFallbackWarning(fellBack) { warnings.append(w) }
-        return RulePlan(settings: planner.settings, strategy: strategy,
-                        rules: rules.map { PlannedRule(mapping: $0.mapping, targetIndex: $0.chain) },
+        return RulePlan(settings: planner.settings, strategy: strategy, rules: rules,
                         targetChains: chains, skipped: skipped.sorted(), conflicts: conflicts,
                         warnings: warnings + extraWarnings)
     }

@@ -151,7 +151,7 @@ public struct RulePlan: Sendable {
         let chain = targetChains[rule.targetIndex]
         if chain.affinityTimeout != nil { return chain.iptablesName }
         return NftPickChain(family: rule.mapping.family, protocol: rule.mapping.protocol,
-                            count: rule.mapping.target.destinations.count).name
+                            count: rule.mapping.target.destinationCount).name
     }
 
     /// Target chains with ClientIP affinity: each gets its own nft chain and one affinity set per destination.
@@ -176,7 +176,7 @@ public struct RulePlan: Sendable {
     public var nftPickChains: [NftPickChain] {
         var seen = Set<NftPickChain>()
         for r in rules where targetChains[r.targetIndex].affinityTimeout == nil {
-            let n = r.mapping.target.destinations.count
+            let n = r.mapping.target.destinationCount
             if n > 0 { seen.insert(NftPickChain(family: r.mapping.family, protocol: r.mapping.protocol, count: n)) }
         }
         return seen.sorted()
@@ -229,4 +229,11 @@ public struct DispatchKey: Sendable, Hashable, Comparable, CustomStringConvertib
 
     public static func < (a: DispatchKey, b: DispatchKey) -> Bool { (a.ip, a.proto, a.port) < (b.ip, b.proto, b.port) }
     public var description: String { "\(ip.bracketed):\(port)/\(proto.lowercased)" }
+}
+
+extension RulePlan {
+    /// Whether any rule is of `family` (without building the filtered list `rules(_:)` returns).
+    public func hasRules(_ family: IPFamily) -> Bool {
+        rules.withUnsafeBufferPointer { rs in rs.indices.contains { rs[$0].mapping.family == family } }  // in place, no copies
+    }
 }

@@ -45,6 +45,27 @@ public enum MappingTarget: Sendable, Hashable {
         }
     }
 
+    /// `destinations.count`, without copying the list (or, for a ClusterIP, making one): the planner and
+    /// the backends ask this of every mapping.
+    @inlinable public var destinationCount: Int {
+        switch self {
+        case .endpoints(let d): return d.count
+        case .clusterIP: return 1
+        case .kubeProxyChain: return 0
+        }
+    }
+
+    /// `self == other`, inlinable: a diff of two plans asks it of every mapping, and the synthesized `==`
+    /// (another module's, not inlinable) is called on copies.
+    @inlinable public func isSame(as other: MappingTarget) -> Bool {
+        switch (self, other) {
+        case let (.endpoints(a), .endpoints(b)): return a == b
+        case let (.clusterIP(a), .clusterIP(b)): return a == b
+        case let (.kubeProxyChain(a), .kubeProxyChain(b)): return a == b
+        default: return false
+        }
+    }
+
     /// The destinations DNAT picks from; empty for a kube-proxy jump.
     public var destinations: [Destination] {
         switch self {

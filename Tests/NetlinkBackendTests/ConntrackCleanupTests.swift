@@ -102,6 +102,80 @@ struct ConntrackCleanupTests {
                        id: id, zone: zone)
     }
 
+    /// What `deletions` worked out before it walked the two sorted plans: a table of each plan's UDP mappings
+    /// by external IP:port, compared key by key. Kept here as the second path.
+    static func deletionsByTable(from old: RulePlan, to new: RulePlan) -> [ConntrackDeletion] {
+        struct Key: Hashable { var ip: IPAddress; var port: Int }
+        func table(_ p: RulePlan) -> [Key: Mapping] {
+            var out: [Key: Mapping] = [:]
+            for r in p.rules where r.mapping.protocol == .udp { out[Key(ip: r.mapping.externalIP, port: r.mapping.port)] = r.mapping }
+            return out
+        }
+        func isJump(_ t: MappingTarget) -> Bool { if case .kubeProxyChain = t { return true }; return false }
+        func deletion(_ m: Mapping, _ ip: IPAddress, _ port: Int, _ r: ConntrackDeletion.Reason) -> ConntrackDeletion {
+            ConntrackDeletion(externalIP: m.externalIP, port: m.port, protocol: .udp, replySource: ip, replySourcePort: port,
+                              reason: r, service: m.service)
+        }
+        let before = table(old), after = table(new)
+        var out: [ConntrackDeletion] = []
+        for (key, was) in before where !isJump(was.target) {
+            if let now = after[key] {
+                guard !isJump(now.target) else { continue }
+                let kept = Set(now.target.destinations)
+                for d in was.target.destinations where !kept.contains(d) { out.append(deletion(was, d.ip, d.port, .endpointRemoved)) }
+            } else {
+                for d in was.target.destinations { out.append(deletion(was, d.ip, d.port, .mappingRemoved)) }
+            }
+        }
+        for (key, now) in after where before[key] == nil && !isJump(now.target) {
+            out.append(deletion(now, now.externalIP, now.port, .mappingAdded))
+        }
+        return out.sorted()
+    }
+
+    @Test("the walk over both sorted plans finds what comparing tables of their UDP mappings finds (200 random plan pairs)")
+    func walkAgreesWithTables() throws {
+        var rng = SplitMix(seed: 7)
+        func randomPlan() throws -> RulePlan {
+            var specs: [ServiceSpec] = []
+            var used = Set<String>()
+            for i in 0..<Int(rng.next() % 12) {
+                // Few addresses and ports, so plans share, gain and lose external IP:ports.
+                let ip = rng.next() % 3 == 0 ? "2001:db8:100::\(rng.next() % 6 + 1)" : "203.0.113.\(rng.next() % 6 + 1)"
+                guard used.insert(ip).inserted else { continue }
+                let port = Int(rng.next() % 3) + 53
+                let pool4 = (0..<Int(rng.next() % 4)).map { _ in "198.51.100.\(rng.next() % 8 + 1)" }
+                let pool6 = (0..<Int(rng.next() % 3)).map { _ in "2001:db8:200::\(rng.next() % 8 + 1)" }
+                specs.append(ServiceSpec(name: "s\(i)", ips: [ip],
+                                         ports: [("dns", .udp, port, 5300 + Int(rng.next() % 2)), ("tcp", .tcp, port, 5300)],
+                                         endpoints4: Array(Set(pool4)).sorted(), endpoints6: Array(Set(pool6)).sorted()))
+            }
+            return try Self.plan(specs)
+        }
+        var nonEmpty = 0
+        for _ in 0..<200 {
+            let old = try randomPlan(), new = try randomPlan()
+            let walked = ConntrackCleanup.deletions(from: old, to: new)
+            #expect(Self.summary(walked) == Self.summary(Self.deletionsByTable(from: old, to: new)))
+            #expect(walked.map(\.service) == Self.deletionsByTable(from: old, to: new).map(\.service))
+            if !walked.isEmpty { nonEmpty += 1 }
+        }
+        #expect(nonEmpty > 100)
+    }
+
+    /// A small deterministic generator (SplitMix64), so a failure can be replayed.
+    struct SplitMix {
+        var state: UInt64
+        init(seed: UInt64) { state = seed }
+        mutating func next() -> UInt64 {
+            state &+= 0x9E37_79B9_7F4A_7C15
+            var z = state
+            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+            return z ^ (z >> 31)
+        }
+    }
+
     @Test("matching: original destination, protocol, reply source and port must all agree")
     func matching() throws {
         let old = try Self.plan([Self.dns(["198.51.100.5"])])

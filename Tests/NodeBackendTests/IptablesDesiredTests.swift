@@ -165,6 +165,22 @@ import Testing
         ("one endpoint each", Shape(endpoints: 1)),
     ]
 
+    @Test func chainsCompareInPlaceAsEqualityDoes() throws {
+        // `TargetChain.same` lists the fields by hand: a field added to TargetChain must be added there too.
+        let chains = try Self.plan(Shape(affinity: 1)).targetChains + Self.plan(Shape(moved: 2, renamed: 3)).targetChains
+        #expect(Mirror(reflecting: chains[0]).children.count == 8)
+        var equal = 0
+        chains.withUnsafeBufferPointer { c in
+            for i in c.indices {
+                for j in c.indices {
+                    #expect(TargetChain.same(c, i, c, j) == (chains[i] == chains[j]))
+                    if chains[i] == chains[j] && i != j { equal += 1 }
+                }
+            }
+        }
+        #expect(equal > 0)
+    }
+
     @Test(arguments: [true, false])
     func theFastPathWritesWhatTheFullComparisonWrites(masquerade: Bool) throws {
         let backend = IptablesBackend(context: NodeContext(), variant: .legacy, variantReason: "test")
