@@ -186,16 +186,20 @@ extension IptablesBackend {
         var replaced: [Int] = []         // indices into old.targetChains of the changed chains it has
         old.targetChains.withUnsafeBufferPointer { oc in
             new.targetChains.withUnsafeBufferPointer { nc in
-                var before: [String: Int] = [:]
-                before.reserveCapacity(oc.count)
-                for i in oc.indices where oc[i].family == family && !oc[i].isKubeProxyJump { before[oc[i].iptablesName] = i }
                 var kept = [Bool](repeating: false, count: oc.count)
-                for i in nc.indices where nc[i].family == family && !nc[i].isKubeProxyJump {
-                    if let j = before[nc[i].iptablesName] {
-                        kept[j] = true
-                        if !TargetChain.same(oc, j, nc, i) { changedTargets.append(i); replaced.append(j) }
-                    } else {
-                        changedTargets.append(i)
+                func compare(_ j: Int, _ i: Int) {
+                    kept[j] = true
+                    if !TargetChain.same(oc, j, nc, i) { changedTargets.append(i); replaced.append(j) }
+                }
+                if !Self.pairChainsInOrder(family, oc, nc, pair: compare, unmatched: { changedTargets.append($0) }) {
+                    // Not in the planner's order (never, from our planners): pair them by name.
+                    changedTargets = []; replaced = []
+                    kept = [Bool](repeating: false, count: oc.count)
+                    var before: [String: Int] = [:]
+                    before.reserveCapacity(oc.count)
+                    for i in oc.indices where oc[i].family == family && !oc[i].isKubeProxyJump { before[oc[i].iptablesName] = i }
+                    for i in nc.indices where nc[i].family == family && !nc[i].isKubeProxyJump {
+                        if let j = before[nc[i].iptablesName] { compare(j, i) } else { changedTargets.append(i) }
                     }
                 }
                 for i in oc.indices where oc[i].family == family && !oc[i].isKubeProxyJump && !kept[i] { stale.append(i) }
@@ -281,6 +285,39 @@ extension TargetChain {
     static func same(_ a: UnsafeBufferPointer<TargetChain>, _ i: Int, _ b: UnsafeBufferPointer<TargetChain>, _ j: Int) -> Bool {
         a[i].iptablesName == b[j].iptablesName && a[i].comment == b[j].comment && a[i].family == b[j].family
             && a[i].protocol == b[j].protocol && a[i].portName == b[j].portName && a[i].service == b[j].service
-            && a[i].affinityTimeout == b[j].affinityTimeout && a[i].target == b[j].target
+            && a[i].affinityTimeout == b[j].affinityTimeout && a[i].target.isSame(as: b[j].target)
+    }
+}
+
+extension IptablesBackend {
+    /// Pairs `family`'s own target chains (no kube-proxy jumps) of two plans by walking both in the order
+    /// the planners sort them (family, service, port name, protocol), without hashing 20k chain names:
+    /// `pair(old index, new index)` for a chain in both, `unmatched(new index)` for one only in `new`, in
+    /// `new`'s order. Returns false, having stopped early, if either list is not strictly in that order or
+    /// a pair's names differ; the caller then pairs them by name instead.
+    static func pairChainsInOrder(_ family: IPFamily, _ oc: UnsafeBufferPointer<TargetChain>, _ nc: UnsafeBufferPointer<TargetChain>,
+                                  pair: (Int, Int) -> Void, unmatched: (Int) -> Void) -> Bool {
+        func mine(_ c: UnsafeBufferPointer<TargetChain>, _ k: Int) -> Bool { c[k].family == family && !c[k].isKubeProxyJump }
+        /// -1, 0, 1 as `a[i]` sorts before, with, or after `b[j]`.
+        func order(_ a: UnsafeBufferPointer<TargetChain>, _ i: Int, _ b: UnsafeBufferPointer<TargetChain>, _ j: Int) -> Int {
+            if a[i].service != b[j].service { return a[i].service < b[j].service ? -1 : 1 }
+            if a[i].portName != b[j].portName { return a[i].portName < b[j].portName ? -1 : 1 }
+            if a[i].protocol != b[j].protocol { return a[i].protocol < b[j].protocol ? -1 : 1 }
+            return 0
+        }
+        var i = 0, j = 0, lastOld = -1, lastNew = -1
+        while true {
+            while i < oc.count && !mine(oc, i) { i += 1 }
+            while j < nc.count && !mine(nc, j) { j += 1 }
+            if j == nc.count { return true }
+            if lastNew >= 0 && order(nc, lastNew, nc, j) >= 0 { return false }
+            if i < oc.count && lastOld >= 0 && order(oc, lastOld, oc, i) >= 0 { return false }
+            let o = i < oc.count ? order(oc, i, nc, j) : 1
+            if o < 0 { lastOld = i; i += 1; continue }           // only in old: stale
+            if o > 0 { unmatched(j); lastNew = j; j += 1; continue }
+            guard oc[i].iptablesName == nc[j].iptablesName else { return false }
+            pair(i, j)
+            lastOld = i; lastNew = j; i += 1; j += 1
+        }
     }
 }

@@ -2,7 +2,7 @@ import Foundation
 import KubeObjects
 import NetAddress
 @testable import NodeBackend
-import RulePlanning
+@testable import RulePlanning
 import RuleRendering
 import ServiceResolution
 import Testing
@@ -164,6 +164,43 @@ import Testing
         ("unnamed port's number changed", Shape(unnamedPort: 7001)),
         ("one endpoint each", Shape(endpoints: 1)),
     ]
+
+    /// `plan` with its target chains in reverse order (the rules pointing at the same chains).
+    static func reversedChains(_ plan: RulePlan) -> RulePlan {
+        let n = plan.targetChains.count
+        return RulePlan(settings: plan.settings, strategy: plan.strategy,
+                        rules: plan.rules.map { PlannedRule(mapping: $0.mapping, targetIndex: n - 1 - $0.targetIndex) },
+                        targetChains: plan.targetChains.reversed(), skipped: plan.skipped, conflicts: plan.conflicts,
+                        warnings: plan.warnings)
+    }
+
+    @Test func chainsOutOfOrderArePairedByName() throws {
+        // The planners sort chains, and chainUpdate pairs them by walking both lists; a list out of that order
+        // makes it pair them by name instead, with the same outcome (chains listed in the other order).
+        let backend = IptablesBackend(context: NodeContext(), variant: .legacy, variantReason: "test")
+        var fellBack = 0, changed = 0
+        for (_, oldShape) in Self.shapes {
+            for (newName, newShape) in Self.shapes {
+                let old = try Self.plan(oldShape), new = try Self.plan(newShape)
+                let shuffled = Self.reversedChains(new)
+                for family in IPFamily.allCases {
+                    let inOrder = backend.chainUpdate(family: family, from: old, to: new)
+                    let byName = backend.chainUpdate(family: family, from: old, to: shuffled)
+                    #expect(Set(byName.written) == Set(inOrder.written), "\(newName) \(family)")
+                    #expect(byName.deleted == inOrder.deleted, "\(newName) \(family)")
+                    #expect(byName.differences.sorted() == inOrder.differences.sorted(), "\(newName) \(family)")
+                    if !inOrder.written.isEmpty { changed += 1 }
+                    let walked = old.targetChains.withUnsafeBufferPointer { oc in
+                        shuffled.targetChains.withUnsafeBufferPointer { nc in
+                            IptablesBackend.pairChainsInOrder(family, oc, nc, pair: { _, _ in }, unmatched: { _ in })
+                        }
+                    }
+                    if !walked { fellBack += 1 }
+                }
+            }
+        }
+        #expect(fellBack == 200 && changed > 50)
+    }
 
     @Test func chainsCompareInPlaceAsEqualityDoes() throws {
         // `TargetChain.same` lists the fields by hand: a field added to TargetChain must be added there too.
