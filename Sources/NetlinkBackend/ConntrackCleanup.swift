@@ -154,9 +154,11 @@ public enum ConntrackCleanup {
             guard !isJump(now.target) else { return }
             out.append(deletion(now, replySource: now.externalIP, port: now.port, .mappingAdded))
         }
-        // Both plans list their rules sorted by address (family first), protocol and port, so their UDP rules
-        // are sorted by address and port: one walk over both, reading the rules in place (at 10k Services,
-        // building a table of each plan's mappings per sync cost more than the rest of a partial sync).
+        // The planners list rules sorted by address (family first), protocol and port, so the UDP rules are
+        // sorted by address and port: one walk over both, reading the rules in place (at 10k Services,
+        // building a table of each plan's mappings per sync cost more than the rest of a partial sync). A plan
+        // in another order is compared through tables instead.
+        guard udpRulesAreSorted(old), udpRulesAreSorted(new) else { return deletionsByTable(from: old, to: new) }
         old.rules.withUnsafeBufferPointer { or in
             new.rules.withUnsafeBufferPointer { nr in
                 var i = 0, j = 0
@@ -180,6 +182,47 @@ public enum ConntrackCleanup {
                     }
                 }
             }
+        }
+        return out.sorted()
+    }
+
+    /// Whether `plan`'s UDP rules are strictly ascending by external IP and port.
+    static func udpRulesAreSorted(_ plan: RulePlan) -> Bool {
+        plan.rules.withUnsafeBufferPointer { rs in
+            var last = -1
+            for i in rs.indices where rs[i].mapping.protocol == .udp {
+                if last >= 0 && !((rs[last].mapping.externalIP, rs[last].mapping.port) < (rs[i].mapping.externalIP, rs[i].mapping.port)) {
+                    return false
+                }
+                last = i
+            }
+            return true
+        }
+    }
+
+    /// `deletions` for plans whose rules are in any order: each plan's UDP mappings by external IP:port.
+    static func deletionsByTable(from old: RulePlan, to new: RulePlan) -> [ConntrackDeletion] {
+        struct Key: Hashable { var ip: IPAddress; var port: Int }
+        func udpMappings(_ plan: RulePlan) -> [Key: Mapping] {
+            var out: [Key: Mapping] = [:]
+            for r in plan.rules where r.mapping.protocol == .udp { out[Key(ip: r.mapping.externalIP, port: r.mapping.port)] = r.mapping }
+            return out
+        }
+        let before = udpMappings(old), after = udpMappings(new)
+        var out: [ConntrackDeletion] = []
+        for (key, was) in before where !isJump(was.target) {
+            if let now = after[key] {
+                guard !isJump(now.target) else { continue }
+                let kept = Set(now.target.destinations)
+                for d in was.target.destinations where !kept.contains(d) {
+                    out.append(deletion(was, replySource: d.ip, port: d.port, .endpointRemoved))
+                }
+            } else {
+                for d in was.target.destinations { out.append(deletion(was, replySource: d.ip, port: d.port, .mappingRemoved)) }
+            }
+        }
+        for (key, now) in after where before[key] == nil && !isJump(now.target) {
+            out.append(deletion(now, replySource: now.externalIP, port: now.port, .mappingAdded))
         }
         return out.sorted()
     }

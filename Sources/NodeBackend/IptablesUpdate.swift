@@ -309,9 +309,20 @@ extension IptablesBackend {
         while true {
             while i < oc.count && !mine(oc, i) { i += 1 }
             while j < nc.count && !mine(nc, j) { j += 1 }
-            if j == nc.count { return true }
-            if lastNew >= 0 && order(nc, lastNew, nc, j) >= 0 { return false }
             if i < oc.count && lastOld >= 0 && order(oc, lastOld, oc, i) >= 0 { return false }
+            if j == nc.count {
+                // The rest of `old` is stale; it must still be in order, or a chain it holds further on may be
+                // one `new` has and was reported as unmatched.
+                while i < oc.count {
+                    if mine(oc, i) {
+                        if lastOld >= 0 && order(oc, lastOld, oc, i) >= 0 { return false }
+                        lastOld = i
+                    }
+                    i += 1
+                }
+                return true
+            }
+            if lastNew >= 0 && order(nc, lastNew, nc, j) >= 0 { return false }
             let o = i < oc.count ? order(oc, i, nc, j) : 1
             if o < 0 { lastOld = i; i += 1; continue }           // only in old: stale
             if o > 0 { unmatched(j); lastNew = j; j += 1; continue }

@@ -53,6 +53,16 @@ func reachable(from node: TestNamespace, count: Int = 24, timeout: Double = 2) t
     return seen
 }
 
+/// Forgets the node namespace's connection tracking entries. Removing rules leaves the flows they translated
+/// in conntrack, and a UDP client that happens to get an earlier source port back is still part of such a flow
+/// (DNATed as before, by design). "Not after removal" is a claim about new flows.
+func forgetFlows(_ node: TestNamespace) throws {
+    for family in ["ipv4", "ipv6"] {
+        let r = try node.run(["conntrack", "-F", "-f", family])
+        #expect(r.status == 0, "conntrack -F -f \(family): \(r.stderr)")
+    }
+}
+
 @Suite(.serialized) struct RenderedRulesKernelTests {
     func render(_ args: [String], stdin: String? = nil) throws -> String {
         let r = try CLI.run(["render"] + args, stdin: stdin)
@@ -139,7 +149,7 @@ func reachable(from node: TestNamespace, count: Int = 24, timeout: Double = 2) t
     }
 
     @Test func realTrafficThroughRenderedNftRulesAndNotAfterRemoval() throws {
-        guard try requireKernelTests(tools: ["nft", "python3"]) else { return }
+        guard try requireKernelTests(tools: ["nft", "python3", "conntrack"]) else { return }
         let script = try render(["-f", "-", "--format", "nft"], stdin: trafficCluster)
         try withNodeAndPods { node, _ in
             let without = try reachable(from: node, count: 2, timeout: 0.5)
@@ -151,13 +161,14 @@ func reachable(from node: TestNamespace, count: Int = 24, timeout: Double = 2) t
                 #expect(servers == ["ep1", "ep2"], "\(key) reached \(servers.sorted()) over 24 connections")
             }
             try node.nft("delete", "table", "inet", "hostnet-dnat")
+            try forgetFlows(node)
             let after = try reachable(from: node, count: 2, timeout: 0.5)
             #expect(after.filter { !$0.key.hasSuffix("failed") }.values.allSatisfy { $0.isEmpty }, "still reachable after removal: \(after)")
         }
     }
 
     @Test func realTrafficThroughRenderedIptablesRulesAndNotAfterRemoval() throws {
-        guard try requireKernelTests(tools: ["iptables-restore", "ip6tables-restore", "python3"]) else { return }
+        guard try requireKernelTests(tools: ["iptables-restore", "ip6tables-restore", "python3", "conntrack"]) else { return }
         let v4 = try render(["-f", "-", "--format", "iptables"], stdin: trafficCluster)
         let v6 = try render(["-f", "-", "--format", "ip6tables"], stdin: trafficCluster)
         try withNodeAndPods { node, _ in
@@ -172,6 +183,7 @@ func reachable(from node: TestNamespace, count: Int = 24, timeout: Double = 2) t
                 try node.runChecked([tool, "-t", "nat", "-D", "OUTPUT", "-j", "HOSTNET-DNAT"])
                 try node.runChecked([tool, "-t", "nat", "-D", "POSTROUTING", "-j", "HOSTNET-DNAT-MASQ"])
             }
+            try forgetFlows(node)
             let after = try reachable(from: node, count: 2, timeout: 0.5)
             #expect(after.filter { !$0.key.hasSuffix("failed") }.values.allSatisfy { $0.isEmpty }, "still reachable after removal: \(after)")
         }

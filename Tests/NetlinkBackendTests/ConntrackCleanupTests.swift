@@ -1,7 +1,7 @@
 import KubeObjects
 import NetAddress
 @testable import NetlinkBackend
-import RulePlanning
+@testable import RulePlanning
 import ServiceResolution
 import Testing
 
@@ -103,8 +103,8 @@ struct ConntrackCleanupTests {
     }
 
     /// What `deletions` worked out before it walked the two sorted plans: a table of each plan's UDP mappings
-    /// by external IP:port, compared key by key. Kept here as the second path.
-    static func deletionsByTable(from old: RulePlan, to new: RulePlan) -> [ConntrackDeletion] {
+    /// by external IP:port, compared key by key. Kept here, written apart from the sources, as the second path.
+    static func referenceDeletions(from old: RulePlan, to new: RulePlan) -> [ConntrackDeletion] {
         struct Key: Hashable { var ip: IPAddress; var port: Int }
         func table(_ p: RulePlan) -> [Key: Mapping] {
             var out: [Key: Mapping] = [:]
@@ -146,8 +146,10 @@ struct ConntrackCleanupTests {
                 let port = Int(rng.next() % 3) + 53
                 let pool4 = (0..<Int(rng.next() % 4)).map { _ in "198.51.100.\(rng.next() % 8 + 1)" }
                 let pool6 = (0..<Int(rng.next() % 3)).map { _ in "2001:db8:200::\(rng.next() % 8 + 1)" }
-                specs.append(ServiceSpec(name: "s\(i)", ips: [ip],
-                                         ports: [("dns", .udp, port, 5300 + Int(rng.next() % 2)), ("tcp", .tcp, port, 5300)],
+                var ports: [(String, TransportProtocol, Int, Int)] = [("dns", .udp, port, 5300 + Int(rng.next() % 2)), ("tcp", .tcp, port, 5300)]
+                // Sometimes a second UDP port on the same address, before or after the first.
+                if rng.next() % 2 == 0 { ports.append(("alt", .udp, Int(rng.next() % 2) == 0 ? 50 : 60, 5400)) }
+                specs.append(ServiceSpec(name: "s\(i)", ips: [ip], ports: ports,
                                          endpoints4: Array(Set(pool4)).sorted(), endpoints6: Array(Set(pool6)).sorted()))
             }
             return try Self.plan(specs)
@@ -156,11 +158,21 @@ struct ConntrackCleanupTests {
         for _ in 0..<200 {
             let old = try randomPlan(), new = try randomPlan()
             let walked = ConntrackCleanup.deletions(from: old, to: new)
-            #expect(Self.summary(walked) == Self.summary(Self.deletionsByTable(from: old, to: new)))
-            #expect(walked.map(\.service) == Self.deletionsByTable(from: old, to: new).map(\.service))
+            #expect(Self.summary(walked) == Self.summary(Self.referenceDeletions(from: old, to: new)))
+            #expect(walked.map(\.service) == Self.referenceDeletions(from: old, to: new).map(\.service))
             if !walked.isEmpty { nonEmpty += 1 }
+            // Rules in another order than the planners': compared through tables, with the same outcome.
+            let reversed = Self.reversedRules(old)
+            #expect(!ConntrackCleanup.udpRulesAreSorted(reversed) || reversed.rules.filter { $0.mapping.protocol == .udp }.count < 2)
+            #expect(Self.summary(ConntrackCleanup.deletions(from: reversed, to: new)) == Self.summary(walked))
         }
         #expect(nonEmpty > 100)
+    }
+
+    /// `plan` with its rules in reverse order.
+    static func reversedRules(_ plan: RulePlan) -> RulePlan {
+        RulePlan(settings: plan.settings, strategy: plan.strategy, rules: plan.rules.reversed(), targetChains: plan.targetChains,
+                 skipped: plan.skipped, conflicts: plan.conflicts, warnings: plan.warnings)
     }
 
     /// A small deterministic generator (SplitMix64), so a failure can be replayed.
