@@ -102,38 +102,7 @@ struct ConntrackCleanupTests {
                        id: id, zone: zone)
     }
 
-    /// What `deletions` worked out before it walked the two sorted plans: a table of each plan's UDP mappings
-    /// by external IP:port, compared key by key. Kept here, written apart from the sources, as the second path.
-    static func referenceDeletions(from old: RulePlan, to new: RulePlan) -> [ConntrackDeletion] {
-        struct Key: Hashable { var ip: IPAddress; var port: Int }
-        func table(_ p: RulePlan) -> [Key: Mapping] {
-            var out: [Key: Mapping] = [:]
-            for r in p.rules where r.mapping.protocol == .udp { out[Key(ip: r.mapping.externalIP, port: r.mapping.port)] = r.mapping }
-            return out
-        }
-        func isJump(_ t: MappingTarget) -> Bool { if case .kubeProxyChain = t { return true }; return false }
-        func deletion(_ m: Mapping, _ ip: IPAddress, _ port: Int, _ r: ConntrackDeletion.Reason) -> ConntrackDeletion {
-            ConntrackDeletion(externalIP: m.externalIP, port: m.port, protocol: .udp, replySource: ip, replySourcePort: port,
-                              reason: r, service: m.service)
-        }
-        let before = table(old), after = table(new)
-        var out: [ConntrackDeletion] = []
-        for (key, was) in before where !isJump(was.target) {
-            if let now = after[key] {
-                guard !isJump(now.target) else { continue }
-                let kept = Set(now.target.destinations)
-                for d in was.target.destinations where !kept.contains(d) { out.append(deletion(was, d.ip, d.port, .endpointRemoved)) }
-            } else {
-                for d in was.target.destinations { out.append(deletion(was, d.ip, d.port, .mappingRemoved)) }
-            }
-        }
-        for (key, now) in after where before[key] == nil && !isJump(now.target) {
-            out.append(deletion(now, now.externalIP, now.port, .mappingAdded))
-        }
-        return out.sorted()
-    }
-
-    @Test("the walk over both sorted plans finds what comparing tables of their UDP mappings finds (200 random plan pairs)")
+    @Test("the walk over both sorted plans finds what comparing tables of their UDP mappings finds (200 random plan pairs), and plans out of order are compared through tables")
     func walkAgreesWithTables() throws {
         var rng = SplitMix(seed: 7)
         func randomPlan() throws -> RulePlan {
@@ -158,8 +127,8 @@ struct ConntrackCleanupTests {
         for _ in 0..<200 {
             let old = try randomPlan(), new = try randomPlan()
             let walked = ConntrackCleanup.deletions(from: old, to: new)
-            #expect(Self.summary(walked) == Self.summary(Self.referenceDeletions(from: old, to: new)))
-            #expect(walked.map(\.service) == Self.referenceDeletions(from: old, to: new).map(\.service))
+            #expect(Self.summary(walked) == Self.summary(ConntrackCleanup.deletionsByTable(from: old, to: new)))
+            #expect(walked.map(\.service) == ConntrackCleanup.deletionsByTable(from: old, to: new).map(\.service))
             if !walked.isEmpty { nonEmpty += 1 }
             // Rules in another order than the planners': compared through tables, with the same outcome.
             let reversed = Self.reversedRules(old)
