@@ -134,6 +134,7 @@ struct ConntrackCleanupTests {
             let reversed = Self.reversedRules(old)
             #expect(!ConntrackCleanup.udpRulesAreSorted(reversed) || reversed.rules.filter { $0.mapping.protocol == .udp }.count < 2)
             #expect(Self.summary(ConntrackCleanup.deletions(from: reversed, to: new)) == Self.summary(walked))
+            #expect(Self.summary(ConntrackCleanup.deletions(from: old, to: Self.reversedRules(new))) == Self.summary(walked))
         }
         #expect(nonEmpty > 100)
     }
