@@ -91,7 +91,7 @@ extension IptablesBackend {
         // With `--target kube-proxy` a full apply leaves out mappings whose KUBE-SVC chain kube-proxy has not
         // made yet, and with them a family's jumps, while the plan (and so `old`) still has the family: its
         // jumps are read, so the update adds them as soon as one of its mappings can go in.
-        let jumpsMayBeMissing = old.targetChains.contains { $0.isKubeProxyJump } || new.targetChains.contains { $0.isKubeProxyJump }
+        let jumpsMayBeMissing = old.hasKubeProxyJumps || new.hasKubeProxyJumps
         for family in IPFamily.allCases {
             if !jumpsMayBeMissing && old.hasRules(family) && new.hasRules(family) {
                 // The steady state: worked out from the two plans, building only the chains that changed.

@@ -5,7 +5,7 @@ import ServiceResolution
 /// The planner of a long-running agent: keeps each service's resolution and an index of which services
 /// claim each `external IP . protocol . port`, so that a change to one Service or EndpointSlice re-resolves
 /// that service only, and a conflict (and its end) is found by looking at the keys that service touched.
-/// `plan()` assembles the `RulePlan` from the kept pieces (a sort of the mappings, no resolution, chain
+/// `plan()` assembles the `RulePlan` from the kept pieces (a sort of small keys, no resolution, chain
 /// names cached) so that it is the same value `Planner.plan` gives for the same objects.
 ///
 /// Conflicts never stop an agent: both sides are skipped (as `--on-conflict skip`) and reported.

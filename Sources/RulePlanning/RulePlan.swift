@@ -232,6 +232,11 @@ public struct DispatchKey: Sendable, Hashable, Comparable, CustomStringConvertib
 }
 
 extension RulePlan {
+    /// Whether some target chain jumps into kube-proxy's chains (read in place, as `hasRules`).
+    public var hasKubeProxyJumps: Bool {
+        targetChains.withUnsafeBufferPointer { cs in cs.indices.contains { cs[$0].isKubeProxyJump } }
+    }
+
     /// Whether any rule is of `family` (without building the filtered list `rules(_:)` returns).
     public func hasRules(_ family: IPFamily) -> Bool {
         rules.withUnsafeBufferPointer { rs in rs.indices.contains { rs[$0].mapping.family == family } }  // in place, no copies
