@@ -61,7 +61,7 @@ extension RulesetProgram {
         guard sameShape(old.settings, new.settings) else { return nil }
         // `old` was validated when it was applied; only a plan no table can carry is checked again.
         let oldChains = old.targetChains, newChains = new.targetChains
-        if oldChains.indices.contains(where: { oldChains[$0].isKubeProxyJump }) { return nil }
+        if old.hasKubeProxyJumps { return nil }
         let oldRanged = hasSourceRanges(old), newRanged = hasSourceRanges(new)
         if oldRanged && !newRanged { return nil }
         let table = new.settings.table

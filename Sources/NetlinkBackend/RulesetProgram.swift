@@ -27,7 +27,7 @@ struct RulesetProgram {
     static func validate(_ plan: RulePlan) throws(NetlinkError) {
         // (Index loops read rules and chains in place; `first(where:)` would copy each one: see pickChains.)
         let chains = plan.targetChains, rules = plan.rules
-        if chains.indices.contains(where: { chains[$0].isKubeProxyJump }), let why = plan.nftablesRefusal {
+        if plan.hasKubeProxyJumps, let why = plan.nftablesRefusal {
             throw NetlinkError(kind: .unsupportedPlan, operation: nil, errno: 0, message: why)
         }
         if let i = rules.indices.first(where: { rules[$0].mapping.target.destinationCount == 0 }) {

@@ -352,7 +352,7 @@ struct IptablesBackend: Sendable {
 
     func applyLocked(_ plan: RulePlan, dryRun: Bool) throws(NodeError) -> ApplyResult {
         var owned: [IptablesOwned]? = nil
-        if !dryRun && !plan.targetChains.contains(where: \.isKubeProxyJump) {
+        if !dryRun && !plan.hasKubeProxyJumps {
             let read = try IPFamily.allCases.map { (family) throws(NodeError) -> IptablesOwned in
                 try self.owned(family, settings: plan.settings, required: plan.hasRules(family))
             }
@@ -390,7 +390,7 @@ struct IptablesBackend: Sendable {
     /// restore holds `xtables.lock` from `*nat` on, so for those ~0.1 s as well.
     private func applyFresh(_ plan: RulePlan, owned: [IptablesOwned]) throws(NodeError) -> ApplyResult {
         let s = plan.settings
-        let families = zip(IPFamily.allCases, owned).filter { !plan.rules($0.0).isEmpty }
+        let families = zip(IPFamily.allCases, owned).filter { plan.hasRules($0.0) }
         var installed: [(desired: IptablesDesired, owned: IptablesOwned, input: [UInt8])] = []
         try commit(families.map { family, before in
             ({ before }, { () throws(NodeError) in

@@ -156,7 +156,7 @@ public struct RulePlan: Sendable {
 
     /// Target chains with ClientIP affinity: each gets its own nft chain and one affinity set per destination.
     public var affinityChains: [TargetChain] {
-        targetChains.filter { $0.affinityTimeout != nil && !$0.target.destinations.isEmpty && !$0.isKubeProxyJump }
+        targetChains.filter { $0.affinityTimeout != nil && $0.target.destinationCount > 0 && !$0.isKubeProxyJump }
     }
 
     /// The comment that marks an nftables table as ours: apply and remove refuse a table without it, so
